@@ -1,0 +1,155 @@
+"""shammah benchmarks: each figure is printed with a baseline measured in the same run.
+
+    .venv/bin/python bench/run.py [--quick]
+
+1. start-up: launching `shammah` on a terminal until the prompt is drawn, vs a bare
+   `python -c pass` and vs `python -c "import torch, transformers"` (what the prompt would
+   cost if the model stack were imported first).
+2. embedded model load: cold (GGUF dequantize + cache write) vs from the safetensors cache.
+3. decode speed: shammah's engine with its auto dtype vs plain fp32 `model.generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pty
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PY = sys.executable
+
+
+def _time_to_output(argv: list[str], needle: bytes, env: dict) -> float:
+    t0 = time.perf_counter()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(argv[0], argv, env)
+    buf = b""
+    try:
+        while needle not in buf:
+            r, _, _ = select.select([fd], [], [], 30)
+            if not r:
+                raise TimeoutError(f"{argv} never printed {needle!r}")
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+        return time.perf_counter() - t0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+
+
+def _time_cmd(argv: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def bench_startup(home: Path, reps: int) -> None:
+    env = dict(os.environ, SHAMMAH_HOME=str(home), SHAMMAH_MODEL="embedded", PROMPT_TOOLKIT_NO_CPR="1")
+    prompt = [_time_to_output([PY, "-m", "shammah"], "›".encode(), env) for _ in range(reps)]
+    bare = [_time_cmd([PY, "-c", "pass"], env) for _ in range(reps)]
+    heavy = [_time_cmd([PY, "-c", "import torch, transformers, peft"], env) for _ in range(max(1, reps // 2))]
+    p, b, h = statistics.median(prompt), statistics.median(bare), statistics.median(heavy)
+    print(f"start-up to a usable prompt (median of {reps})")
+    print(f"  shammah prompt drawn        {p * 1000:7.0f} ms   (goal <= 300 ms)")
+    print(f"  baseline: python -c pass    {b * 1000:7.0f} ms   shammah = {p / b:.1f}x bare python")
+    print(f"  import torch+transformers   {h * 1000:7.0f} ms   shammah's prompt is {h / p:.1f}x sooner")
+
+
+LOAD_SNIPPET = """
+import sys, time
+t0 = time.perf_counter()
+from pathlib import Path
+from shammah.config import ModelConfig
+from shammah.engine import Engine
+Engine(ModelConfig(base="embedded", dtype=sys.argv[2]), Path(sys.argv[1])).load()
+print(time.perf_counter() - t0)
+"""
+
+
+def bench_load(cache: Path, reps: int) -> None:
+    def once(dtype="auto") -> float:
+        r = subprocess.run([PY, "-c", LOAD_SNIPPET, str(cache), dtype], capture_output=True, text=True, check=True)
+        return float(r.stdout.strip().splitlines()[-1])
+
+    cold = once()
+    warm = statistics.median(once() for _ in range(reps))
+    print("embedded model load, in a fresh process incl. imports")
+    print(f"  cold (dequantize GGUF, write cache)  {cold:6.1f} s")
+    print(f"  cached safetensors                   {warm:6.1f} s   cold/cached = {cold / warm:.1f}x")
+
+
+def bench_decode(cache: Path, tokens: int, reps: int) -> None:
+    import torch
+
+    from shammah.config import ModelConfig
+    from shammah.engine import Engine
+
+    msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    eng = Engine(
+        ModelConfig(base="embedded", temperature=0.0, max_new_tokens=tokens, repetition_penalty=1.0), cache
+    ).load()
+    params = eng.gen_params()
+    rates = []
+    for _ in range(reps):
+        last = list(eng.stream(msgs, params))[-1]
+        rates.append(last.new_tokens / last.seconds)
+    ours = statistics.median(rates)
+
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(eng.loaded.path, dtype=torch.float32).eval()
+    ids = torch.tensor([eng.encode(msgs)])
+    base_rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = base.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=eng.tokenizer.pad_token_id,
+                min_new_tokens=tokens,
+            )
+        base_rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    b = statistics.median(base_rates)
+    print(f"decode, embedded model, {tokens} new tokens, greedy, {torch.get_num_threads()} threads (median of {reps})")
+    print(f"  shammah engine ({eng.loaded.dtype}, streamed)   {ours:6.1f} tok/s")
+    print(f"  baseline: fp32 model.generate      {b:6.1f} tok/s   ratio {ours / b:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--only", choices=("startup", "load", "decode"))
+    args = ap.parse_args()
+    reps = 3 if args.quick else 5
+    with tempfile.TemporaryDirectory(prefix="shammah-bench-") as tmp:
+        home = Path(tmp) / "home"
+        cache = home / "cache"
+        if args.only in (None, "startup"):
+            bench_startup(home, reps)
+        if args.only in (None, "load"):
+            bench_load(cache, max(2, reps // 2))
+        if args.only in (None, "decode"):
+            bench_decode(cache, 128, max(2, reps // 2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from shammah.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Command-line entry point: a thin dispatcher.
+
+Only argparse and the standard library are imported here, so ``--help`` is
+instant; each subcommand imports what it needs when it runs, and torch is
+never imported on the way to the chat prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from shammah import __version__
+from shammah.errors import ShammahError
+
+EPILOG = """\
+chat commands: /good [note]  /medium <note>  /critical <note>  /fix <answer>
+               /feedback list|undo|drop <id>  /status  /system <text>  /clear  /help  /exit
+environment:   SHAMMAH_HOME (all state), SHAMMAH_MODEL (model.base), SHAMMAH_LOG (log level)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shammah",
+        description="A local-first terminal assistant that learns from your feedback.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"shammah {__version__}")
+    p.add_argument("--config", metavar="PATH", help="config file (default: $SHAMMAH_HOME/config.toml)")
+    p.add_argument("--model", metavar="MODEL", help='override model.base ("embedded", a HF id, a dir, a .gguf)')
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("chat", help="open the chat (the default)")
+    ask = sub.add_parser("ask", help="print one reply to a question and exit")
+    ask.add_argument("question", nargs="+")
+    cfg = sub.add_parser("config", help="show the config in use, or the documented defaults")
+    cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
+    return p
+
+
+def setup_logging(level: str, logs_dir) -> None:
+    from shammah.paths import ensure_dir
+
+    ensure_dir(logs_dir)
+    handler = logging.FileHandler(logs_dir / "shammah.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    if level in ("debug", "info"):  # asked for verbosity: show it on stderr too
+        root.addHandler(logging.StreamHandler(sys.stderr))
+
+
+def _load(args):
+    from shammah.config import load_config, with_overrides
+    from shammah.paths import Paths
+
+    cfg, cfg_path = load_config(args.config)
+    if args.model:
+        cfg = with_overrides(cfg, model={"base": args.model})
+    paths = Paths.from_env().ensure()
+    setup_logging(cfg.logging.level, paths.logs)
+    return cfg, cfg_path, paths
+
+
+def _session(cfg, paths, interactive: bool):
+    from shammah.engine import Engine
+    from shammah.feedback.store import Store
+    from shammah.repl.commands import ChatSession
+    from shammah.repl.io import Console
+
+    console = Console(interactive=interactive)
+    engine = Engine(cfg.model, paths.cache)
+    store = Store(paths.db, cfg.feedback)
+    return ChatSession(cfg, engine, store, console)
+
+
+def cmd_chat(args) -> int:
+    import asyncio
+
+    from shammah.repl import app
+
+    cfg, _, paths = _load(args)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    session = _session(cfg, paths, interactive)
+    if interactive:
+        history = paths.history if cfg.chat.history else None
+        if history is not None:
+            from shammah.paths import touch_private
+
+            touch_private(history)
+        asyncio.run(app.run_interactive(session, history_path=history))
+    else:
+        asyncio.run(app.run_lines(session))
+    session.store.close()
+    return 0
+
+
+def cmd_ask(args) -> int:
+    import asyncio
+
+    cfg, _, paths = _load(args)
+    session = _session(cfg, paths, interactive=False)
+    session.engine.start_loading()
+    asyncio.run(session.ask(" ".join(args.question)))
+    session.store.close()
+    return 0
+
+
+def cmd_config(args) -> int:
+    from dataclasses import asdict
+
+    from shammah.config import render_example
+
+    if args.what == "example":
+        sys.stdout.write(render_example())
+        return 0
+    cfg, cfg_path, _ = _load(args)
+    if args.what == "path":
+        print(cfg_path)
+        return 0
+    print(f"# {cfg_path}{'' if cfg_path.exists() else ' (not present: all defaults)'}")
+    for sec, body in asdict(cfg).items():
+        print(f"[{sec}]")
+        for k, v in body.items():
+            print(f"{k} = {v!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # everything shammah writes (db, WAL, logs, cache, history) is private to the user
+    args = build_parser().parse_args(argv)
+    handler = {"ask": cmd_ask, "config": cmd_config}.get(args.command, cmd_chat)
+    try:
+        return handler(args)
+    except ShammahError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Configuration: frozen dataclasses, one documented line per field.
+
+Every field carries its documentation and its allowed values in ``metadata``;
+:func:`load_config` checks a TOML file (and environment overrides) against
+them and reports *all* problems together in one :class:`ConfigError`.
+``config.example.toml`` mirrors these defaults (a test keeps them in sync).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from shammah.errors import ConfigError
+
+
+def _f(
+    default: Any, doc: str, *, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None
+) -> Any:
+    return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = _f(
+        "auto", 'model to chat with: "auto", "embedded", a Hugging Face id, a local directory or a .gguf file'
+    )
+    device: str = _f("auto", "where to run the model", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = _f("auto", "weight precision for chat", choices=("auto", "float32", "bfloat16", "float16"))
+    threads: int = _f(0, "CPU threads for the model (0 = all cores)", lo=0, hi=1024)
+    context_window: int = _f(
+        0, "tokens of context kept for a conversation (0 = the model's maximum)", lo=0, hi=1_048_576
+    )
+    max_new_tokens: int = _f(512, "longest reply, in tokens", lo=1, hi=32768)
+    temperature: float = _f(0.7, "sampling temperature (0 = greedy, deterministic)", lo=0.0, hi=5.0)
+    top_p: float = _f(0.9, "nucleus sampling mass", lo=0.01, hi=1.0)
+    repetition_penalty: float = _f(1.1, "penalty on repeated tokens (1 = off)", lo=1.0, hi=3.0)
+    seed: int = _f(-1, "random seed for sampling (-1 = a new one each reply)", lo=-1, hi=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    system_prompt: str = _f("", "system prompt for new conversations (empty = the model's own default)")
+    history: bool = _f(True, "remember typed input across sessions")
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    good_weight: float = _f(1.0, "training weight of a /good rating", lo=0.0, hi=100.0)
+    medium_weight: float = _f(3.0, "training weight of a /medium rating", lo=0.0, hi=100.0)
+    critical_weight: float = _f(10.0, "training weight of a /critical rating", lo=0.0, hi=100.0)
+    fix_weight: float = _f(3.0, "training weight of a /fix given without a rating", lo=0.0, hi=100.0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _f("warning", "log level for the log file and stderr", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Environment variables that override config keys (applied after the file).
+ENV_OVERRIDES: dict[str, str] = {
+    "SHAMMAH_MODEL": "model.base",
+    "SHAMMAH_DEVICE": "model.device",
+    "SHAMMAH_DTYPE": "model.dtype",
+    "SHAMMAH_THREADS": "model.threads",
+    "SHAMMAH_LOG": "logging.level",
+}
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def iter_keys():
+    """Yield (section, field) for every config key, in declaration order."""
+    for sec, cls in sections().items():
+        for f in fields(cls):
+            yield sec, f
+
+
+def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[Any, str | None]:
+    typ = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
+    where = f"{key} (from ${from_env})" if from_env else key
+    orig = value
+    if from_env is not None:  # environment values arrive as strings
+        try:
+            if typ is bool:
+                value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[value.lower()]
+            elif typ in (int, float):
+                value = typ(value)
+        except (KeyError, ValueError):
+            return None, f"{where} = {value!r} has the wrong type: expected {_TYPE_NAMES[typ]}"
+    ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        return None, f"{where} = {value!r} has the wrong type: expected {_TYPE_NAMES[typ]}"
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        allowed = ", ".join(repr(c) for c in m["choices"])
+        return None, f"{where} = {orig!r} is not allowed: choose one of {allowed}"
+    if (m["lo"] is not None and value < m["lo"]) or (m["hi"] is not None and value > m["hi"]):
+        return None, f"{where} = {orig!r} is out of range: must be between {m['lo']} and {m['hi']}"
+    return value, None
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}'{hint}; see config.example.toml for every key"
+
+
+def from_dict(data: dict[str, Any], *, source: str = "config", env: dict[str, str] | None = None) -> Config:
+    """Build a Config from parsed TOML plus env overrides, listing every problem at once."""
+    problems: list[str] = []
+    secs = sections()
+    values: dict[str, dict[str, Any]] = {s: {} for s in secs}
+    all_keys = [f"{s}.{f.name}" for s, f in iter_keys()]
+    for sec, body in data.items():
+        if sec not in secs:
+            problems.append(_unknown(sec, list(secs)).replace("key", "section", 1))
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"'{sec}' must be a table ([{sec}]), got {body!r}")
+            continue
+        known = {f.name: f for f in fields(secs[sec])}
+        for name, value in body.items():
+            key = f"{sec}.{name}"
+            if name not in known:
+                problems.append(_unknown(key, all_keys))
+                continue
+            checked, err = _check_value(key, known[name], value)
+            if err:
+                problems.append(err)
+            else:
+                values[sec][name] = checked
+    for var, key in ENV_OVERRIDES.items():
+        raw = (env if env is not None else os.environ).get(var)
+        if raw is None or raw == "":
+            continue
+        sec, name = key.split(".")
+        f = next(f for f in fields(secs[sec]) if f.name == name)
+        checked, err = _check_value(key, f, raw, from_env=var)
+        if err:
+            problems.append(err)
+        else:
+            values[sec][name] = checked
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**{s: secs[s](**values[s]) for s in secs})
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def load_config(path: Path | None = None, *, env: dict[str, str] | None = None) -> tuple[Config, Path]:
+    """Load ``path`` (or the default location); a missing default file means all defaults."""
+    from shammah.paths import default_config_file
+
+    explicit = path is not None
+    path = Path(path) if explicit else default_config_file()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = _toml_loads(path.read_text())
+        except Exception as e:  # tomllib.TOMLDecodeError carries line/column
+            raise ConfigError([f"not valid TOML: {e}"], str(path)) from None
+    elif explicit:
+        raise ConfigError([f"file not found: {path} (copy config.example.toml to start one)"], str(path))
+    return from_dict(data, source=str(path), env=env), path
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def render_example() -> str:
+    """The documented default config, as config.example.toml holds it."""
+    out = [
+        "# shammah configuration: every key with its default value.",
+        "# Copy to $SHAMMAH_HOME/config.toml (or pass --config PATH) and edit.",
+        "# Environment overrides: " + ", ".join(f"{k} -> {v}" for k, v in ENV_OVERRIDES.items()),
+        "",
+    ]
+    defaults = Config()
+    for sec in sections():
+        out.append(f"[{sec}]")
+        for f in fields(getattr(defaults, sec)):
+            m = f.metadata
+            extra = ""
+            if m["choices"]:
+                extra = " (" + " | ".join(m["choices"]) + ")"
+            elif m["lo"] is not None:
+                extra = f" ({m['lo']}..{m['hi']})"
+            out.append(f"# {m['doc']}{extra}")
+            out.append(f"{f.name} = {_toml_value(getattr(getattr(defaults, sec), f.name))}")
+        out.append("")
+    return "\n".join(out)
+
+
+def with_overrides(cfg: Config, **sections_kw: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with some keys replaced (validated like the file)."""
+    data = {s: {f.name: getattr(getattr(cfg, s), f.name) for f in fields(getattr(cfg, s))} for s in sections()}
+    for sec, kv in sections_kw.items():
+        data.setdefault(sec, {}).update(kv)
+    return from_dict(data, source="overrides", env={})
+
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "ChatConfig",
+    "FeedbackConfig",
+    "LoggingConfig",
+    "load_config",
+    "from_dict",
+    "render_example",
+    "with_overrides",
+    "replace",
+]

@@ -1,0 +1,97 @@
+"""SQLite: one database for conversations, turns, feedback (and later, jobs).
+
+The schema changes only through :data:`MIGRATIONS`, an append-only list of
+named steps; the names applied are recorded in ``_migrations``. Every write
+commits with ``synchronous=FULL`` in WAL mode before the caller acknowledges
+anything to the user, so a SIGKILL right after an acknowledgement loses nothing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from shammah.paths import ensure_dir, touch_private
+
+
+def _exec_script(db: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT our open transaction first; run statement by statement instead.
+    for stmt in script.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+def _m001_initial(db: sqlite3.Connection) -> None:
+    _exec_script(
+        db,
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            created_at REAL NOT NULL,
+            system_prompt TEXT,
+            model TEXT NOT NULL
+        );
+        CREATE TABLE turns (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+            created_at REAL NOT NULL,
+            messages TEXT NOT NULL,      -- JSON: the exact context the model saw
+            prompt TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            model TEXT NOT NULL,
+            adapter TEXT,                -- adapter that produced the reply (NULL = base)
+            finish_reason TEXT NOT NULL,
+            new_tokens INTEGER NOT NULL,
+            seconds REAL NOT NULL
+        );
+        CREATE INDEX turns_conversation ON turns(conversation_id);
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            turn_id INTEGER NOT NULL REFERENCES turns(id),
+            created_at REAL NOT NULL,
+            rating TEXT NOT NULL CHECK (rating IN ('good', 'medium', 'critical', 'fix')),
+            note TEXT,
+            fix TEXT,
+            weight REAL NOT NULL
+        );
+        CREATE INDEX feedback_turn ON feedback(turn_id);
+        """,
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
+    ("001_initial", _m001_initial),
+]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    ensure_dir(path.parent)
+    touch_private(path)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Apply pending migrations in order; return the names applied now."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            fn(db)
+            db.execute("INSERT INTO _migrations VALUES (?, strftime('%s','now'))", (name,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied

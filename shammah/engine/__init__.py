@@ -1,0 +1,157 @@
+"""The engine boundary: load a base model, stream replies, (later) manage adapters.
+
+Everything above this package talks to :class:`Engine` only and never learns
+which backend runs. Importing this module is cheap: torch and transformers are
+imported by the loader thread, so the chat prompt is usable while they load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from shammah.config import ModelConfig
+from shammah.engine.resolve import ModelSpec, resolve
+from shammah.errors import ModelError
+
+if TYPE_CHECKING:
+    from shammah.engine.generate import Chunk, GenParams
+    from shammah.engine.loader import Loaded
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, cache_dir, spec: ModelSpec | None = None):
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.spec = spec or resolve(cfg.base)
+        self._loaded: Loaded | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._gen_lock = threading.Lock()
+        self.load_seconds: float | None = None
+        self.adapter: str | None = None  # name of the active adapter (None = base model)
+
+    # loading ---------------------------------------------------------------
+    def start_loading(self) -> None:
+        """Load in a background thread; :meth:`wait` or :meth:`load` to join it."""
+        if self._thread is None and not self._ready.is_set():
+            self._thread = threading.Thread(target=self._load, name="shammah-load", daemon=True)
+            self._thread.start()
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            from shammah.engine import loader
+
+            c = self.cfg
+            self._loaded = loader.load(
+                self.spec, cache=self.cache_dir, device=c.device, dtype=c.dtype, threads=c.threads
+            )
+        except BaseException as e:  # kept and re-raised in the thread that waits
+            log.debug("load failed", exc_info=True)
+            self._error = e if isinstance(e, ModelError) else ModelError(f"could not load {self.spec.name}: {e}")
+        finally:
+            self.load_seconds = time.perf_counter() - t0
+            self._ready.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once loading finished (successfully or not) within ``timeout``."""
+        self.start_loading()
+        return self._ready.wait(timeout)
+
+    def load(self) -> Engine:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def loaded(self) -> Loaded:
+        self.load()
+        assert self._loaded is not None
+        return self._loaded
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def info(self) -> dict[str, str]:
+        out = {"model": self.spec.name, "adapter": self.adapter or "none (base model)"}
+        if self._loaded is not None:
+            out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
+        elif self._error is not None:
+            out["state"] = f"failed to load: {self._error}"
+        else:
+            out["state"] = "loading…"
+        return out
+
+    # generation ------------------------------------------------------------
+    def context_window(self) -> int:
+        model_max = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        return min(self.cfg.context_window, model_max) if self.cfg.context_window else model_max
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def prepare(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], list[dict]]:
+        """Token ids for ``messages`` fitted to the context window: the oldest exchanges are dropped
+        first (the system prompt and the newest user message are kept)."""
+        budget = max(16, self.context_window() - max_new_tokens)
+        kept = list(messages)
+        ids = self.encode(kept)
+        while len(ids) > budget:
+            first = 1 if kept and kept[0]["role"] == "system" else 0
+            if len(kept) - first <= 1:  # only the newest message is left: keep its tail
+                ids = ids[-budget:]
+                break
+            del kept[first]
+            if len(kept) - first > 1 and kept[first]["role"] == "assistant":
+                del kept[first]
+            ids = self.encode(kept)
+        return ids, kept
+
+    def gen_params(self, **overrides) -> GenParams:
+        from shammah.engine.generate import GenParams
+
+        c = self.cfg
+        base = dict(
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            repetition_penalty=c.repetition_penalty,
+            seed=c.seed,
+        )
+        base.update(overrides)
+        return GenParams(**base)
+
+    def stream(
+        self, messages: list[dict], params: GenParams | None = None, stop: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        """Stream a reply to ``messages`` (chat-template dicts). One generation at a time."""
+        import torch
+
+        from shammah.engine.generate import stream_generate
+
+        params = params or self.gen_params()
+        ids, _ = self.prepare(messages, params.max_new_tokens)
+        input_ids = torch.tensor([ids], device=self.loaded.device)
+        with self._gen_lock:
+            yield from stream_generate(self.model, self.tokenizer, input_ids, params, stop)
+
+    def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
+        return "".join(c.text for c in self.stream(messages, params))

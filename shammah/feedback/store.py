@@ -1,0 +1,200 @@
+"""Durable record of conversations, turns and the user's ratings of them.
+
+Knows nothing about models or terminals. Each method commits before it
+returns, so whatever the caller acknowledges is already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shammah import db as dbmod
+from shammah.config import FeedbackConfig
+from shammah.errors import FeedbackError
+
+RATINGS = ("good", "medium", "critical", "fix")
+NEGATIVE = ("medium", "critical")
+
+
+@dataclass(frozen=True)
+class Turn:
+    id: int
+    conversation_id: int
+    prompt: str
+    reply: str
+    model: str
+    adapter: str | None
+    finish_reason: str
+    messages: list[dict]
+
+
+@dataclass(frozen=True)
+class Feedback:
+    id: int
+    turn_id: int
+    rating: str
+    note: str | None
+    fix: str | None
+    weight: float
+    created_at: float
+    prompt: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class Buffer:
+    examples: int
+    weighted: float
+
+    def __str__(self) -> str:
+        return (
+            f"Training buffer: {self.examples} example{'s' if self.examples != 1 else ''} ({self.weighted:g} weighted)"
+        )
+
+
+class Store:
+    def __init__(self, path: Path, weights: FeedbackConfig | None = None):
+        self.path = path
+        self.db: sqlite3.Connection = dbmod.connect(path)
+        self.weights = weights or FeedbackConfig()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # conversations and turns -------------------------------------------------
+    def new_conversation(self, model: str, system_prompt: str | None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO conversations (created_at, system_prompt, model) VALUES (?, ?, ?)",
+            (time.time(), system_prompt, model),
+        )
+        return int(cur.lastrowid)
+
+    def add_turn(
+        self,
+        conversation_id: int,
+        messages: list[dict],
+        prompt: str,
+        reply: str,
+        *,
+        model: str,
+        adapter: str | None,
+        finish_reason: str,
+        new_tokens: int,
+        seconds: float,
+    ) -> int:
+        cur = self.db.execute(
+            "INSERT INTO turns (conversation_id, created_at, messages, prompt, reply, model, adapter,"
+            " finish_reason, new_tokens, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation_id,
+                time.time(),
+                json.dumps(messages, ensure_ascii=False),
+                prompt,
+                reply,
+                model,
+                adapter,
+                finish_reason,
+                new_tokens,
+                seconds,
+            ),
+        )
+        return int(cur.lastrowid)
+
+    def turn(self, turn_id: int) -> Turn:
+        r = self.db.execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone()
+        if r is None:
+            raise FeedbackError(f"no turn #{turn_id}")
+        return Turn(
+            r["id"],
+            r["conversation_id"],
+            r["prompt"],
+            r["reply"],
+            r["model"],
+            r["adapter"],
+            r["finish_reason"],
+            json.loads(r["messages"]),
+        )
+
+    def turns(self, conversation_id: int) -> list[Turn]:
+        rows = self.db.execute("SELECT id FROM turns WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        return [self.turn(r["id"]) for r in rows.fetchall()]
+
+    # feedback ----------------------------------------------------------------
+    def weight_for(self, rating: str) -> float:
+        return float(getattr(self.weights, f"{rating}_weight"))
+
+    def rate(self, turn_id: int, rating: str, note: str | None = None) -> Feedback:
+        if rating not in ("good", "medium", "critical"):
+            raise FeedbackError(f"unknown rating {rating!r}")
+        if rating in NEGATIVE and not (note and note.strip()):
+            raise FeedbackError(
+                f"/{rating} needs a note saying what was wrong, e.g. /{rating} too long, answer in one line"
+            )
+        self.turn(turn_id)  # raises if the turn is gone
+        cur = self.db.execute(
+            "INSERT INTO feedback (turn_id, created_at, rating, note, weight) VALUES (?, ?, ?, ?, ?)",
+            (turn_id, time.time(), rating, (note or "").strip() or None, self.weight_for(rating)),
+        )
+        return self.feedback(int(cur.lastrowid))
+
+    def fix(self, turn_id: int, answer: str) -> Feedback:
+        """Attach a better answer: to the turn's latest negative rating if any, else as its own item."""
+        if not answer.strip():
+            raise FeedbackError("/fix needs the better answer, e.g. /fix The capital of France is Paris.")
+        self.turn(turn_id)
+        neg = self.db.execute(
+            "SELECT id FROM feedback WHERE turn_id = ? AND rating IN ('medium', 'critical') ORDER BY id DESC LIMIT 1",
+            (turn_id,),
+        ).fetchone()
+        if neg is not None:
+            self.db.execute("UPDATE feedback SET fix = ? WHERE id = ?", (answer.strip(), neg["id"]))
+            return self.feedback(neg["id"])
+        cur = self.db.execute(
+            "INSERT INTO feedback (turn_id, created_at, rating, fix, weight) VALUES (?, ?, 'fix', ?, ?)",
+            (turn_id, time.time(), answer.strip(), self.weight_for("fix")),
+        )
+        return self.feedback(int(cur.lastrowid))
+
+    _SELECT = "SELECT f.*, t.prompt AS prompt, t.reply AS reply FROM feedback f JOIN turns t ON t.id = f.turn_id"
+
+    @staticmethod
+    def _row(r: sqlite3.Row) -> Feedback:
+        return Feedback(
+            r["id"],
+            r["turn_id"],
+            r["rating"],
+            r["note"],
+            r["fix"],
+            r["weight"],
+            r["created_at"],
+            r["prompt"],
+            r["reply"],
+        )
+
+    def feedback(self, feedback_id: int) -> Feedback:
+        r = self.db.execute(f"{self._SELECT} WHERE f.id = ?", (feedback_id,)).fetchone()
+        if r is None:
+            raise FeedbackError(f"no feedback #{feedback_id} (see /feedback list)")
+        return self._row(r)
+
+    def list_feedback(self) -> list[Feedback]:
+        return [self._row(r) for r in self.db.execute(f"{self._SELECT} ORDER BY f.id").fetchall()]
+
+    def undo(self) -> Feedback:
+        r = self.db.execute("SELECT id FROM feedback ORDER BY id DESC LIMIT 1").fetchone()
+        if r is None:
+            raise FeedbackError("no feedback to undo")
+        return self.drop(r["id"])
+
+    def drop(self, feedback_id: int) -> Feedback:
+        item = self.feedback(feedback_id)
+        self.db.execute("DELETE FROM feedback WHERE id = ?", (feedback_id,))
+        return item
+
+    def buffer(self) -> Buffer:
+        n, w = self.db.execute("SELECT COUNT(*), COALESCE(SUM(weight), 0) FROM feedback").fetchone()
+        return Buffer(int(n), float(w))

