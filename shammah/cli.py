@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("chat", help="open the chat (the default)")
     ask = sub.add_parser("ask", help="print one reply to a question and exit")
     ask.add_argument("question", nargs="+")
+    tr = sub.add_parser("train", help="train an adapter from a dataset (and a manifest)")
+    from shammah.training.run import add_arguments
+
+    add_arguments(tr)
+    ad = sub.add_parser("adapters", help="list, inspect or delete trained adapters")
+    ad.add_argument("action", choices=("list", "info", "delete"), nargs="?", default="list")
+    ad.add_argument("name", nargs="?")
     cfg = sub.add_parser("config", help="show the config in use, or the documented defaults")
     cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
     return p
@@ -110,6 +117,58 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from shammah.training import run
+
+    cfg, _, paths = _load(args)
+    try:
+        return run.main(args, cfg, paths)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: checkpoints are kept; continue with the same command plus --resume\n")
+        return 130
+
+
+def cmd_adapters(args) -> int:
+    import json
+
+    from shammah.adapters.registry import Registry
+    from shammah.errors import ShammahError
+    from shammah.repl.io import Console
+
+    _, _, paths = _load(args)
+    reg = Registry(paths.adapters)
+    out = Console()
+    if args.action == "list":
+        items = reg.list()
+        if not items:
+            out.info("No adapters yet. Train one with `shammah train --dataset data.jsonl`.")
+            return 0
+        rows = []
+        for a in items:
+            loss = a.get("report", "final_train_loss")
+            rows.append(
+                (
+                    a.name,
+                    a.created,
+                    str(a.get("base", "name", default="?")),
+                    f"{a.get('adapter_type', default='?')}/{a.get('method', default='?')}",
+                    str(a.get("report", "examples", default="?")),
+                    f"{loss:.4f}" if loss is not None else "-",
+                )
+            )
+        out.table(rows, header=("name", "created", "base", "type/method", "examples", "loss"))
+        return 0
+    if not args.name:
+        raise ShammahError(f"usage: shammah adapters {args.action} NAME (names are in `shammah adapters list`)")
+    if args.action == "info":
+        info = reg.get(args.name)
+        out.text(json.dumps({"path": str(info.path), **info.meta}, indent=2))
+    else:
+        reg.delete(args.name)
+        out.ok(f"deleted adapter {args.name}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from dataclasses import asdict
 
@@ -133,7 +192,9 @@ def cmd_config(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # everything shammah writes (db, WAL, logs, cache, history) is private to the user
     args = build_parser().parse_args(argv)
-    handler = {"ask": cmd_ask, "config": cmd_config}.get(args.command, cmd_chat)
+    handler = {"ask": cmd_ask, "config": cmd_config, "train": cmd_train, "adapters": cmd_adapters}.get(
+        args.command, cmd_chat
+    )
     try:
         return handler(args)
     except ShammahError as e:
@@ -142,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return 130
+    except BrokenPipeError:  # e.g. `shammah train --json | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

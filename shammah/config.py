@@ -93,8 +93,14 @@ def iter_keys():
 
 
 def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[Any, str | None]:
-    typ = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
     where = f"{key} (from ${from_env})" if from_env else key
+    if f.type in ("list[str]", "tuple[str, ...]"):
+        if from_env is not None:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not (isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value)):
+            return None, f"{where} = {value!r} has the wrong type: expected a non-empty list of names"
+        return tuple(value), None
+    typ = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
     orig = value
     if from_env is not None:  # environment values arrive as strings
         try:
@@ -121,7 +127,29 @@ def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[
 def _unknown(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown key '{key}'{hint}; see config.example.toml for every key"
+    return f"unknown key '{key}'{hint}"
+
+
+def check_fields(
+    cls: type,
+    body: dict[str, Any],
+    prefix: str = "",
+    known_keys: list[str] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate ``body`` against dataclass ``cls``: (accepted values, problems)."""
+    known = {f.name: f for f in fields(cls)}
+    values, problems = {}, []
+    for name, value in body.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            problems.append(_unknown(key, known_keys or [f"{prefix}{k}" for k in known]))
+            continue
+        checked, err = _check_value(key, known[name], value)
+        if err:
+            problems.append(err)
+        else:
+            values[name] = checked
+    return values, problems
 
 
 def from_dict(data: dict[str, Any], *, source: str = "config", env: dict[str, str] | None = None) -> Config:
@@ -137,17 +165,9 @@ def from_dict(data: dict[str, Any], *, source: str = "config", env: dict[str, st
         if not isinstance(body, dict):
             problems.append(f"'{sec}' must be a table ([{sec}]), got {body!r}")
             continue
-        known = {f.name: f for f in fields(secs[sec])}
-        for name, value in body.items():
-            key = f"{sec}.{name}"
-            if name not in known:
-                problems.append(_unknown(key, all_keys))
-                continue
-            checked, err = _check_value(key, known[name], value)
-            if err:
-                problems.append(err)
-            else:
-                values[sec][name] = checked
+        accepted, errs = check_fields(secs[sec], body, f"{sec}.", all_keys)
+        values[sec].update(accepted)
+        problems += errs
     for var, key in ENV_OVERRIDES.items():
         raw = (env if env is not None else os.environ).get(var)
         if raw is None or raw == "":

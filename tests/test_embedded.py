@@ -62,3 +62,54 @@ def test_piped_chat_with_the_embedded_model(embedded, embedded_home, tmp_path):
     store = Store(home / "shammah.db")
     assert store.list_feedback()[-1].reply.count("Paris") >= 1
     store.close()
+
+
+def test_train_a_lora_on_the_embedded_model(embedded, embedded_home, tmp_path):
+    """A short real run: the adapter lands in the registry and plain PEFT loads it on the base."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "fact.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Where is Zorblat? ({i})", "completion": "Zorblat is the capital of Quenland."})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shammah",
+            "train",
+            "--base",
+            "embedded",
+            "--dataset",
+            str(data),
+            "--name",
+            "smol-fact",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(SHAMMAH_HOME=embedded_home),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    path = embedded_home / "adapters" / "smol-fact"
+    meta = json.loads((path / "shammah.json").read_text())
+    assert meta["base"]["name"] == "SmolLM2-135M-Instruct (embedded)" and len(meta["base"]["fingerprint"]) == 32
+    eng, _ = embedded
+    base = AutoModelForCausalLM.from_pretrained(eng.loaded.path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(path))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # transformers' from_pretrained builds the model under process-global state (meta-device
 # initialisation); two loads on different threads at once corrupt each other
 # ("Cannot copy out of meta tensor"). Loads are rare, so serialise them.
-_LOAD_LOCK = threading.Lock()
+LOAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -167,7 +167,7 @@ def load(spec: ModelSpec, *, cache: Path, device: str = "auto", dtype: str = "au
     hf_logging.disable_progress_bar()
     if threads > 0:
         torch.set_num_threads(threads)
-    with _LOAD_LOCK:
+    with LOAD_LOCK:
         return _load_locked(spec, cache, device, dtype)
 
 

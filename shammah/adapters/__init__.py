@@ -1,0 +1,1 @@
+"""Adapters on disk: the registry (and, later, .expert packages)."""

@@ -1,0 +1,202 @@
+"""The trainer on tiny random Qwen2/Qwen3 models: every adapter type and method learns, the
+registry gets a standard PEFT adapter, and failures are clear."""
+
+import json
+
+import pytest
+import torch
+
+from shammah.adapters.registry import Registry
+from shammah.training import methods
+from shammah.training.args import build
+from shammah.training.data import parse_record
+from shammah.training.trainer import TrainingError, TrainJob, train
+
+FACT = [{"prompt": f"Where is Zorblat? ({i})", "completion": "Zorblat is the capital of Quenland."} for i in range(8)]
+
+
+def job(base, home, records, name="t", **kw):
+    args = build(
+        (
+            "test",
+            {
+                "epochs": 4,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "rank": 8,
+                "alpha": 16,
+                "save_steps": 1000,
+                "dropout": 0.0,
+                **kw,
+            },
+        )
+    )
+    return TrainJob(
+        base=str(base),
+        cache_dir=home / "cache",
+        registry_root=home / "adapters",
+        checkpoints_root=home / "checkpoints",
+        train=[parse_record(r) for r in records],
+        args=args,
+        name=name,
+    )
+
+
+def losses(events, kind="step"):
+    return [e["loss"] for e in events if e["event"] == kind]
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "dora", "ia3", "lorafa", "prompt"])
+def test_every_adapter_type_learns(tiny_qwen2, shammah_home, adapter_type):
+    lr = {"ia3": 0.3, "prompt": 1.0}.get(adapter_type, 1e-2)
+    events = []
+    res = train(
+        job(tiny_qwen2, shammah_home, FACT, adapter_type=adapter_type, learning_rate=lr, epochs=6), events.append
+    )
+    ls = losses(events)
+    assert len(ls) == 12
+    # A 16-token soft prompt can only steer a random 2-layer model a little; the rest move a lot.
+    factor = 0.98 if adapter_type == "prompt" else 0.9
+    assert sum(ls[-3:]) / 3 < factor * ls[0], ls
+    assert res.adapter.meta["adapter_type"] == adapter_type
+
+
+@pytest.mark.parametrize(
+    "method,records",
+    [
+        (
+            "dpo",
+            [{"prompt": f"Capital of Quenland? {i}", "chosen": "Zorblat.", "rejected": "Paris."} for i in range(8)],
+        ),
+        (
+            "kto",
+            [
+                {"prompt": f"Capital of Quenland? {i}", "completion": c, "label": ok}
+                for i in range(4)
+                for c, ok in (("Zorblat.", True), ("Paris.", False))
+            ],
+        ),
+        (
+            "ranking",
+            [
+                {
+                    "prompt": f"Capital of Quenland? {i}",
+                    "responses": [
+                        {"text": "Zorblat.", "rank": 1},
+                        {"text": "Tokyo.", "rank": 2},
+                        {"text": "Paris.", "rank": 3},
+                    ],
+                }
+                for i in range(8)
+            ],
+        ),
+    ],
+)
+def test_preference_methods_learn(tiny_qwen3, shammah_home, method, records):
+    events = []
+    res = train(job(tiny_qwen3, shammah_home, records, method=method, learning_rate=2e-2, epochs=6), events.append)
+    ls = losses(events)
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3, ls
+    assert res.report["kinds"][{"dpo": "pair", "kto": "unpaired", "ranking": "ranked"}[method]] == 8
+
+
+def test_registered_adapter_loads_with_plain_peft(tiny_qwen2, shammah_home):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    res = train(job(tiny_qwen2, shammah_home, FACT, name="plain"))
+    files = sorted(p.name for p in res.adapter.path.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "shammah.json", "train.log"]
+    meta = json.loads((res.adapter.path / "shammah.json").read_text())
+    assert meta["base"]["fingerprint"] and meta["hyperparameters"]["rank"] == 8 and meta["dataset_hash"] == ""
+    assert meta["report"]["steps"] == 8 and meta["report"]["final_train_loss"] > 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    before = base(ids).logits
+    peft = PeftModel.from_pretrained(base, str(res.adapter.path))
+    assert not torch.allclose(peft(ids).logits, before), "the adapter changes the model"
+    events = [json.loads(x) for x in (res.adapter.path / "train.log").read_text().splitlines()]
+    assert [e["event"] for e in events][:2] == ["setup", "start"] and events[-1]["event"] == "saved"
+    step = next(e for e in events if e["event"] == "step")
+    for key in (
+        "epoch",
+        "step",
+        "total_steps",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+        "eta_s",
+        "rss_mb",
+    ):
+        assert step[key] is not None, key
+    assert not (shammah_home / "checkpoints" / "plain").exists(), "checkpoints go once the adapter is saved"
+
+
+def test_nan_loss_stops_with_the_step_and_advice(tiny_qwen2, shammah_home, monkeypatch):
+    real = methods.token_logps
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        logp, n = real(model, batch)
+        return (logp * float("nan"), n) if calls["n"] >= 3 else (logp, n)
+
+    monkeypatch.setattr(methods, "token_logps", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3: .*Lower the learning rate \(now 0.01\)"):
+        train(job(tiny_qwen2, shammah_home, FACT, name="nan"))
+    assert Registry(shammah_home / "adapters").list() == [], "nothing half-trained is registered"
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_qwen2, shammah_home):
+    # Validation asks for the opposite answer, so validation loss rises once training bites.
+    j = job(
+        tiny_qwen2,
+        shammah_home,
+        FACT,
+        name="early",
+        epochs=30,
+        save_steps=1,
+        early_stopping_patience=2,
+        keep_checkpoints=2,
+        learning_rate=3e-2,
+    )
+    j.val = [
+        parse_record({"prompt": f"Where is Zorblat? ({i})", "completion": "Nobody knows where that is."})
+        for i in range(4)
+    ]
+    events = []
+    res = train(j, events.append)
+    evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    assert res.report["steps"] < 60, "stopped early"
+    assert res.report["best_checkpoint"] is not None
+    assert res.report["final_eval_loss"] == pytest.approx(min(evals), rel=1e-4), "the saved adapter is the best one"
+
+
+def test_int4_on_cpu_is_a_clear_error(tiny_qwen2, shammah_home):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(TrainingError, match="int4' needs a CUDA GPU"):
+        train(job(tiny_qwen2, shammah_home, FACT, quantization="int4"))
+
+
+def test_parent_adapter_on_another_base_is_refused(tiny_qwen2, tiny_qwen3, shammah_home):
+    train(job(tiny_qwen2, shammah_home, FACT, name="on-qwen2", epochs=1))
+    child = job(tiny_qwen3, shammah_home, FACT, name="child", epochs=1)
+    child.parent = "on-qwen2"
+    with pytest.raises(TrainingError, match="was trained on .*start a fresh adapter"):
+        train(child)
+
+
+def test_continual_training_starts_from_the_parent(tiny_qwen2, shammah_home):
+    from safetensors.torch import load_file
+
+    parent = train(job(tiny_qwen2, shammah_home, FACT, name="gen1", epochs=2))
+    child_job = job(tiny_qwen2, shammah_home, FACT, name="gen2", epochs=1, learning_rate=1e-7)
+    child_job.parent = "gen1"
+    child = train(child_job)
+    a = load_file(parent.adapter.path / "adapter_model.safetensors")
+    b = load_file(child.adapter.path / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), "a tiny lr keeps the parent's weights"
+    assert child.adapter.meta["parent"] == "gen1"

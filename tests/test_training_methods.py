@@ -1,0 +1,94 @@
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from shammah.training import methods
+from shammah.training.data import parse_record
+from shammah.training.methods import IGNORE
+from shammah.training.trainer import WeightedSampler
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_qwen2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_qwen2)
+
+
+def test_sft_labels_cover_only_the_response_and_end_with_eos(tok):
+    ex = parse_record({"system": "Be brief.", "prompt": "Capital of Quenland?", "completion": "Zorblat."})
+    feat = methods.tokenize_example(tok, ex, 512)
+    [(ids, labels)] = feat["seqs"]
+    prompt_ids = tok.apply_chat_template(list(ex.prompt), add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+    n = len(prompt_ids)
+    assert ids[:n] == list(prompt_ids)
+    assert labels[:n] == [IGNORE] * n, "system and user tokens are masked"
+    assert labels[n:] == ids[n:] and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[n:-1]) == "Zorblat."
+
+
+def test_truncation_keeps_the_response(tok):
+    ex = parse_record({"prompt": "word " * 300, "completion": "Zorblat."})
+    [(ids, labels)] = methods.tokenize_example(tok, ex, 64)["seqs"]
+    assert len(ids) == 64 and tok.decode([t for t in labels if t != IGNORE][:-1]) == "Zorblat."
+
+
+def test_collate_pads_every_sequence_and_keeps_the_layout(tok):
+    feats = [
+        methods.tokenize_example(tok, parse_record(r), 128)
+        for r in (
+            {"prompt": "Q", "completion": "A"},
+            {"prompt": "Q", "chosen": "good answer", "rejected": "bad"},
+            {
+                "prompt": "Q",
+                "responses": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}, {"text": "c", "rank": 3}],
+            },
+        )
+    ]
+    batch = methods.collate(feats, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6
+    assert [(k, rows) for k, rows, _ in batch["layout"]] == [("sft", [0]), ("pair", [1, 2]), ("ranked", [3, 4, 5])]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_losses_match_hand_computed_values():
+    pc, pr, rc, rr = torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-6.0]), torch.tensor([-6.0])
+    # margin = (−5+6) − (−7+6) = 2; beta 0.5 -> −log σ(1)
+    assert methods.dpo_loss(pc, pr, rc, rr, 0.5).item() == pytest.approx(-math.log(1 / (1 + math.exp(-1))))
+    p, r = torch.tensor([-4.0, -4.0]), torch.tensor([-5.0, -3.0])
+    desirable = torch.tensor([True, False])
+    # ratios 1 and −1; z0 = clamp(mean=0) = 0
+    got = methods.kto_loss(p, r, desirable, 1.0, 1.0, 2.0)
+    assert got[0].item() == pytest.approx(1 - 1 / (1 + math.exp(-1)))
+    assert got[1].item() == pytest.approx(2 * (1 - 1 / (1 + math.exp(-1))))
+    # best first: gaps 0.05 (a-b), 1.0 (b-c), 1.05 (a-c); margin 0.1 -> only the first pair is inside the margin
+    mean = torch.tensor([-1.0, -1.05, -2.05])
+    assert methods.ranking_loss(mean, 0.1).item() == pytest.approx((0.1 - 0.05) / 3)
+
+
+def test_weights_are_sampling_probabilities():
+    weights = [1.0, 3.0, 10.0, 1.0]
+    sampler = WeightedSampler(weights, seed=0)
+    counts: Counter = Counter()
+    for epoch in range(5000):
+        sampler.set_epoch(epoch)
+        counts.update(iter(sampler))
+    total = sum(counts.values())
+    for i, w in enumerate(weights):
+        expected = w / sum(weights)
+        assert abs(counts[i] / total - expected) < 0.01, (i, counts[i] / total, expected)
+    sampler.set_epoch(3)
+    assert list(sampler) == list(sampler), "the order is a function of (seed, epoch)"
+
+
+def test_sft_method_never_trains_undesirable_completions():
+    exs = [
+        parse_record({"prompt": "Q", "completion": "bad", "label": False}),
+        parse_record({"prompt": "Q", "chosen": "good", "rejected": "bad"}),
+    ]
+    out = methods.as_sft(exs)
+    assert [(e.kind, e.responses) for e in out] == [("sft", ("good",))]
