@@ -7,6 +7,8 @@
    cost if the model stack were imported first).
 2. embedded model load: cold (GGUF dequantize + cache write) vs from the safetensors cache.
 3. decode speed: shammah's engine with its auto dtype vs plain fp32 `model.generate`.
+4. training: `shammah train` (a fresh worker process) vs a hand-written transformers Trainer +
+   PEFT script on the same model and data: start-up to the first step, and tokens/s.
 """
 
 from __future__ import annotations
@@ -134,10 +136,118 @@ def bench_decode(cache: Path, tokens: int, reps: int) -> None:
     print(f"  baseline: fp32 model.generate      {b:6.1f} tok/s   ratio {ours / b:.2f}x")
 
 
+TRAIN_TOPICS = [
+    "lighthouses",
+    "sourdough bread",
+    "the water cycle",
+    "binary search",
+    "volcanoes",
+    "jazz",
+    "photosynthesis",
+    "chess openings",
+    "the Roman roads",
+    "solar panels",
+]
+
+
+def _train_data(path: Path) -> None:
+    import json
+
+    with path.open("w") as f:
+        for t in TRAIN_TOPICS:  # ~140-token chats, like the measurements in shared/MEASURED.md
+            answer = (
+                f"Here is a short overview of {t}. " + f"{t.capitalize()} are a classic topic with a long "
+                "history, many practical uses and a few common misconceptions worth clearing up. " * 4
+            )
+            f.write(json.dumps({"prompt": f"Tell me about {t}.", "completion": answer}) + "\n")
+
+
+def _shammah_train(home: Path, data: Path, steps: int) -> tuple[float, float]:
+    import json
+
+    env = dict(os.environ, SHAMMAH_HOME=str(home))
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "shammah",
+            "train",
+            "--base",
+            "embedded",
+            "--dataset",
+            str(data),
+            "--json",
+            "--max-steps",
+            str(steps),
+            "--batch-size",
+            "4",
+            "--name",
+            f"bench-{time.time_ns()}",
+            "--method",
+            "sft",
+            "--save-steps",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    first = done = None
+    for line in p.stdout:
+        ev = json.loads(line)
+        if ev["event"] == "start" and first is None:
+            first = time.perf_counter() - t0
+        if ev["event"] == "done":
+            done = ev
+    if p.wait() != 0:
+        raise RuntimeError(p.stderr.read())
+    return first, done["tokens_per_s"]
+
+
+def _baseline_train(model_dir: Path, data: Path, steps: int) -> tuple[float, float]:
+    import json
+
+    r = subprocess.run(
+        [PY, str(Path(__file__).with_name("baseline_trainer.py")), str(model_dir), str(data), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    base = json.loads(r.stdout.strip().splitlines()[-1])
+    return base["startup_s"], base["tokens_per_s"]
+
+
+def bench_train(home: Path, steps: int, reps: int) -> None:
+    from shammah.engine import loader
+    from shammah.engine.resolve import resolve
+
+    home.mkdir(parents=True, exist_ok=True)
+    data = home / "bench-train.jsonl"
+    _train_data(data)
+    model_dir = loader.model_dir(resolve("embedded"), home / "cache")  # both sides start from the cached model
+    ours, base = [], []
+    for _ in range(reps):  # alternate, so machine noise hits both sides alike
+        ours.append(_shammah_train(home, data, steps))
+        base.append(_baseline_train(model_dir, data, steps))
+    s_up, s_tps = statistics.median(o[0] for o in ours), statistics.median(o[1] for o in ours)
+    b_up, b_tps = statistics.median(b[0] for b in base), statistics.median(b[1] for b in base)
+    print(f"training, embedded model, LoRA r=16 all linear, batch 4, {steps} steps, fp32 (median of {reps})")
+    print(
+        f"  start-up to first step: shammah {s_up:5.1f} s       baseline Trainer script {b_up:5.1f} s"
+        f"       ratio {s_up / b_up:.2f}x"
+    )
+    print(
+        f"  throughput:             shammah {s_tps:5.0f} tok/s   baseline Trainer script {b_tps:5.0f} tok/s"
+        f"   ratio {s_tps / b_tps:.2f}x (shammah's includes its epoch-end checkpoints)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--only", choices=("startup", "load", "decode"))
+    ap.add_argument("--only", choices=("startup", "load", "decode", "train"))
     args = ap.parse_args()
     reps = 3 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="shammah-bench-") as tmp:
@@ -149,6 +259,8 @@ def main() -> None:
             bench_load(cache, max(2, reps // 2))
         if args.only in (None, "decode"):
             bench_decode(cache, 128, max(2, reps // 2))
+        if args.only in (None, "train"):
+            bench_train(home, 10, 2 if args.quick else 3)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,10 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     L = batch["input_ids"].shape[1]
     if logits.shape[1] > L:  # prompt tuning prepends virtual tokens
         logits = logits[:, -L:]
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    # Shift the labels, not the logits: slicing [B, L, V] logits would copy them (~100 MB a batch here).
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(labels.shape)
     mask = labels != IGNORE
     return -(nll * mask).sum(-1), mask.sum(-1)

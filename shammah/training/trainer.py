@@ -150,6 +150,7 @@ class _ProgressCallback(TrainerCallback):
         self.t0 = time.perf_counter()
         self.last_loss: float | None = None
         self.last_eval: float | None = None
+        self.train_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.perf_counter()
@@ -424,6 +425,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we emit events instead
     ref.append(trainer)
     out = trainer.train(resume_from_checkpoint=resume_from)
+    cb.train_seconds = time.perf_counter() - cb.t0
     final_eval = None
     if val_feats:
         final_eval = float(trainer.evaluate()["eval_loss"])
@@ -451,7 +453,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             "examples": len(train_ex),
             "validation_examples": len(val_ex),
             "kinds": {k: sum(e.kind == k for e in train_ex) for k in ("sft", "pair", "unpaired", "ranked")},
-            "tokens_per_s": round(trainer.tokens_seen / max(duration, 1e-9), 1),
+            "tokens_per_s": round(trainer.tokens_seen / max(cb.train_seconds, 1e-9), 1),
             "peak_rss_mb": round(_rss_mb(), 1),
             "resumed_from": resume_from,
         }
