@@ -82,7 +82,7 @@ def _session(cfg, paths, interactive: bool):
     console = Console(interactive=interactive)
     engine = Engine(cfg.model, paths.cache)
     store = Store(paths.db, cfg.feedback)
-    return ChatSession(cfg, engine, store, console)
+    return ChatSession(cfg, engine, store, console, paths)
 
 
 def cmd_chat(args) -> int:

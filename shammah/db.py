@@ -60,8 +60,34 @@ def _m001_initial(db: sqlite3.Connection) -> None:
     )
 
 
+def _m002_learning(db: sqlite3.Connection) -> None:
+    _exec_script(
+        db,
+        """
+        ALTER TABLE feedback ADD COLUMN fix_source TEXT;       -- 'user' (/fix) or 'revision' (accepted rewrite)
+        ALTER TABLE feedback ADD COLUMN revision TEXT;         -- the engine's rewrite guided by the note
+        ALTER TABLE feedback ADD COLUMN revision_status TEXT;  -- pending | accepted | rejected
+        ALTER TABLE feedback ADD COLUMN trained_in TEXT;       -- first adapter trained on it (NULL = in the buffer)
+        ALTER TABLE feedback ADD COLUMN changed_at REAL;       -- last fix/revision: newer than a job's snapshot = retrain
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            status TEXT NOT NULL,  -- queued | running | done | failed | cancelled | rejected
+            trigger TEXT NOT NULL,
+            parent TEXT,
+            adapter TEXT,
+            feedback_ids TEXT NOT NULL,
+            message TEXT
+        );
+        CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT)
+        """,
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
+    ("002_learning", _m002_learning),
 ]
 
 

@@ -90,4 +90,4 @@ def test_sections_are_frozen():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.base = "x"  # type: ignore[misc]
-    assert [f.name for f in fields(Config)] == ["model", "chat", "feedback", "logging"]
+    assert [f.name for f in fields(Config)] == ["model", "chat", "feedback", "learning", "logging"]

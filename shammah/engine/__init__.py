@@ -36,6 +36,11 @@ class Engine:
         self._gen_lock = threading.Lock()
         self.load_seconds: float | None = None
         self.adapter: str | None = None  # name of the active adapter (None = base model)
+        self._peft = None  # PeftModel wrapping the base once an adapter was loaded
+        self._slot_config: dict | None = None  # adapter_config.json of what sits in the slot
+        self._slot_name: str | None = None  # which adapter's weights are in the slot
+        self._fingerprint: str | None = None
+        self.last_swap_seconds: float | None = None
 
     # loading ---------------------------------------------------------------
     def start_loading(self) -> None:
@@ -83,7 +88,70 @@ class Engine:
 
     @property
     def model(self):
-        return self.loaded.model
+        return self._peft if self._peft is not None else self.loaded.model
+
+    # adapters --------------------------------------------------------------
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from shammah.engine.fingerprint import fingerprint
+
+            self._fingerprint = fingerprint(self.loaded.path)
+        return self._fingerprint
+
+    def activate(self, name: str | None, path=None, base_fingerprint: str | None = None) -> float:
+        """Make adapter ``name`` (a PEFT LoRA directory at ``path``) answer from the next turn on;
+        ``None`` = the base model alone. Waits for a reply in progress, never cuts one; the base
+        model is never reloaded. Returns the seconds the chat was blocked."""
+        import json
+        from pathlib import Path
+
+        if name is not None:
+            if base_fingerprint is not None and base_fingerprint != self.fingerprint():
+                raise ModelError(
+                    f"adapter {name!r} was trained on another base model than {self.spec.name}; "
+                    "it cannot be loaded here"
+                )
+            cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+            if cfg.get("peft_type") != "LORA":
+                raise ModelError(
+                    f"adapter {name!r} is {cfg.get('peft_type')}; the chat hot-loads LoRA-family "
+                    "adapters (lora, dora, lorafa) — use it from Python with PeftModel instead"
+                )
+        t0 = time.perf_counter()
+        with self._gen_lock:
+            if name is not None and self._slot_name != name:
+                self._load_into_slot(name, Path(path), cfg)
+            self.adapter = name
+        self.last_swap_seconds = time.perf_counter() - t0
+        return self.last_swap_seconds
+
+    def _load_into_slot(self, name: str, path, cfg: dict) -> None:
+        from peft import PeftModel
+
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.loaded.model, str(path), adapter_name="active")
+            self._peft.eval()
+        else:
+            same_shape = self._slot_config is not None and all(
+                cfg.get(k) == self._slot_config.get(k)
+                for k in ("r", "lora_alpha", "target_modules", "use_dora", "rank_pattern", "alpha_pattern")
+            )
+            swapped = False
+            if same_shape and not cfg.get("use_dora"):
+                from peft.utils.hotswap import hotswap_adapter
+
+                try:  # in-place weight copy: ~60 ms vs ~400 ms for a fresh load
+                    hotswap_adapter(self._peft, str(path), adapter_name="active", torch_device=self.loaded.device)
+                    swapped = True
+                except (ValueError, RuntimeError, KeyError):
+                    log.debug("hotswap failed, reloading the adapter", exc_info=True)
+            if not swapped:
+                self._peft.delete_adapter("active")
+                self._peft.load_adapter(str(path), adapter_name="active")
+                self._peft.set_adapter("active")
+            self._peft.eval()
+        self._slot_config = cfg
+        self._slot_name = name
 
     @property
     def tokenizer(self):
@@ -140,9 +208,16 @@ class Engine:
         return GenParams(**base)
 
     def stream(
-        self, messages: list[dict], params: GenParams | None = None, stop: threading.Event | None = None
+        self,
+        messages: list[dict],
+        params: GenParams | None = None,
+        stop: threading.Event | None = None,
+        info: dict | None = None,
     ) -> Iterator[Chunk]:
-        """Stream a reply to ``messages`` (chat-template dicts). One generation at a time."""
+        """Stream a reply to ``messages`` (chat-template dicts). One generation at a time;
+        ``info["adapter"]`` is set to the adapter that actually answers."""
+        import contextlib
+
         import torch
 
         from shammah.engine.generate import stream_generate
@@ -151,7 +226,11 @@ class Engine:
         ids, _ = self.prepare(messages, params.max_new_tokens)
         input_ids = torch.tensor([ids], device=self.loaded.device)
         with self._gen_lock:
-            yield from stream_generate(self.model, self.tokenizer, input_ids, params, stop)
+            if info is not None:
+                info["adapter"] = self.adapter
+            off = self._peft is not None and self.adapter is None
+            with self._peft.disable_adapter() if off else contextlib.nullcontext():
+                yield from stream_generate(self.model, self.tokenizer, input_ids, params, stop)
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
         return "".join(c.text for c in self.stream(messages, params))

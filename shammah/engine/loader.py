@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,9 @@ def load(spec: ModelSpec, *, cache: Path, device: str = "auto", dtype: str = "au
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # Library deprecation notes are not the user's business and would land in the middle of the chat.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch)\.")
     if threads > 0:
         torch.set_num_threads(threads)
     with LOAD_LOCK:

@@ -43,6 +43,11 @@ class Feedback:
     created_at: float
     prompt: str
     reply: str
+    messages: tuple[dict, ...] = ()
+    fix_source: str | None = None
+    revision: str | None = None
+    revision_status: str | None = None
+    trained_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,15 +156,23 @@ class Store:
             (turn_id,),
         ).fetchone()
         if neg is not None:
-            self.db.execute("UPDATE feedback SET fix = ? WHERE id = ?", (answer.strip(), neg["id"]))
+            self.db.execute(
+                "UPDATE feedback SET fix = ?, fix_source = 'user', trained_in = NULL, changed_at = ?,"
+                " revision_status = CASE WHEN revision_status = 'pending' THEN 'rejected' ELSE revision_status END"
+                " WHERE id = ?",
+                (answer.strip(), time.time(), neg["id"]),
+            )
             return self.feedback(neg["id"])
         cur = self.db.execute(
-            "INSERT INTO feedback (turn_id, created_at, rating, fix, weight) VALUES (?, ?, 'fix', ?, ?)",
+            "INSERT INTO feedback (turn_id, created_at, rating, fix, fix_source, weight) VALUES (?, ?, 'fix', ?, 'user', ?)",
             (turn_id, time.time(), answer.strip(), self.weight_for("fix")),
         )
         return self.feedback(int(cur.lastrowid))
 
-    _SELECT = "SELECT f.*, t.prompt AS prompt, t.reply AS reply FROM feedback f JOIN turns t ON t.id = f.turn_id"
+    _SELECT = (
+        "SELECT f.*, t.prompt AS prompt, t.reply AS reply, t.messages AS messages FROM feedback f"
+        " JOIN turns t ON t.id = f.turn_id"
+    )
 
     @staticmethod
     def _row(r: sqlite3.Row) -> Feedback:
@@ -173,6 +186,11 @@ class Store:
             r["created_at"],
             r["prompt"],
             r["reply"],
+            tuple(json.loads(r["messages"])),
+            r["fix_source"],
+            r["revision"],
+            r["revision_status"],
+            r["trained_in"],
         )
 
     def feedback(self, feedback_id: int) -> Feedback:
@@ -196,5 +214,66 @@ class Store:
         return item
 
     def buffer(self) -> Buffer:
-        n, w = self.db.execute("SELECT COUNT(*), COALESCE(SUM(weight), 0) FROM feedback").fetchone()
+        """What the next training run would add: feedback not yet trained into an adapter."""
+        n, w = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(weight), 0) FROM feedback WHERE trained_in IS NULL"
+        ).fetchone()
         return Buffer(int(n), float(w))
+
+    # revisions (a negative rating's note turned into a rewritten answer) ---------------
+    def set_revision(self, feedback_id: int, text: str) -> Feedback:
+        self.db.execute(
+            "UPDATE feedback SET revision = ?, revision_status = 'pending' WHERE id = ?", (text, feedback_id)
+        )
+        return self.feedback(feedback_id)
+
+    def resolve_revision(self, feedback_id: int, accept: bool, text: str | None = None) -> Feedback:
+        """Accept (optionally edited) -> it becomes the item's fix; reject -> stays an undesirable example."""
+        item = self.feedback(feedback_id)
+        if accept:
+            answer = (text or item.revision or "").strip()
+            if not answer:
+                raise FeedbackError("nothing to accept: the revision is empty; use /fix <better answer>")
+            self.db.execute(
+                "UPDATE feedback SET revision_status = 'accepted', fix = ?, fix_source = 'revision',"
+                " trained_in = NULL, changed_at = ? WHERE id = ?",
+                (answer, time.time(), feedback_id),
+            )
+        else:
+            self.db.execute("UPDATE feedback SET revision_status = 'rejected' WHERE id = ?", (feedback_id,))
+        return self.feedback(feedback_id)
+
+    def pending_revision(self) -> Feedback | None:
+        r = self.db.execute(f"{self._SELECT} WHERE f.revision_status = 'pending' ORDER BY f.id DESC LIMIT 1").fetchone()
+        return self._row(r) if r else None
+
+    # training bookkeeping --------------------------------------------------------------
+    def pending_feedback(self) -> list[Feedback]:
+        return [self._row(r) for r in self.db.execute(f"{self._SELECT} WHERE f.trained_in IS NULL ORDER BY f.id")]
+
+    def trained_feedback(self, limit: int) -> list[Feedback]:
+        rows = self.db.execute(
+            f"{self._SELECT} WHERE f.trained_in IS NOT NULL ORDER BY f.id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [self._row(r) for r in reversed(rows)]
+
+    def mark_trained(self, ids: list[int], adapter: str, snapshot_time: float) -> None:
+        """Take items out of the buffer, unless a fix/revision arrived after the job's snapshot."""
+        self.db.executemany(
+            "UPDATE feedback SET trained_in = ? WHERE id = ? AND trained_in IS NULL"
+            " AND (changed_at IS NULL OR changed_at <= ?)",
+            [(adapter, i, snapshot_time) for i in ids],
+        )
+
+    # small key/value state (the active adapter, ...) --------------------------------------
+    def get_state(self, key: str) -> str | None:
+        r = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return r[0] if r else None
+
+    def set_state(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM state WHERE key = ?", (key,))
+        else:
+            self.db.execute(
+                "INSERT INTO state VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
+            )

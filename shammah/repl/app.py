@@ -28,7 +28,14 @@ async def run_interactive(session: ChatSession, *, input=None, output=None, hist
     history = FileHistory(str(history_path)) if history_path else InMemoryHistory()
     completer = WordCompleter([f"/{c}" for c in session.commands()], sentence=True)
     prompt = PromptSession(
-        history=history, completer=completer, complete_while_typing=False, input=input, output=output
+        history=history,
+        completer=completer,
+        complete_while_typing=False,
+        input=input,
+        output=output,
+        # the job status lives in the toolbar, so it never interleaves with a reply or the prompt
+        bottom_toolbar=lambda: session.jobs.status_line() or None,
+        refresh_interval=0.5,
     )
     session.engine.start_loading()
     session.console.info(banner(session))
@@ -56,3 +63,6 @@ async def run_lines(session: ChatSession, stream: TextIO | None = None) -> None:
             break
         if not await session.handle(line.rstrip("\n")):
             break
+    if session.jobs.running:  # a script's feedback must not be lost to an early exit
+        session.console.notice("Waiting for the background training job to finish…")
+        await session.jobs.wait()

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import signal
 import threading
 
+from shammah.adapters.registry import AdapterError
 from shammah.config import Config
 from shammah.engine import Engine
 from shammah.errors import FeedbackError, ShammahError
+from shammah.feedback.compile import compile_feedback
 from shammah.feedback.store import Feedback, Store
+from shammah.jobs import JobManager
+from shammah.paths import Paths
 from shammah.repl.io import Console
 
 log = logging.getLogger(__name__)
@@ -29,11 +34,16 @@ def _clip(text: str | None, n: int = 48) -> str:
 
 
 class ChatSession:
-    def __init__(self, cfg: Config, engine: Engine, store: Store, console: Console):
+    def __init__(self, cfg: Config, engine: Engine, store: Store, console: Console, paths: Paths | None = None):
         self.cfg = cfg
         self.engine = engine
         self.store = store
         self.console = console
+        self.paths = paths or Paths(store.path.parent)
+        self.jobs = JobManager(cfg, self.paths, store, engine, notify=self.notify)
+        self.busy = False  # a reply is streaming: job messages wait until it ends
+        self._deferred: list[str] = []
+        self._restored = False
         self.system_prompt: str | None = cfg.chat.system_prompt or None
         self.conversation_id: int | None = None
         self.history: list[dict] = []  # user/assistant messages of this conversation
@@ -103,6 +113,27 @@ class ChatSession:
             self.engine.start_loading()
             await self.console.spin_until(f"Loading {self.engine.spec.name}", lambda: self.engine.ready)
         self.engine.load()  # raises the load error, if any
+        if not self._restored:
+            self._restored = True
+            name = self.jobs.saved_active()
+            if name:
+                try:
+                    await self.jobs.activate(name)
+                except ShammahError as e:
+                    self.console.error(f"could not restore adapter {name}: {e}; using the base model")
+                    self.store.set_state("active_adapter", "")
+
+    # messages from background jobs -------------------------------------------------------
+    def notify(self, message: str) -> None:
+        """Job news: printed at once at the prompt, held back while a reply streams."""
+        if self.busy:
+            self._deferred.append(message)
+        else:
+            self.console.ok(message)
+
+    def _flush_deferred(self) -> None:
+        while self._deferred:
+            self.console.ok(self._deferred.pop(0))
 
     async def ask(self, prompt: str) -> None:
         self._stop = stop = threading.Event()
@@ -113,15 +144,15 @@ class ChatSession:
                 return
             await self._answer(prompt, stop)
 
-    async def _answer(self, prompt: str, stop: threading.Event) -> None:
-        messages = self.messages_for(prompt)
+    async def _stream(self, messages: list[dict], stop: threading.Event, params=None):
+        """Stream a reply to the terminal; returns (text, last chunk, adapter that answered)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        adapter = self.engine.adapter
+        info: dict = {}
 
         def produce() -> None:  # runs in a worker thread; the event loop stays free
             try:
-                for chunk in self.engine.stream(messages, stop=stop):
+                for chunk in self.engine.stream(messages, params, stop=stop, info=info):
                     loop.call_soon_threadsafe(q.put_nowait, chunk)
             except BaseException as e:
                 loop.call_soon_threadsafe(q.put_nowait, e)
@@ -131,6 +162,7 @@ class ChatSession:
         worker = loop.run_in_executor(None, produce)
         pieces: list[str] = []
         last = None
+        self.busy = True
         try:
             while (item := await q.get()) is not None:
                 if isinstance(item, BaseException):
@@ -143,9 +175,15 @@ class ChatSession:
             raise
         finally:
             await asyncio.shield(worker)
-        reply = "".join(pieces).strip()
+            self.busy = False
         reason = last.finish_reason if last else "error"
         self.console.end_stream("[interrupted]" if reason == "interrupted" else "")
+        self._flush_deferred()
+        return "".join(pieces).strip(), last, info.get("adapter")
+
+    async def _answer(self, prompt: str, stop: threading.Event) -> None:
+        messages = self.messages_for(prompt)
+        reply, last, adapter = await self._stream(messages, stop)
         if self.conversation_id is None:
             self.conversation_id = self.store.new_conversation(self.engine.spec.name, self.system_prompt)
         self.last_turn_id = self.store.add_turn(
@@ -155,11 +193,43 @@ class ChatSession:
             reply,
             model=self.engine.spec.name,
             adapter=adapter,
-            finish_reason=reason,
+            finish_reason=last.finish_reason if last else "error",
             new_tokens=last.new_tokens if last else 0,
             seconds=last.seconds if last else 0.0,
         )
         self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+    async def _revise(self, item: Feedback) -> None:
+        """Rewrite the rated answer following the note; the user accepts, edits or rejects it."""
+        turn = self.store.turn(item.turn_id)
+        messages = turn.messages + [
+            {"role": "assistant", "content": turn.reply},
+            {
+                "role": "user",
+                "content": f"That answer was wrong: {item.note}\nWrite the corrected answer to my "
+                "previous message. Reply with the corrected answer only.",
+            },
+        ]
+        self._stop = stop = threading.Event()
+        self.console.info("Revision following your note:")
+        with self._sigint_stops_reply():
+            await self.ensure_loaded()
+            text, _, _ = await self._stream(messages, stop, self.engine.gen_params(temperature=0.0))
+        if not text:
+            self.console.info("(no revision produced; /fix <better answer> gives one)")
+            return
+        self.store.set_revision(item.id, text)
+        if self.console.interactive:
+            self.console.info("Train on this revision? /accept, /edit <better text>, or /reject.")
+        else:
+            decision = self.cfg.learning.revision_noninteractive
+            self.store.resolve_revision(item.id, decision == "accept")
+            self.console.info(f"(revision {decision}ed: learning.revision_noninteractive = {decision!r})")
+
+    def _after_feedback(self) -> None:
+        msg = self.jobs.maybe_trigger()
+        if msg:
+            self.console.info(msg)
 
     # commands ----------------------------------------------------------------
     def cmd_help(self, arg: str) -> None:
@@ -211,24 +281,81 @@ class ChatSession:
     def cmd_good(self, arg: str) -> None:
         """/good [note]: rate the last reply as good (it becomes a training target)."""
         self._ack(self.store.rate(self._rated_turn(), "good", arg or None), "Saved /good")
+        self._after_feedback()
 
-    def cmd_medium(self, arg: str) -> None:
+    async def _negative(self, rating: str, note: str) -> None:
+        item = self.store.rate(self._rated_turn(), rating, note)
+        self._ack(item, f"Saved /{rating}")
+        if self.cfg.learning.revise:
+            await self._revise(item)
+        self._after_feedback()
+
+    async def cmd_medium(self, arg: str) -> None:
         """/medium <note>: the last reply was somewhat wrong; say what to change."""
-        self._ack(self.store.rate(self._rated_turn(), "medium", arg), "Saved /medium")
+        await self._negative("medium", arg)
 
-    def cmd_critical(self, arg: str) -> None:
+    async def cmd_critical(self, arg: str) -> None:
         """/critical <note>: the last reply was badly wrong; say what to change."""
-        self._ack(self.store.rate(self._rated_turn(), "critical", arg), "Saved /critical")
+        await self._negative("critical", arg)
 
     def cmd_fix(self, arg: str) -> None:
         """/fix <better answer>: give the answer the last reply should have been."""
         self._ack(self.store.fix(self._rated_turn(), arg), "Saved /fix")
+        self._after_feedback()
+
+    def _revision(self) -> Feedback:
+        item = self.store.pending_revision()
+        if item is None:
+            raise FeedbackError("no revision is waiting; /medium or /critical <note> asks for one")
+        return item
+
+    def cmd_accept(self, arg: str) -> None:
+        """Train on the revision just shown (as the answer the model should have given)."""
+        item = self.store.resolve_revision(self._revision().id, True)
+        self.console.ok(f"Revision accepted for #{item.id}. {self.store.buffer()}")
+        self._after_feedback()
+
+    def cmd_edit(self, arg: str) -> None:
+        """/edit <text>: train on your edited version of the revision instead."""
+        if not arg.strip():
+            raise FeedbackError("usage: /edit <the corrected answer>")
+        item = self.store.resolve_revision(self._revision().id, True, arg)
+        self.console.ok(f"Edited revision saved for #{item.id}. {self.store.buffer()}")
+        self._after_feedback()
+
+    def cmd_reject(self, arg: str) -> None:
+        """Discard the revision; the rated reply stays an example of what not to say."""
+        item = self.store.resolve_revision(self._revision().id, False)
+        self.console.ok(f"Revision rejected for #{item.id}; the reply is kept as a negative example.")
 
     def cmd_feedback(self, arg: str) -> None:
-        """/feedback list | undo | drop <id>: review or remove ratings."""
+        """/feedback list | show | undo | drop <id>: review ratings, or see what the next run trains on."""
         sub, _, rest = arg.partition(" ")
         sub = sub or "list"
-        if sub == "list":
+        if sub == "show":
+            examples, new, replay = compile_feedback(self.store, self.cfg.learning.replay_limit)
+            if not examples:
+                self.console.info("The next training run has nothing to train on yet.")
+                return
+            rows = []
+            for e in examples:
+                what = {"sft": "learn", "pair": "prefer", "unpaired": "avoid", "ranked": "rank"}[e.kind]
+                target = e.responses[0] if e.kind != "pair" else f"{e.responses[0]}  ≻  {e.responses[1]}"
+                rows.append(
+                    (
+                        e.source.split(":")[-1],
+                        what,
+                        f"{e.weight:g}",
+                        _clip(e.prompt[-1]["content"], 32),
+                        _clip(target, 56),
+                    )
+                )
+            self.console.table(rows, header=("#", "kind", "weight", "prompt", "target"))
+            self.console.info(
+                f"{len(new)} new and {len(replay)} replayed feedback item(s), {len(examples)} examples"
+                f" (plus {self.cfg.learning.anchors} anchor prompts answered by the base model)."
+            )
+        elif sub == "list":
             items = self.store.list_feedback()
             if not items:
                 self.console.info("No feedback yet. Rate a reply with /good, /medium, /critical or /fix.")
@@ -247,4 +374,100 @@ class ChatSession:
             item = self.store.drop(int(rest))
             self.console.ok(f"Removed /{item.rating} #{item.id}. {self.store.buffer()}")
         else:
-            raise FeedbackError(f"unknown /feedback {sub!r}: use list, undo or drop <id>")
+            raise FeedbackError(f"unknown /feedback {sub!r}: use list, show, undo or drop <id>")
+
+    async def cmd_train(self, arg: str) -> None:
+        """/train [status | cancel | wait]: learn from the buffer now, or manage the running job."""
+        sub = arg.strip() or "start"
+        if sub == "start":
+            self.console.info(self.jobs.start("/train"))
+        elif sub == "status":
+            line = self.jobs.status_line()
+            self.console.info(
+                line or f"No job running. {self.store.buffer()} (threshold {self.cfg.learning.threshold:g})."
+            )
+        elif sub == "cancel":
+            self.console.info(await self.jobs.cancel())
+        elif sub == "wait":
+            if self.jobs.running:
+                await self.console.spin_until("Waiting for training", lambda: not self.jobs.running)
+                await self.jobs.wait()
+            else:
+                self.console.info("No job running.")
+        else:
+            raise FeedbackError("usage: /train [status | cancel | wait]")
+
+    async def cmd_adapters(self, arg: str) -> None:
+        """/adapters list | load <name> | off | rollback | info <name> | delete <name>: what was learned."""
+        sub, _, name = arg.strip().partition(" ")
+        sub, name = sub or "list", name.strip()
+        reg = self.jobs.registry
+        if sub == "list":
+            items = reg.list()
+            if not items:
+                self.console.info("No adapters yet: rate replies and they will be trained (or /train).")
+                return
+            active = self.engine.adapter if self._restored else self.jobs.saved_active()
+            rows = []
+            for a in items:
+                gate = a.get("gate")
+                gate_s = "-" if not gate else ("passed" if gate.get("passed") else "rejected") + f" {gate['controls']}"
+                loss = a.get("report", "final_train_loss")
+                rows.append(
+                    (
+                        "*" if a.name == self.engine.adapter else "",
+                        a.name,
+                        a.created,
+                        _clip(str(a.get("base", "name", default="?")), 24),
+                        a.get("method", default="?"),
+                        str(a.get("report", "examples", default="?")),
+                        f"{loss:.3f}" if isinstance(loss, float) else "-",
+                        gate_s,
+                    )
+                )
+            self.console.table(rows, header=("", "name", "created", "base", "method", "examples", "loss", "gate"))
+            if active is None:
+                self.console.info("Active: the base model alone.")
+            return
+        if sub == "off":
+            await self.ensure_loaded()
+            await self.jobs.activate(None)
+            self.console.ok("Adapters off: the base model answers now.")
+            return
+        if sub == "rollback":
+            prev = self.jobs.saved_previous()
+            if prev is None:
+                raise AdapterError("nothing to roll back to yet")
+            await self.ensure_loaded()
+            await self.jobs.activate(prev or None)
+            self.console.ok(f"Rolled back to {prev or 'the base model'}.")
+            return
+        if not name:
+            raise AdapterError(f"usage: /adapters {sub} <name> (names are in /adapters list)")
+        if sub == "load":
+            await self.ensure_loaded()
+            secs = await self.jobs.activate(name)
+            self.console.ok(f"Now answering with {name} (swapped in {secs * 1000:.0f} ms).")
+        elif sub == "info":
+            a = reg.get(name)
+            rep, gate = a.get("report", default={}), a.get("gate") or {}
+            self.console.table(
+                [
+                    ("name", a.name),
+                    ("created", a.created),
+                    ("base", str(a.get("base", "name"))),
+                    ("type / method", f"{a.get('adapter_type')} / {a.get('method')}"),
+                    ("parent", str(a.get("parent"))),
+                    ("examples", str(rep.get("examples"))),
+                    ("final loss", str(rep.get("final_train_loss"))),
+                    ("gate", json.dumps({k: v for k, v in gate.items() if k != "answers"}) if gate else "-"),
+                    ("path", str(a.path)),
+                ]
+            )
+        elif sub == "delete":
+            if name == self.engine.adapter:
+                raise AdapterError(f"{name} is answering right now: /adapters off or load another one first")
+            reg.delete(name)
+            self.console.ok(f"Deleted adapter {name}.")
+        else:
+            raise AdapterError(f"unknown /adapters {sub!r}: use list, load, off, rollback, info or delete")

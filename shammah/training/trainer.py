@@ -32,7 +32,7 @@ from shammah.engine import loader
 from shammah.engine.fingerprint import fingerprint
 from shammah.engine.resolve import resolve
 from shammah.errors import ShammahError
-from shammah.training import methods
+from shammah.training import methods, online
 from shammah.training.args import TrainArgs
 from shammah.training.data import Example, check_method
 
@@ -62,6 +62,10 @@ class TrainJob:
     resume: bool | str = False  # True = latest checkpoint of this run, or a checkpoint path
     dataset_hash: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # extra metadata (feedback ids, manifest, ...)
+    anchors: int = 0  # general prompts answered by the base model, replayed against leaks (online loop)
+    anchor_cache: Path | None = None
+    gate: bool = False  # compare with the current adapter before it may be swapped in
+    holdout: list[Example] = field(default_factory=list)
 
 
 @dataclass
@@ -353,6 +357,12 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     )
     torch.manual_seed(a.seed)
     model, tok, spec, base_path, fp = _load_model(job, device, dtype)
+    n_anchors = 0
+    if job.anchors:
+        anchors = online.anchor_examples(model, tok, job.anchors, job.anchor_cache)
+        n_anchors = len(anchors)
+        train_ex = train_ex + anchors
+        emit({"event": "anchors", "count": n_anchors})
     train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in train_ex]
     val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in val_ex]
     pad = tok.pad_token_id
@@ -432,6 +442,12 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     if not trainer.is_world_process_zero():
         return TrainResult(None, {})  # type: ignore[arg-type]
 
+    gate_result = None
+    if job.gate:
+        parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
+        gate_result = online.gate(model, tok, parent_path, job.holdout)
+        emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
+
     # --- save: staging dir, then one atomic rename into the registry ---------------------
     reg = Registry(job.registry_root)
     staging = reg.stage(name)
@@ -450,7 +466,8 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             "duration_s": round(duration, 2),
             "device": device,
             "dtype": dtype,
-            "examples": len(train_ex),
+            "examples": len(train_ex) - n_anchors,
+            "anchors": n_anchors,
             "validation_examples": len(val_ex),
             "kinds": {k: sum(e.kind == k for e in train_ex) for k in ("sft", "pair", "unpaired", "ranked")},
             "tokens_per_s": round(trainer.tokens_seen / max(cb.train_seconds, 1e-9), 1),
@@ -465,6 +482,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             "dataset_hash": job.dataset_hash,
             "parent": job.parent,
             "report": report,
+            "gate": gate_result,
             **job.meta,
         }
         emit({"event": "saved", "adapter": name})

@@ -1,0 +1,322 @@
+"""Background training jobs for the chat: threshold -> snapshot -> worker process -> gate -> swap.
+
+One :class:`JobManager` per chat. It never imports torch itself: the worker is a separate
+process (``shammah.training.worker``), so a crash, OOM or cancel cannot take the chat down,
+and the chat keeps answering while it trains. Progress comes back as JSON lines. While a job
+runs the chat's own decoding is limited to ``chat_threads_while_training`` threads (measured
+here: 1 chat + 1 training thread kept ~91% of idle decode speed; 2 + 1 dropped it to 38%).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shammah.adapters.registry import Registry
+from shammah.config import Config
+from shammah.engine import Engine
+from shammah.feedback.compile import compile_feedback, to_jsonl
+from shammah.feedback.store import Store
+from shammah.paths import Paths, atomic_write, ensure_dir
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_MIN = 10  # with at least this many new items, 20% are held out for the gate
+ACTIVE, PREVIOUS = "active_adapter", "previous_adapter"
+
+
+@dataclass
+class Job:
+    id: str
+    trigger: str
+    feedback_ids: list[int]
+    holdout_ids: list[int]
+    started: float = field(default_factory=time.time)  # the feedback snapshot was taken then
+    proc: asyncio.subprocess.Process | None = None
+    status: str = "starting"
+    progress: dict = field(default_factory=dict)
+    result: dict | None = None
+    cancelled: bool = False
+
+
+class JobManager:
+    def __init__(
+        self, cfg: Config, paths: Paths, store: Store, engine: Engine, notify: Callable[[str], None] | None = None
+    ):
+        self.cfg = cfg
+        self.paths = paths
+        self.store = store
+        self.engine = engine
+        self.registry = Registry(paths.adapters)
+        self.notify = notify or (lambda msg: None)
+        self.current: Job | None = None
+        self.queued: str | None = None
+        self._task: asyncio.Task | None = None
+        self._failed_ids: frozenset[int] = frozenset()
+        self._saved_threads: int | None = None
+
+    # state --------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def status_line(self) -> str:
+        j = self.current
+        if j is None:
+            return ""
+        p = j.progress
+        if p.get("event") == "step":
+            eta = int(p.get("eta_s") or 0)
+            return (
+                f"training {j.id}: epoch {p['epoch']:.1f} step {p['step']}/{p['total_steps']} "
+                f"loss {p['loss']:.3f} ETA {eta // 60}:{eta % 60:02d}" + (" (+1 queued)" if self.queued else "")
+            )
+        return f"training {j.id}: {j.status}…"
+
+    # triggering -------------------------------------------------------------------------------
+    def maybe_trigger(self) -> str | None:
+        """Start a job if auto-training is on and the weighted buffer reached the threshold."""
+        lc = self.cfg.learning
+        buf = self.store.buffer()
+        if not lc.auto_train or buf.weighted < lc.threshold:
+            return None
+        pending = frozenset(f.id for f in self.store.pending_feedback())
+        if pending == self._failed_ids:  # the last job with exactly this feedback failed or was rejected
+            return None
+        return self.start("threshold")
+
+    def start(self, trigger: str) -> str:
+        if self.running:
+            self.queued = trigger
+            return "A training job is running; another run is queued and starts when it ends."
+        if not self.store.pending_feedback():
+            return "Nothing new to learn: rate some replies first (/good, /critical <note>, /fix <answer>)."
+        self._task = asyncio.get_running_loop().create_task(self._run(trigger))
+        return "Training started in the background; keep chatting. /train status, /train cancel, /train wait."
+
+    async def cancel(self) -> str:
+        j = self.current
+        self.queued = None
+        if j is None or j.proc is None:
+            return "No training job is running."
+        j.cancelled = True
+        j.proc.terminate()
+        await self.wait()
+        return f"Cancelled {j.id}; its feedback stays in the buffer."
+
+    async def wait(self) -> None:
+        """Until the running job (and a queued one, and their swaps) are finished."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    # the job ---------------------------------------------------------------------------------
+    def _snapshot(self, trigger: str) -> tuple[Job, Path]:
+        lc = self.cfg.learning
+        snapshot_time = time.time()
+        examples, new_ids, replay_ids = compile_feedback(self.store, lc.replay_limit)
+        holdout_ids: list[int] = []
+        if len(new_ids) >= HOLDOUT_MIN:
+            holdout_ids = random.Random(len(new_ids)).sample(new_ids, max(1, len(new_ids) // 5))
+        job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}"
+        job = Job(job_id, trigger, [i for i in new_ids if i not in holdout_ids], holdout_ids, snapshot_time)
+        d = ensure_dir(self.paths.root / "jobs" / job_id)
+        held = {f"feedback:{i}" for i in holdout_ids}
+        to_jsonl([e for e in examples if e.source not in held], d / "data.jsonl")
+        to_jsonl([e for e in examples if e.source in held], d / "holdout.jsonl")
+        parent = self.engine.adapter
+        spec = {
+            "base": self.cfg.model.base,
+            "cache_dir": str(self.paths.cache),
+            "registry_root": str(self.paths.adapters),
+            "checkpoints_root": str(self.paths.root / "checkpoints"),
+            "data": str(d / "data.jsonl"),
+            "holdout": str(d / "holdout.jsonl") if holdout_ids else None,
+            "name": f"learned-{time.strftime('%Y%m%d-%H%M%S')}",
+            "parent": parent,
+            "args": {
+                "method": "auto",
+                "adapter_type": "lora",
+                "rank": lc.rank,
+                "alpha": 2.0 * lc.rank,
+                "dropout": 0.0,
+                "epochs": lc.epochs,
+                "learning_rate": lc.learning_rate,
+                "batch_size": lc.batch_size,
+                "scheduler": "constant",
+                "save_steps": 100000,
+                "keep_checkpoints": 1,
+                "threads": lc.train_threads,
+                "max_length": 512,
+                "seed": 0,
+            },
+            "anchors": lc.anchors,
+            "anchor_cache": str(self.paths.cache / "anchors.json"),
+            "gate": lc.gate,
+            "meta": {
+                "job": job_id,
+                "trigger": trigger,
+                "feedback_ids": job.feedback_ids,
+                "replayed_feedback_ids": replay_ids,
+                "holdout_feedback_ids": holdout_ids,
+            },
+        }
+        atomic_write(d / "job.json", json.dumps(spec, indent=2))
+        self.store.db.execute(
+            "INSERT INTO jobs (id, created_at, status, trigger, parent, feedback_ids) VALUES (?, ?, 'running', ?, ?, ?)",
+            (job_id, time.time(), trigger, parent, json.dumps(job.feedback_ids)),
+        )
+        return job, d
+
+    def _finish(self, job: Job, status: str, adapter: str | None, message: str) -> None:
+        self.store.db.execute(
+            "UPDATE jobs SET status = ?, adapter = ?, message = ?, finished_at = ? WHERE id = ?",
+            (status, adapter, message, time.time(), job.id),
+        )
+        self.notify(message)
+
+    def _limit_chat_threads(self, on: bool) -> None:
+        n = self.cfg.learning.chat_threads_while_training
+        if not n or "torch" not in sys.modules:
+            return
+        import torch
+
+        if on:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(min(n, self._saved_threads))
+        elif self._saved_threads:
+            torch.set_num_threads(self._saved_threads)
+
+    async def _run(self, trigger: str) -> None:
+        job, d = self._snapshot(trigger)
+        self.current = job
+        t0 = time.perf_counter()
+        self.notify(f"Learning from {len(job.feedback_ids)} new feedback item(s) in the background ({job.id}).")
+        threads = str(self.cfg.learning.train_threads)
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+        self._limit_chat_threads(True)
+        try:
+            with (d / "worker.log").open("wb") as errlog:
+                job.proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "shammah.training.worker",
+                    str(d / "job.json"),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=errlog,
+                    env=env,
+                )
+                job.status = "loading the model"
+                async for raw in job.proc.stdout:
+                    try:
+                        ev = json.loads(raw)
+                    except json.JSONDecodeError:
+                        continue
+                    self._on_event(job, ev)
+                rc = await job.proc.wait()
+            self._limit_chat_threads(False)
+            await self._conclude(job, rc, time.perf_counter() - t0, d)
+        except asyncio.CancelledError:
+            if job.proc and job.proc.returncode is None:
+                job.proc.kill()
+            raise
+        except Exception as e:  # never let a job failure reach the chat loop
+            log.exception("job %s failed", job.id)
+            self._finish(
+                job, "failed", None, f"Training failed ({type(e).__name__}: {e}); feedback kept for the next try."
+            )
+        finally:
+            self._limit_chat_threads(False)
+            self.current = None
+            if self.queued:
+                trig, self.queued = self.queued, None
+                if self.store.pending_feedback():
+                    self._task = asyncio.get_running_loop().create_task(self._run(trig))
+
+    def _on_event(self, job: Job, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind in ("step", "eval"):
+            job.status = "training"
+            if kind == "step":
+                job.progress = ev
+        elif kind == "anchors":
+            job.status = "answering anchor prompts"
+        elif kind == "gate":
+            job.status = "checking"
+            job.result = {**(job.result or {}), "gate": ev}
+        elif kind in ("done", "error"):
+            job.result = {**(job.result or {}), kind: ev}
+
+    async def _conclude(self, job: Job, rc: int, seconds: float, d: Path) -> None:
+        res = job.result or {}
+        if job.cancelled:
+            self._finish(job, "cancelled", None, f"Training {job.id} cancelled; the feedback stays in the buffer.")
+            return
+        if rc != 0 or "done" not in res:
+            why = res.get("error", {}).get("message") or f"the training process exited with code {rc}"
+            self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
+            self._finish(
+                job,
+                "failed",
+                None,
+                f"Training failed: {why} (log: {d / 'worker.log'}). The feedback stays in the buffer for the next try.",
+            )
+            return
+        done = res["done"]
+        name = done["adapter"]
+        gate = res.get("gate")
+        summary = (
+            f"{done['examples']} examples + {done.get('anchors', 0)} anchors, final loss "
+            f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
+        )
+        if gate is not None and not gate["passed"]:
+            self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
+            lost = ", ".join(gate["controls_lost"]) or "held-out feedback got worse"
+            self._finish(
+                job,
+                "rejected",
+                name,
+                f"Trained {name} ({summary}) but kept the current adapter: "
+                f"controls {gate['controls']} vs {gate['controls_current']} ({lost}). "
+                f"Try it anyway with /adapters load {name}.",
+            )
+            return
+        info = self.registry.get(name)
+        swap_s = await self.activate(name)
+        self.store.mark_trained(job.feedback_ids, name, job.started)
+        extra = f", controls {gate['controls']}" if gate else ""
+        self._finish(
+            job,
+            "done",
+            name,
+            f"Learned: now answering with {name} ({summary}{extra}; swapped in {swap_s * 1000:.0f} ms).",
+        )
+        log.info("job %s done: %s", job.id, info.path)
+
+    # activating adapters (also used by /adapters) ------------------------------------------
+    async def activate(self, name: str | None) -> float:
+        """Swap to ``name`` (None = base) between turns; remember it and the previous one."""
+        path = fp = None
+        if name is not None:
+            info = self.registry.get(name)
+            path, fp = info.path, info.get("base", "fingerprint")
+        loop = asyncio.get_running_loop()
+        previous = self.engine.adapter
+        secs = await loop.run_in_executor(None, lambda: self.engine.activate(name, path, fp))
+        if previous != name:
+            self.store.set_state(PREVIOUS, previous or "")
+        self.store.set_state(ACTIVE, name or "")
+        return secs
+
+    def saved_active(self) -> str | None:
+        return self.store.get_state(ACTIVE) or None
+
+    def saved_previous(self) -> str | None:
+        return self.store.get_state(PREVIOUS)

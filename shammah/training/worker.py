@@ -1,0 +1,62 @@
+"""The training worker: ``python -m shammah.training.worker JOB.json``.
+
+Runs one job in its own process (a crash, OOM or cancel cannot take the chat down) and
+reports progress as JSON lines on stdout; the last line is ``done`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def job_from_spec(spec: dict):
+    from shammah.training.args import build
+    from shammah.training.data import load_jsonl
+    from shammah.training.trainer import TrainJob
+
+    holdout = load_jsonl(Path(spec["holdout"])) if spec.get("holdout") else []
+    return TrainJob(
+        base=spec["base"],
+        cache_dir=Path(spec["cache_dir"]),
+        registry_root=Path(spec["registry_root"]),
+        checkpoints_root=Path(spec["checkpoints_root"]),
+        train=load_jsonl(Path(spec["data"])),
+        args=build(("job", spec["args"])),
+        name=spec["name"],
+        parent=spec.get("parent"),
+        dataset_hash=spec.get("dataset_hash", ""),
+        meta=spec.get("meta", {}),
+        anchors=spec.get("anchors", 0),
+        anchor_cache=Path(spec["anchor_cache"]) if spec.get("anchor_cache") else None,
+        gate=spec.get("gate", False),
+        holdout=holdout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from shammah.errors import ShammahError
+    from shammah.training.progress import JsonLines
+
+    out = JsonLines(sys.stdout)
+    try:
+        spec = json.loads(Path(argv[0]).read_text())
+        from shammah.training.trainer import train
+
+        train(job_from_spec(spec), out)
+    except ShammahError as e:
+        out({"event": "error", "message": str(e)})
+        return 1
+    except Exception as e:  # reported to the chat as one line; the traceback goes to stderr (the job log)
+        import traceback
+
+        traceback.print_exc()
+        out({"event": "error", "message": f"{type(e).__name__}: {e}"})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
