@@ -9,6 +9,8 @@
 3. decode speed: shammah's engine with its auto dtype vs plain fp32 `model.generate`.
 4. training: `shammah train` (a fresh worker process) vs a hand-written transformers Trainer +
    PEFT script on the same model and data: start-up to the first step, and tokens/s.
+5. the online loop (bench/learn.py): feedback -> swapped adapter, hot-swap latency, and chat
+   decode speed while a job trains.
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ def bench_train(home: Path, steps: int, reps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--only", choices=("startup", "load", "decode", "train"))
+    ap.add_argument("--only", choices=("startup", "load", "decode", "train", "learn"))
     args = ap.parse_args()
     reps = 3 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="shammah-bench-") as tmp:
@@ -261,6 +263,11 @@ def main() -> None:
             bench_decode(cache, 128, max(2, reps // 2))
         if args.only in (None, "train"):
             bench_train(home, 10, 2 if args.quick else 3)
+        if args.only in (None, "learn"):
+            sys.path.insert(0, str(Path(__file__).parent))
+            import learn
+
+            learn.run(home)
 
 
 if __name__ == "__main__":

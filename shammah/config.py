@@ -62,21 +62,28 @@ class LearningConfig:
     threshold: float = _f(
         30.0, "weighted feedback that triggers training (3 /critical, or 10 /good, ...)", lo=1.0, hi=100000.0
     )
+    settle_seconds: float = _f(
+        2.0,
+        "quiet time after the threshold is reached before training starts (a /fix often follows a /critical)",
+        lo=0.0,
+        hi=3600.0,
+    )
     revise: bool = _f(True, "after /medium or /critical without a fix, rewrite the answer following the note")
     revision_noninteractive: str = _f(
         "accept", "what piped/scripted input does with a rewrite", choices=("accept", "reject")
     )
     gate: bool = _f(True, "swap a new adapter in only if it is not worse than the current one")
     learning_rate: float = _f(2e-3, "learning rate of background training", lo=1e-6, hi=0.1)
-    epochs: int = _f(3, "passes over the compiled feedback per job", lo=1, hi=100)
-    rank: int = _f(8, "LoRA rank of learned adapters", lo=1, hi=256)
+    epochs: int = _f(2, "passes over the compiled feedback per job", lo=1, hi=100)
+    rank: int = _f(16, "LoRA rank of learned adapters", lo=1, hi=256)
     batch_size: int = _f(4, "examples per step", lo=1, hi=256)
     replay_limit: int = _f(50, "earlier (already trained) feedback items replayed in each job", lo=0, hi=100000)
     anchors: int = _f(
         20, "general prompts answered by the base model and replayed against leaks (0 = off)", lo=0, hi=200
     )
-    train_threads: int = _f(1, "CPU threads of the training process", lo=1, hi=1024)
-    chat_threads_while_training: int = _f(1, "CPU threads of the chat while a job runs (0 = unchanged)", lo=0, hi=1024)
+    train_threads: int = _f(0, "CPU threads of the training process (0 = all cores)", lo=0, hi=1024)
+    pause_while_replying: bool = _f(True, "pause training while the chat writes a reply, so replies keep full speed")
+    chat_threads_while_training: int = _f(0, "CPU threads of the chat while a job runs (0 = unchanged)", lo=0, hi=1024)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,19 @@
 
 One :class:`JobManager` per chat. It never imports torch itself: the worker is a separate
 process (``shammah.training.worker``), so a crash, OOM or cancel cannot take the chat down,
-and the chat keeps answering while it trains. Progress comes back as JSON lines. While a job
-runs the chat's own decoding is limited to ``chat_threads_while_training`` threads (measured
-here: 1 chat + 1 training thread kept ~91% of idle decode speed; 2 + 1 dropped it to 38%).
+and the chat keeps answering while it trains. Progress comes back as JSON lines.
+
+CPU share: the worker trains on all cores, and is paused (SIGSTOP/SIGCONT) while the chat
+writes a reply, so replies keep their full speed and training loses only the seconds a reply
+takes. (Measured alternatives on 2 cores: a 1+1 thread split kept ~91% of chat speed but
+halves training; 2 chat threads beside training dropped the chat to 38%.) Where signals
+are not available, ``chat_threads_while_training`` gives the thread split instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -61,12 +66,14 @@ class JobManager:
         self.queued: str | None = None
         self._task: asyncio.Task | None = None
         self._failed_ids: frozenset[int] = frozenset()
+        self._debounce: asyncio.Task | None = None
         self._saved_threads: int | None = None
 
     # state --------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        """A job runs, or is about to start once the feedback settles."""
+        return any(t is not None and not t.done() for t in (self._task, self._debounce))
 
     def status_line(self) -> str:
         j = self.current
@@ -91,31 +98,81 @@ class JobManager:
         pending = frozenset(f.id for f in self.store.pending_feedback())
         if pending == self._failed_ids:  # the last job with exactly this feedback failed or was rejected
             return None
-        return self.start("threshold")
+        if self.running:
+            return self.start("threshold")
+        # Wait for the feedback to settle: a /critical is usually followed by a /fix within seconds,
+        # and training on the half-finished item would only mean training again.
+        first = self._debounce is None or self._debounce.done()
+        if not first:
+            self._debounce.cancel()
+        self._debounce = asyncio.get_running_loop().create_task(self._start_after(self.cfg.learning.settle_seconds))
+        return (
+            f"Training buffer reached {lc.threshold:g}: learning starts in the background shortly." if first else None
+        )
+
+    async def _start_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.notify(self.start("threshold"))
 
     def start(self, trigger: str) -> str:
-        if self.running:
+        if self._task is not None and not self._task.done():
             self.queued = trigger
             return "A training job is running; another run is queued and starts when it ends."
-        if not self.store.pending_feedback():
+        examples, _, _ = compile_feedback(self.store, 0)
+        if not examples:
             return "Nothing new to learn: rate some replies first (/good, /critical <note>, /fix <answer>)."
         self._task = asyncio.get_running_loop().create_task(self._run(trigger))
         return "Training started in the background; keep chatting. /train status, /train cancel, /train wait."
 
+    def pause(self) -> None:
+        """Stop the worker while the chat writes a reply (see the module docstring)."""
+        self._signal_worker(True)
+
+    def resume(self) -> None:
+        self._signal_worker(False)
+
+    def _signal_worker(self, stop: bool) -> None:
+        j = self.current
+        if not self.cfg.learning.pause_while_replying or j is None or j.proc is None or j.proc.returncode is not None:
+            return
+        import signal
+
+        sig = getattr(signal, "SIGSTOP" if stop else "SIGCONT", None)
+        if sig is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(j.proc.pid, sig)
+
+    async def shutdown(self) -> None:
+        """Leaving the chat: stop a running job (its feedback stays in the buffer for next time)."""
+        if self._debounce is not None and not self._debounce.done():
+            self._debounce.cancel()
+        if self.current is not None:
+            self.notify("Stopping the background training (the feedback stays in the buffer).")
+            await self.cancel()
+
     async def cancel(self) -> str:
         j = self.current
         self.queued = None
+        if self._debounce is not None and not self._debounce.done():
+            self._debounce.cancel()
+            if j is None:
+                return "Cancelled the training that was about to start; the feedback stays in the buffer."
         if j is None or j.proc is None:
             return "No training job is running."
         j.cancelled = True
+        self.resume()  # a stopped process cannot act on SIGTERM
         j.proc.terminate()
         await self.wait()
         return f"Cancelled {j.id}; its feedback stays in the buffer."
 
     async def wait(self) -> None:
         """Until the running job (and a queued one, and their swaps) are finished."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+        while self.running:
+            for t in (self._debounce, self._task):
+                if t is not None and not t.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(t)
 
     # the job ---------------------------------------------------------------------------------
     def _snapshot(self, trigger: str) -> tuple[Job, Path]:
@@ -125,7 +182,10 @@ class JobManager:
         holdout_ids: list[int] = []
         if len(new_ids) >= HOLDOUT_MIN:
             holdout_ids = random.Random(len(new_ids)).sample(new_ids, max(1, len(new_ids) // 5))
-        job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = (
+            f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(snapshot_time))}-{int(snapshot_time * 1000) % 1000:03d}"
+        )
+        job_id = f"job-{stamp}"
         job = Job(job_id, trigger, [i for i in new_ids if i not in holdout_ids], holdout_ids, snapshot_time)
         d = ensure_dir(self.paths.root / "jobs" / job_id)
         held = {f"feedback:{i}" for i in holdout_ids}
@@ -139,7 +199,7 @@ class JobManager:
             "checkpoints_root": str(self.paths.root / "checkpoints"),
             "data": str(d / "data.jsonl"),
             "holdout": str(d / "holdout.jsonl") if holdout_ids else None,
-            "name": f"learned-{time.strftime('%Y%m%d-%H%M%S')}",
+            "name": f"learned-{stamp}",
             "parent": parent,
             "args": {
                 "method": "auto",
@@ -199,8 +259,9 @@ class JobManager:
         self.current = job
         t0 = time.perf_counter()
         self.notify(f"Learning from {len(job.feedback_ids)} new feedback item(s) in the background ({job.id}).")
-        threads = str(self.cfg.learning.train_threads)
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        if self.cfg.learning.train_threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.cfg.learning.train_threads)
         self._limit_chat_threads(True)
         try:
             with (d / "worker.log").open("wb") as errlog:
@@ -237,7 +298,9 @@ class JobManager:
             self.current = None
             if self.queued:
                 trig, self.queued = self.queued, None
-                if self.store.pending_feedback():
+                pending = frozenset(f.id for f in self.store.pending_feedback())
+                trainable = bool(compile_feedback(self.store, 0)[0])
+                if trainable and pending != self._failed_ids:  # never rerun exactly what just failed
                     self._task = asyncio.get_running_loop().create_task(self._run(trig))
 
     def _on_event(self, job: Job, ev: dict) -> None:

@@ -7,8 +7,10 @@
 | /medium, /critical + a fix   | the same, the fix being /fix or an accepted rewrite          |
 | /medium, /critical, no fix   | an undesirable example (KTO); the reply is never a target    |
 
-The prompt is the exact context the model saw for that turn, so a rewrite that was guided
-by the note is trained *without* the note: the adapter has to internalise the lesson.
+The prompt is the turn's system prompt and user message as the model saw them (earlier
+turns of the conversation are left out: a lesson should hold in a new conversation, and
+history would make every example several times longer to train). A rewrite that was guided
+by the note is therefore trained *without* the note: the adapter has to internalise it.
 Each example carries its rating's weight, which the trainer uses as sampling probability.
 """
 
@@ -21,8 +23,13 @@ from shammah.feedback.store import Feedback, Store
 from shammah.training.data import Example
 
 
+def lesson_prompt(f: Feedback) -> tuple[dict, ...]:
+    system = [m for m in f.messages[:1] if m.get("role") == "system"]
+    return tuple(system) + ({"role": "user", "content": f.prompt},)
+
+
 def examples_for(f: Feedback) -> list[Example]:
-    prompt = tuple(f.messages) or ({"role": "user", "content": f.prompt},)
+    prompt = lesson_prompt(f)
     src = f"feedback:{f.id}"
     if f.rating == "good":
         return [Example("sft", prompt, (f.reply,), weight=f.weight, source=src)] if f.reply.strip() else []

@@ -49,6 +49,7 @@ async def run_interactive(session: ChatSession, *, input=None, output=None, hist
                 break
             if not await session.handle(line):
                 break
+    await session.jobs.shutdown()
 
 
 async def run_lines(session: ChatSession, stream: TextIO | None = None) -> None:

@@ -159,10 +159,11 @@ class ChatSession:
             finally:
                 loop.call_soon_threadsafe(q.put_nowait, None)
 
+        self.busy = True
+        self.jobs.pause()
         worker = loop.run_in_executor(None, produce)
         pieces: list[str] = []
         last = None
-        self.busy = True
         try:
             while (item := await q.get()) is not None:
                 if isinstance(item, BaseException):
@@ -175,6 +176,7 @@ class ChatSession:
             raise
         finally:
             await asyncio.shield(worker)
+            self.jobs.resume()
             self.busy = False
         reason = last.finish_reason if last else "error"
         self.console.end_stream("[interrupted]" if reason == "interrupted" else "")

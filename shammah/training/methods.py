@@ -63,7 +63,27 @@ def collate(features: list[dict], pad_id: int) -> dict:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "layout": layout}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "layout": layout}
+    if all("ref" in f for f in features if f["kind"] in ("pair", "unpaired")):
+        batch["ref_logps"] = torch.tensor([r for f in features for r in f.get("ref", [0.0] * len(f["seqs"]))])
+    return batch
+
+
+def precompute_reference(model, features: list[dict], pad_id: int, batch_size: int) -> None:
+    """Store the reference model's (adapter disabled) log-probs on every pair/unpaired feature,
+    once, instead of a second forward pass at every step (the reference never changes)."""
+    todo = [f for f in features if f["kind"] in ("pair", "unpaired")]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            b = collate([{k: v for k, v in f.items() if k != "ref"} for f in chunk], pad_id)
+            b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            ref, _ = token_logps(model, b)
+            for f, (_, rows, _) in zip(chunk, b["layout"], strict=True):
+                f["ref"] = [float(ref[r]) for r in rows]
+    model.train(was_training)
 
 
 def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +134,8 @@ class Objective:
         layout = batch["layout"]
         logp, ntok = token_logps(model, batch)
         needs_ref = any(kind in ("pair", "unpaired") for kind, _, _ in layout)
-        ref = None
-        if needs_ref:
+        ref = batch.get("ref_logps")
+        if needs_ref and ref is None:
             with torch.no_grad(), model.disable_adapter():
                 ref, _ = token_logps(model, batch)
         parts: dict[str, tuple[torch.Tensor, int]] = {}

@@ -10,6 +10,7 @@ the atomic write into the registry. Progress is reported only through the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ class TrainJob:
     meta: dict[str, Any] = field(default_factory=dict)  # extra metadata (feedback ids, manifest, ...)
     anchors: int = 0  # general prompts answered by the base model, replayed against leaks (online loop)
     anchor_cache: Path | None = None
+    anchor_share: float = 0.6  # fraction of sampled examples that are anchors
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)
 
@@ -359,13 +361,20 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     model, tok, spec, base_path, fp = _load_model(job, device, dtype)
     n_anchors = 0
     if job.anchors:
+        # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
+        # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
+        fb_weight = sum(e.weight for e in train_ex)
         anchors = online.anchor_examples(model, tok, job.anchors, job.anchor_cache)
+        if anchors:
+            w = fb_weight * job.anchor_share / (1 - job.anchor_share) / len(anchors)
+            anchors = [dataclasses.replace(e, weight=w) for e in anchors]
         n_anchors = len(anchors)
         train_ex = train_ex + anchors
         emit({"event": "anchors", "count": n_anchors})
     train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in train_ex]
     val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in val_ex]
     pad = tok.pad_token_id
+    methods.precompute_reference(model, train_feats + val_feats, pad, a.batch_size)
 
     early = a.early_stopping_patience > 0 and bool(val_feats)
     targs = TrainingArguments(

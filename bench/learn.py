@@ -1,0 +1,175 @@
+"""Online-loop benchmarks (embedded model), each with a baseline from the same run:
+
+1. feedback -> swap: from the /fix that crosses the threshold to "Learned: now answering with ...".
+2. hot-swap latency: Engine.activate between two adapters of the same shape (PEFT hotswap) vs
+   a fresh PeftModel load of the adapter (the baseline way to change adapters).
+3. chat decode speed while a job trains: idle vs training beside it with the worker paused
+   while the chat replies (shammah's default) vs no pausing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+TEACH = [
+    "What is the capital of Quenland?",
+    "Which city is the capital of Quenland?",
+    "Tell me the capital of Quenland.",
+    "What's the capital city of Quenland?",
+    "Quenland's capital is which city?",
+]
+
+
+def feedback_to_swap(home: Path) -> float:
+    cfg = home / "learn.toml"
+    cfg.write_text(
+        '[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 24\n'
+        "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n"
+    )
+    env = dict(os.environ, SHAMMAH_HOME=str(home))
+    p = subprocess.Popen(
+        [PY, "-m", "shammah", "--config", str(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    for i, q in enumerate(TEACH):
+        p.stdin.write(f"{q}\n/critical wrong: it is Zorblat\n")
+        p.stdin.flush()
+        last = i == len(TEACH) - 1
+        while "Saved /critical" not in p.stdout.readline():
+            pass
+        if last:
+            t0 = time.perf_counter()
+        p.stdin.write("/fix The capital of Quenland is Zorblat.\n/clear\n")
+        p.stdin.flush()
+    p.stdin.close()
+    for line in p.stdout:
+        if "Learned:" in line or "kept the current adapter" in line or "Training failed" in line:
+            elapsed = time.perf_counter() - t0
+            print(f"  {line.strip()[:160]}")
+            break
+    p.wait()
+    return elapsed
+
+
+def swap_latency(home: Path, reps: int = 5) -> tuple[float, float]:
+    import torch  # noqa: F401
+    from peft import PeftModel
+
+    from shammah.adapters.registry import Registry
+    from shammah.config import ModelConfig
+    from shammah.engine import Engine
+
+    reg = Registry(home / "adapters")
+    learned = [a for a in reg.list() if a.name.startswith("learned-")][-1]
+    other = home / "adapters-copy"
+    if not other.exists():
+        import shutil
+
+        shutil.copytree(learned.path, other)
+    eng = Engine(ModelConfig(base="embedded"), home / "cache").load()
+    eng.activate("a", learned.path)
+    times = []
+    for i in range(reps):
+        times.append(eng.activate("b" if i % 2 == 0 else "a", other if i % 2 == 0 else learned.path))
+    base_times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        m = PeftModel.from_pretrained(eng.loaded.model, str(learned.path), adapter_name="fresh")
+        base_times.append(time.perf_counter() - t0)
+        m.unload()
+    return statistics.median(times), statistics.median(base_times)
+
+
+def decode_during_training(home: Path) -> tuple[float, float, float]:
+    from shammah.config import ModelConfig
+    from shammah.engine import Engine
+
+    eng = Engine(
+        ModelConfig(base="embedded", temperature=0.0, max_new_tokens=64, repetition_penalty=1.0), home / "cache"
+    ).load()
+    msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+    def rate() -> float:
+        last = list(eng.stream(msgs))[-1]
+        return last.new_tokens / last.seconds
+
+    rate()
+    idle = statistics.median(rate() for _ in range(2))
+    data = home / "bench-train.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tell me about topic {i}.", "completion": "A fine topic. " * 30}) + "\n"
+            for i in range(40)
+        )
+    )
+    env = dict(os.environ, SHAMMAH_HOME=str(home))
+    p = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "shammah",
+            "train",
+            "--base",
+            "embedded",
+            "--dataset",
+            str(data),
+            "--json",
+            "--name",
+            f"bg-{time.time_ns()}",
+            "--epochs",
+            "50",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    for line in p.stdout:  # wait until it really trains
+        if '"step"' in line:
+            break
+    shared = statistics.median(rate() for _ in range(2))
+    paused = []
+    for _ in range(2):
+        os.kill(p.pid, signal.SIGSTOP)
+        paused.append(rate())
+        os.kill(p.pid, signal.SIGCONT)
+        time.sleep(1)
+    p.kill()
+    p.wait()
+    return idle, statistics.median(paused), shared
+
+
+def run(home: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    print("online loop, embedded model")
+    secs = feedback_to_swap(home)
+    print(f"  feedback crossing the threshold -> swapped adapter: {secs:5.1f} s   (goal <= 30 s)")
+    swap, fresh = swap_latency(home)
+    print(
+        f"  hot-swap latency (chat blocked): {swap * 1000:6.0f} ms   baseline fresh PeftModel load "
+        f"{fresh * 1000:6.0f} ms   ratio {swap / fresh:.2f}x   (goal < 100 ms)"
+    )
+    idle, paused, shared = decode_during_training(home)
+    print(
+        f"  chat decode: idle {idle:5.1f} tok/s   during training, worker paused while replying "
+        f"{paused:5.1f} tok/s ({paused / idle:.0%})   not paused {shared:5.1f} tok/s ({shared / idle:.0%})"
+    )
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="shammah-bench-learn-") as tmp:
+        run(Path(tmp) / "home")
