@@ -106,7 +106,7 @@ def decode_during_training(home: Path) -> tuple[float, float, float]:
         return last.new_tokens / last.seconds
 
     rate()
-    idle = statistics.median(rate() for _ in range(2))
+    idle_runs = [rate() for _ in range(3)]
     data = home / "bench-train.jsonl"
     data.write_text(
         "".join(
@@ -139,16 +139,18 @@ def decode_during_training(home: Path) -> tuple[float, float, float]:
     for line in p.stdout:  # wait until it really trains
         if '"step"' in line:
             break
-    shared = statistics.median(rate() for _ in range(2))
+    shared = statistics.median(rate() for _ in range(3))
     paused = []
-    for _ in range(2):
+    for _ in range(3):  # what the chat does around every reply while a job runs
         os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(0.05)
         paused.append(rate())
         os.kill(p.pid, signal.SIGCONT)
         time.sleep(1)
     p.kill()
     p.wait()
-    return idle, statistics.median(paused), shared
+    idle_runs += [rate() for _ in range(3)]  # idle before and after: the machine drifts (±35% here)
+    return statistics.median(idle_runs), statistics.median(paused), shared
 
 
 def run(home: Path) -> None:

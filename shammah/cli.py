@@ -16,8 +16,9 @@ from shammah import __version__
 from shammah.errors import ShammahError
 
 EPILOG = """\
-chat commands: /good [note]  /medium <note>  /critical <note>  /fix <answer>
-               /feedback list|undo|drop <id>  /status  /system <text>  /clear  /help  /exit
+chat commands: /good [note]  /medium <note>  /critical <note>  /fix <answer>  /accept /edit /reject
+               /feedback list|show|undo|drop <id>  /train [status|cancel|wait]
+               /adapters list|load|off|rollback|info|delete  /status  /system <text>  /clear  /help  /exit
 environment:   SHAMMAH_HOME (all state), SHAMMAH_MODEL (model.base), SHAMMAH_LOG (log level)
 """
 
