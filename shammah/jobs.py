@@ -255,7 +255,12 @@ class JobManager:
             torch.set_num_threads(self._saved_threads)
 
     async def _run(self, trigger: str) -> None:
-        job, d = self._snapshot(trigger)
+        try:
+            job, d = self._snapshot(trigger)
+        except Exception as e:  # e.g. a full disk: say so, keep the chat and the feedback
+            log.exception("could not prepare a training job")
+            self.notify(f"Could not start training ({type(e).__name__}: {e}); the feedback stays in the buffer.")
+            return
         self.current = job
         t0 = time.perf_counter()
         self.notify(f"Learning from {len(job.feedback_ids)} new feedback item(s) in the background ({job.id}).")
