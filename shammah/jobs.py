@@ -218,7 +218,7 @@ class JobManager:
                 "seed": 0,
             },
             "anchors": lc.anchors,
-            "anchor_cache": str(self.paths.cache / "anchors.json"),
+            "anchor_cache": str(self.paths.cache),
             "gate": lc.gate,
             "meta": {
                 "job": job_id,

@@ -305,3 +305,20 @@ def test_worker_is_paused_while_the_chat_replies(shammah_home, tiny_qwen2):
     stopped, running = asyncio.run(scenario())
     assert stopped == "T" and running in ("S", "R")
     s.store.close()
+
+
+def test_gate_reuses_known_answers_of_the_current_model(tmp_path):
+    from shammah.training import online
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    answers = {p: f"answer to {p}" for p, _ in online.CONTROLS}
+    (parent / "shammah.json").write_text(json.dumps({"gate": {"answers": answers}}))
+    got = online._cached_current_answers(parent, None, "fp")
+    assert got == [answers[p] for p, _ in online.CONTROLS], "the parent's own gate answers are reused"
+    (parent / "shammah.json").write_text(json.dumps({"gate": None}))
+    assert online._cached_current_answers(parent, None, "fp") is None
+    key = {"fingerprint": "fp", "prompts": [p for p, _ in online.CONTROLS], "max_new_tokens": online.GATE_TOKENS}
+    (tmp_path / "controls.json").write_text(json.dumps({"key": key, "answers": ["x"] * 6}))
+    assert online._cached_current_answers(None, tmp_path, "fp") == ["x"] * 6
+    assert online._cached_current_answers(None, tmp_path, "other-base") is None, "keyed by the base weights"

@@ -83,22 +83,29 @@ def generate_batch(model, tok, prompts: list[list[dict]], max_new_tokens: int) -
     return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for o in out]
 
 
-def anchor_examples(model, tok, n: int, cache_file: Path | None, weight: float = 1.0) -> list[Example]:
-    prompts = list(ANCHOR_PROMPTS[:n])
-    answers = None
+def base_answers(
+    model, tok, prompts: list[str], max_new_tokens: int, cache_file: Path | None, fingerprint: str
+) -> list[str]:
+    """The base model's (adapter disabled) greedy answers, cached per base-weights fingerprint."""
+    key = {"fingerprint": fingerprint, "prompts": prompts, "max_new_tokens": max_new_tokens}
     if cache_file is not None and cache_file.is_file():
         cached = json.loads(cache_file.read_text())
-        if cached.get("prompts") == prompts:
-            answers = cached["answers"]
-    if answers is None:
-        was_training = model.training
-        model.eval()
-        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with ctx:
-            answers = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], 48)
-        model.train(was_training)
-        if cache_file is not None:
-            atomic_write(cache_file, json.dumps({"prompts": prompts, "answers": answers}))
+        if cached.get("key") == key:
+            return cached["answers"]
+    was_training = model.training
+    model.eval()
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with ctx:
+        answers = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens)
+    model.train(was_training)
+    if cache_file is not None:
+        atomic_write(cache_file, json.dumps({"key": key, "answers": answers}))
+    return answers
+
+
+def anchor_examples(model, tok, n: int, cache_dir: Path | None, fingerprint: str, weight: float = 1.0) -> list[Example]:
+    prompts = list(ANCHOR_PROMPTS[:n])
+    answers = base_answers(model, tok, prompts, 48, cache_dir / "anchors.json" if cache_dir else None, fingerprint)
     return [
         Example("sft", ({"role": "user", "content": p},), (a,), weight=weight, source="anchor")
         for p, a in zip(prompts, answers, strict=True)
@@ -122,24 +129,63 @@ def _holdout_loss(model, tok, holdout: list[Example]) -> float | None:
     return float(-logp.sum() / n.sum())
 
 
-def gate(model, tok, parent_path: Path | None, holdout: list[Example]) -> dict:
+def _cached_current_answers(parent_path: Path | None, cache_dir: Path | None, fingerprint: str) -> list[str] | None:
+    """The current model's control answers without generating them again: the parent adapter's
+    own gate recorded them when it was the candidate; the base model's are cached."""
+    if parent_path is not None:
+        try:
+            answers = json.loads((parent_path / "shammah.json").read_text())["gate"]["answers"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            return None
+        return [answers.get(p) for p, _ in CONTROLS] if all(p in answers for p, _ in CONTROLS) else None
+    if cache_dir is None:
+        return None
+    f = cache_dir / "controls.json"
+    if f.is_file():
+        cached = json.loads(f.read_text())
+        if cached.get("key") == {
+            "fingerprint": fingerprint,
+            "prompts": [p for p, _ in CONTROLS],
+            "max_new_tokens": GATE_TOKENS,
+        }:
+            return cached["answers"]
+    return None
+
+
+GATE_TOKENS = 24
+
+
+def gate(
+    model, tok, parent_path: Path | None, holdout: list[Example], cache_dir: Path | None = None, fingerprint: str = ""
+) -> dict:
     """Compare the trained adapter ('default') with the current one (the parent, else the base)."""
     model.eval()
     prompts = [[{"role": "user", "content": p}] for p, _ in CONTROLS]
-    cand_answers = generate_batch(model, tok, prompts, 24)
+    cand_answers = generate_batch(model, tok, prompts, GATE_TOKENS)
     cand_loss = _holdout_loss(model, tok, holdout)
-    if parent_path is not None:
-        model.load_adapter(str(parent_path), adapter_name="current")
-        model.set_adapter("current")
-        ctx = contextlib.nullcontext()
-    else:
-        ctx = model.disable_adapter()
-    with ctx:
-        cur_answers = generate_batch(model, tok, prompts, 24)
-        cur_loss = _holdout_loss(model, tok, holdout)
-    if parent_path is not None:
-        model.set_adapter("default")
-        model.delete_adapter("current")
+    cur_answers = _cached_current_answers(parent_path, cache_dir, fingerprint)
+    cur_loss = None
+    if cur_answers is None or holdout:
+        if parent_path is not None:
+            model.load_adapter(str(parent_path), adapter_name="current")
+            model.set_adapter("current")
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = model.disable_adapter()
+        with ctx:
+            if cur_answers is None:
+                cur_answers = generate_batch(model, tok, prompts, GATE_TOKENS)
+                if parent_path is None and cache_dir is not None:
+                    key = {
+                        "fingerprint": fingerprint,
+                        "prompts": [p for p, _ in CONTROLS],
+                        "max_new_tokens": GATE_TOKENS,
+                    }
+                    atomic_write(cache_dir / "controls.json", json.dumps({"key": key, "answers": cur_answers}))
+            cur_loss = _holdout_loss(model, tok, holdout)
+        if parent_path is not None:
+            model.set_adapter("default")
+            model.delete_adapter("current")
     cand_ok, cur_ok = _controls_right(cand_answers), _controls_right(cur_answers)
     loss_ok = cand_loss is None or cur_loss is None or cand_loss <= cur_loss + 1e-6
     passed = sum(cand_ok) >= sum(cur_ok) and loss_ok

@@ -64,7 +64,7 @@ class TrainJob:
     dataset_hash: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # extra metadata (feedback ids, manifest, ...)
     anchors: int = 0  # general prompts answered by the base model, replayed against leaks (online loop)
-    anchor_cache: Path | None = None
+    anchor_cache: Path | None = None  # directory for the base model's cached anchor/control answers
     anchor_share: float = 0.6  # fraction of sampled examples that are anchors
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)
@@ -364,7 +364,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
         # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
         fb_weight = sum(e.weight for e in train_ex)
-        anchors = online.anchor_examples(model, tok, job.anchors, job.anchor_cache)
+        anchors = online.anchor_examples(model, tok, job.anchors, job.anchor_cache, fp)
         if anchors:
             w = fb_weight * job.anchor_share / (1 - job.anchor_share) / len(anchors)
             anchors = [dataclasses.replace(e, weight=w) for e in anchors]
@@ -454,7 +454,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     gate_result = None
     if job.gate:
         parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
-        gate_result = online.gate(model, tok, parent_path, job.holdout)
+        gate_result = online.gate(model, tok, parent_path, job.holdout, job.anchor_cache, fp)
         emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
 
     # --- save: staging dir, then one atomic rename into the registry ---------------------
