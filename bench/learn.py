@@ -28,30 +28,21 @@ TEACH = [
 ]
 
 
-def feedback_to_swap(home: Path) -> float:
+def feedback_to_swap(home: Path, place: str, capital: str) -> float:
     cfg = home / "learn.toml"
-    cfg.write_text(
-        '[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 24\n'
-        "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n"
-    )
+    cfg.write_text('[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 24\n'
+                   "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n")
     env = dict(os.environ, SHAMMAH_HOME=str(home))
-    p = subprocess.Popen(
-        [PY, "-m", "shammah", "--config", str(cfg)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    for i, q in enumerate(TEACH):
-        p.stdin.write(f"{q}\n/critical wrong: it is Zorblat\n")
+    p = subprocess.Popen([PY, "-m", "shammah", "--config", str(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env=env)
+    questions = [q.replace("Quenland", place) for q in TEACH]
+    for q in questions:
+        p.stdin.write(f"{q}\n/critical wrong: it is {capital}\n")
         p.stdin.flush()
-        last = i == len(TEACH) - 1
         while "Saved /critical" not in p.stdout.readline():
             pass
-        if last:
-            t0 = time.perf_counter()
-        p.stdin.write("/fix The capital of Quenland is Zorblat.\n/clear\n")
+        t0 = time.perf_counter()  # the last one is the /fix below that crosses the threshold
+        p.stdin.write(f"/fix The capital of {place} is {capital}.\n/clear\n")
         p.stdin.flush()
     p.stdin.close()
     for line in p.stdout:
@@ -156,8 +147,10 @@ def decode_during_training(home: Path) -> tuple[float, float, float]:
 def run(home: Path) -> None:
     home.mkdir(parents=True, exist_ok=True)
     print("online loop, embedded model")
-    secs = feedback_to_swap(home)
-    print(f"  feedback crossing the threshold -> swapped adapter: {secs:5.1f} s   (goal <= 30 s)")
+    first = feedback_to_swap(home, "Quenland", "Zorblat")
+    second = feedback_to_swap(home, "Vorland", "Quibbleton")
+    print(f"  feedback crossing the threshold -> swapped adapter: first job {first:5.1f} s (base-model answers "
+          f"for anchors and controls computed and cached), next job {second:5.1f} s   (goal <= 30 s)")
     swap, fresh = swap_latency(home)
     print(
         f"  hot-swap latency (chat blocked): {swap * 1000:6.0f} ms   baseline fresh PeftModel load "
