@@ -98,7 +98,7 @@ class JobManager:
         pending = frozenset(f.id for f in self.store.pending_feedback())
         if pending == self._failed_ids:  # the last job with exactly this feedback failed or was rejected
             return None
-        if self.running:
+        if self._task is not None and not self._task.done():  # a job trains: queue another run
             return self.start("threshold")
         # Wait for the feedback to settle: a /critical is usually followed by a /fix within seconds,
         # and training on the half-finished item would only mean training again.
