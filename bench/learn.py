@@ -30,11 +30,19 @@ TEACH = [
 
 def feedback_to_swap(home: Path, place: str, capital: str) -> float:
     cfg = home / "learn.toml"
-    cfg.write_text('[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 24\n'
-                   "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n")
+    cfg.write_text(
+        '[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 24\n'
+        "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n"
+    )
     env = dict(os.environ, SHAMMAH_HOME=str(home))
-    p = subprocess.Popen([PY, "-m", "shammah", "--config", str(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, env=env)
+    p = subprocess.Popen(
+        [PY, "-m", "shammah", "--config", str(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     questions = [q.replace("Quenland", place) for q in TEACH]
     for q in questions:
         p.stdin.write(f"{q}\n/critical wrong: it is {capital}\n")
@@ -149,8 +157,10 @@ def run(home: Path) -> None:
     print("online loop, embedded model")
     first = feedback_to_swap(home, "Quenland", "Zorblat")
     second = feedback_to_swap(home, "Vorland", "Quibbleton")
-    print(f"  feedback crossing the threshold -> swapped adapter: first job {first:5.1f} s (base-model answers "
-          f"for anchors and controls computed and cached), next job {second:5.1f} s   (goal <= 30 s)")
+    print(
+        f"  feedback crossing the threshold -> swapped adapter: first job {first:5.1f} s (base-model answers "
+        f"for anchors and controls computed and cached), next job {second:5.1f} s   (goal <= 30 s)"
+    )
     swap, fresh = swap_latency(home)
     print(
         f"  hot-swap latency (chat blocked): {swap * 1000:6.0f} ms   baseline fresh PeftModel load "

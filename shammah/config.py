@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -291,5 +291,4 @@ __all__ = [
     "from_dict",
     "render_example",
     "with_overrides",
-    "replace",
 ]

@@ -356,7 +356,6 @@ class JobManager:
                 f"Try it anyway with /adapters load {name}.",
             )
             return
-        info = self.registry.get(name)
         swap_s = await self.activate(name)
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
@@ -366,7 +365,7 @@ class JobManager:
             name,
             f"Learned: now answering with {name} ({summary}{extra}; swapped in {swap_s * 1000:.0f} ms).",
         )
-        log.info("job %s done: %s", job.id, info.path)
+        log.info("job %s done: %s", job.id, name)
 
     # activating adapters (also used by /adapters) ------------------------------------------
     async def activate(self, name: str | None) -> float:

@@ -16,7 +16,6 @@ from shammah import db as dbmod
 from shammah.config import FeedbackConfig
 from shammah.errors import FeedbackError
 
-RATINGS = ("good", "medium", "critical", "fix")
 NEGATIVE = ("medium", "critical")
 
 

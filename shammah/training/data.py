@@ -25,8 +25,6 @@ from typing import Any
 
 from shammah.errors import ShammahError
 
-KINDS = ("sft", "pair", "unpaired", "ranked")
-MIN_EXAMPLES = 1
 MAX_REPORTED = 20
 
 
