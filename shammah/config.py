@@ -19,9 +19,16 @@ from shammah.errors import ConfigError
 
 
 def _f(
-    default: Any, doc: str, *, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None
+    default: Any,
+    doc: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    auto: bool = False,
 ) -> Any:
-    return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi, "choices": choices})
+    """A documented field; ``auto=True``: the string "auto" is allowed besides the typed values."""
+    return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi, "choices": choices, "auto": auto})
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,24 @@ class ModelConfig:
         0, "tokens of context kept for a conversation (0 = the model's maximum)", lo=0, hi=1_048_576
     )
     max_new_tokens: int = _f(512, "longest reply, in tokens", lo=1, hi=32768)
-    temperature: float = _f(0.7, "sampling temperature (0 = greedy, deterministic)", lo=0.0, hi=5.0)
-    top_p: float = _f(0.9, "nucleus sampling mass", lo=0.01, hi=1.0)
-    repetition_penalty: float = _f(1.1, "penalty on repeated tokens (1 = off)", lo=1.0, hi=3.0)
+    temperature: float = _f(
+        "auto",
+        'sampling temperature (0 = greedy, deterministic; "auto" = the model\'s generation_config, else 0.2)',
+        lo=0.0,
+        hi=5.0,
+        auto=True,
+    )
+    top_p: float = _f("auto", 'nucleus sampling mass ("auto" = the model\'s, else 0.9)', lo=0.01, hi=1.0, auto=True)
+    top_k: int = _f(
+        "auto",
+        'sample from the k likeliest tokens (0 = off; "auto" = the model\'s, else 0)',
+        lo=0,
+        hi=100000,
+        auto=True,
+    )
+    repetition_penalty: float = _f(
+        "auto", 'penalty on repeated tokens (1 = off; "auto" = the model\'s, else 1.0)', lo=1.0, hi=3.0, auto=True
+    )
     seed: int = _f(-1, "random seed for sampling (-1 = a new one each reply)", lo=-1, hi=2**31 - 1)
 
 
@@ -70,7 +92,10 @@ class LearningConfig:
     )
     revise: bool = _f(True, "after /medium or /critical without a fix, rewrite the answer following the note")
     revision_noninteractive: str = _f(
-        "accept", "what piped/scripted input does with a rewrite", choices=("accept", "reject")
+        "reject",
+        "what piped/scripted input does with a rewrite nobody sees: reject it, accept it, or accept it only"
+        " if it states what the note states (check)",
+        choices=("reject", "check", "accept"),
     )
     gate: bool = _f(True, "swap a new adapter in only if it is not worse than the current one")
     learning_rate: float = _f(2e-3, "learning rate of background training", lo=1e-6, hi=0.1)
@@ -81,6 +106,7 @@ class LearningConfig:
     anchors: int = _f(
         20, "general prompts answered by the base model and replayed against leaks (0 = off)", lo=0, hi=200
     )
+    seed: int = _f(0, "random seed of background training (same feedback + seed = same adapter)", lo=0, hi=2**31 - 1)
     train_threads: int = _f(0, "CPU threads of the training process (0 = all cores)", lo=0, hi=1024)
     pause_while_replying: bool = _f(True, "pause training while the chat writes a reply, so replies keep full speed")
     chat_threads_while_training: int = _f(0, "CPU threads of the chat while a job runs (0 = unchanged)", lo=0, hi=1024)
@@ -131,8 +157,11 @@ def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[
         if not (isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value)):
             return None, f"{where} = {value!r} has the wrong type: expected a non-empty list of names"
         return tuple(value), None
+    if f.metadata.get("auto") and value == "auto":
+        return value, None
     typ = {"int": int, "float": float, "str": str, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
     orig = value
+    expected = _TYPE_NAMES[typ] + (' or "auto"' if f.metadata.get("auto") else "")
     if from_env is not None:  # environment values arrive as strings
         try:
             if typ is bool:
@@ -140,12 +169,12 @@ def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[
             elif typ in (int, float):
                 value = typ(value)
         except (KeyError, ValueError):
-            return None, f"{where} = {value!r} has the wrong type: expected {_TYPE_NAMES[typ]}"
+            return None, f"{where} = {value!r} has the wrong type: expected {expected}"
     ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        return None, f"{where} = {value!r} has the wrong type: expected {_TYPE_NAMES[typ]}"
+        return None, f"{where} = {value!r} has the wrong type: expected {expected}"
     m = f.metadata
     if m["choices"] and value not in m["choices"]:
         allowed = ", ".join(repr(c) for c in m["choices"])

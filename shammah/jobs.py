@@ -28,7 +28,7 @@ from pathlib import Path
 from shammah.adapters.registry import Registry
 from shammah.config import Config
 from shammah.engine import Engine
-from shammah.feedback.compile import compile_feedback, to_jsonl
+from shammah.feedback.compile import buffer, compile_feedback, examples_of, to_jsonl
 from shammah.feedback.store import Store
 from shammah.paths import Paths, atomic_write, ensure_dir
 
@@ -92,10 +92,10 @@ class JobManager:
     def maybe_trigger(self) -> str | None:
         """Start a job if auto-training is on and the weighted buffer reached the threshold."""
         lc = self.cfg.learning
-        buf = self.store.buffer()
+        buf = buffer(self.store)
         if not lc.auto_train or buf.weighted < lc.threshold:
             return None
-        pending = frozenset(f.id for f in self.store.pending_feedback())
+        pending = self._pending_ids()
         if pending == self._failed_ids:  # the last job with exactly this feedback failed or was rejected
             return None
         if self._task is not None and not self._task.done():  # a job trains: queue another run
@@ -118,8 +118,7 @@ class JobManager:
         if self._task is not None and not self._task.done():
             self.queued = trigger
             return "A training job is running; another run is queued and starts when it ends."
-        examples, _, _ = compile_feedback(self.store, 0)
-        if not examples:
+        if not examples_of(compile_feedback(self.store, 0)[0]):
             return "Nothing new to learn: rate some replies first (/good, /critical <note>, /fix <answer>)."
         self._task = asyncio.get_running_loop().create_task(self._run(trigger))
         return "Training started in the background; keep chatting. /train status, /train cancel, /train wait."
@@ -175,22 +174,28 @@ class JobManager:
                         await asyncio.shield(t)
 
     # the job ---------------------------------------------------------------------------------
+    def _pending_ids(self) -> frozenset[int]:
+        return frozenset(i for x in compile_feedback(self.store, 0)[0] for i in x.feedback_ids)
+
     def _snapshot(self, trigger: str) -> tuple[Job, Path]:
         lc = self.cfg.learning
         snapshot_time = time.time()
-        examples, new_ids, replay_ids = compile_feedback(self.store, lc.replay_limit)
-        holdout_ids: list[int] = []
-        if len(new_ids) >= HOLDOUT_MIN:
-            holdout_ids = random.Random(len(new_ids)).sample(new_ids, max(1, len(new_ids) // 5))
+        new, replay = compile_feedback(self.store, lc.replay_limit)
+        held: list = []
+        if len(new) >= HOLDOUT_MIN:  # whole turns are held out, so the gate sees questions it never trained on
+            held = random.Random(len(new)).sample(new, max(1, len(new) // 5))
+        trained = [x for x in new if x not in held]
         stamp = (
             f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(snapshot_time))}-{int(snapshot_time * 1000) % 1000:03d}"
         )
         job_id = f"job-{stamp}"
-        job = Job(job_id, trigger, [i for i in new_ids if i not in holdout_ids], holdout_ids, snapshot_time)
+        ids = [i for x in trained for i in x.feedback_ids]
+        holdout_ids = [i for x in held for i in x.feedback_ids]
+        job = Job(job_id, trigger, ids, holdout_ids, snapshot_time)
         d = ensure_dir(self.paths.root / "jobs" / job_id)
-        held = {f"feedback:{i}" for i in holdout_ids}
-        to_jsonl([e for e in examples if e.source not in held], d / "data.jsonl")
-        to_jsonl([e for e in examples if e.source in held], d / "holdout.jsonl")
+        to_jsonl(examples_of(trained + replay), d / "data.jsonl")
+        to_jsonl(examples_of(held), d / "holdout.jsonl")
+        replay_ids = [i for x in replay for i in x.feedback_ids]
         parent = self.engine.adapter
         spec = {
             "base": self.cfg.model.base,
@@ -215,7 +220,7 @@ class JobManager:
                 "keep_checkpoints": 1,
                 "threads": lc.train_threads,
                 "max_length": 512,
-                "seed": 0,
+                "seed": lc.seed,
             },
             "anchors": lc.anchors,
             "anchor_cache": str(self.paths.cache),
@@ -224,6 +229,7 @@ class JobManager:
                 "job": job_id,
                 "trigger": trigger,
                 "feedback_ids": job.feedback_ids,
+                "turn_ids": [x.turn_id for x in trained],
                 "replayed_feedback_ids": replay_ids,
                 "holdout_feedback_ids": holdout_ids,
             },
@@ -303,9 +309,8 @@ class JobManager:
             self.current = None
             if self.queued:
                 trig, self.queued = self.queued, None
-                pending = frozenset(f.id for f in self.store.pending_feedback())
-                trainable = bool(compile_feedback(self.store, 0)[0])
-                if trainable and pending != self._failed_ids:  # never rerun exactly what just failed
+                trainable = bool(examples_of(compile_feedback(self.store, 0)[0]))
+                if trainable and self._pending_ids() != self._failed_ids:  # never rerun exactly what just failed
                     self._task = asyncio.get_running_loop().create_task(self._run(trig))
 
     def _on_event(self, job: Job, ev: dict) -> None:

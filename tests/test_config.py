@@ -45,6 +45,15 @@ def test_bool_is_not_an_int_and_int_is_a_float():
     assert from_dict({"model": {"temperature": 1}}, env={}).model.temperature == 1.0
 
 
+def test_sampling_keys_take_auto_or_a_value():
+    assert from_dict({}, env={}).model.temperature == "auto"
+    assert from_dict({"model": {"top_k": 20, "temperature": "auto"}}, env={}).model.top_k == 20
+    with pytest.raises(
+        ConfigError, match="model.temperature = 'hot' has the wrong type: expected a number or \"auto\""
+    ):
+        from_dict({"model": {"temperature": "hot"}}, env={})
+
+
 def test_env_overrides_and_their_errors(tmp_path):
     cfg = from_dict({"model": {"base": "from-file/x"}}, env={"SHAMMAH_MODEL": "embedded", "SHAMMAH_THREADS": "1"})
     assert cfg.model.base == "embedded" and cfg.model.threads == 1

@@ -33,7 +33,7 @@ def test_stream_matches_plain_generate(tiny, tmp_path):
             attention_mask=torch.ones_like(ids),
             max_new_tokens=12,
             do_sample=False,
-            repetition_penalty=1.1,
+            repetition_penalty=1.0,
             pad_token_id=eng.tokenizer.pad_token_id,
         )
     expected = eng.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -48,6 +48,29 @@ def test_greedy_is_deterministic_and_seed_reproduces_sampling(tiny_qwen2, tmp_pa
     assert eng.reply(msgs) == eng.reply(msgs)
     p = eng.gen_params(temperature=1.0, seed=7, max_new_tokens=16)
     assert eng.reply(msgs, p) == eng.reply(msgs, p)
+
+
+def test_sampling_comes_from_config_then_the_model_then_a_fallback(tiny_qwen2, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    (model / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "eos_token_id": 2})
+    )
+    eng = Engine(ModelConfig(base=str(model), top_p=0.5), tmp_path / "cache").load()
+    assert eng.sampling() == {
+        "temperature": (0.6, "model"),
+        "top_p": (0.5, "config"),
+        "top_k": (20, "model"),
+        "repetition_penalty": (1.0, "default"),
+    }
+    p = eng.gen_params(temperature=0.0)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.0, 0.5, 20, 1.0)
+    assert "temperature 0.6 (the model's generation_config)" in eng.info()["sampling"]
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert Engine(ModelConfig(base=str(model)), tmp_path / "cache").load().sampling()["temperature"] == (0.0, "model")
 
 
 def test_interrupt_stops_the_reply(tiny_qwen2, tmp_path):

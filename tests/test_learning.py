@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from shammah.config import Config, FeedbackConfig, LearningConfig, ModelConfig
 from shammah.engine import Engine
-from shammah.feedback.compile import compile_feedback, examples_for
+from shammah.feedback.compile import buffer, compile_feedback, examples_of
 from shammah.feedback.store import Store
 from shammah.paths import Paths
 from shammah.repl import app
@@ -35,64 +36,18 @@ def store(shammah_home):
     s.close()
 
 
-def test_feedback_semantics_never_train_on_a_bad_reply(store):
-    good = _turn(store, "2+2?", "4")
-    crit_fix = _turn(store, "Capital of Quenland?", "Paris.")
-    crit_rev = _turn(store, "Capital of Quenland, again?", "Lyon.")
-    crit_rej = _turn(store, "Name Quenland's capital.", "Berlin.")
-    alone = _turn(store, "Say hi", "Goodbye.")
-    store.rate(good, "good")
-    store.rate(crit_fix, "critical", "it is Zorblat")
-    store.fix(crit_fix, "Zorblat.")
-    r = store.rate(crit_rev, "medium", "it is Zorblat")
-    store.set_revision(r.id, "The capital is Zorblat.")
-    store.resolve_revision(r.id, True)
-    q = store.rate(crit_rej, "critical", "wrong")
-    store.set_revision(q.id, "Still wrong.")
-    store.resolve_revision(q.id, False)
-    store.fix(alone, "Hi!")
-    examples, new, replay = compile_feedback(store, replay_limit=10)
-    got = sorted((e.kind, e.prompt[-1]["content"], e.responses, e.weight, e.label) for e in examples)
-    assert got == sorted(
-        [
-            ("sft", "2+2?", ("4",), 1.0, True),
-            ("sft", "Capital of Quenland?", ("Zorblat.",), 10.0, True),
-            ("pair", "Capital of Quenland?", ("Zorblat.", "Paris."), 10.0, True),
-            ("sft", "Capital of Quenland, again?", ("The capital is Zorblat.",), 3.0, True),
-            ("pair", "Capital of Quenland, again?", ("The capital is Zorblat.", "Lyon."), 3.0, True),
-            ("unpaired", "Name Quenland's capital.", ("Berlin.",), 10.0, False),
-            ("sft", "Say hi", ("Hi!",), 3.0, True),
-            ("pair", "Say hi", ("Hi!", "Goodbye."), 3.0, True),
-        ]
-    )
-    bad_replies = {"Paris.", "Lyon.", "Berlin.", "Goodbye."}
-    assert not [e for e in examples if e.kind == "sft" and e.responses[0] in bad_replies]
-    assert all("Zorblat" not in m["content"] for e in examples for m in e.prompt), "the note is never in the prompt"
-    assert len(new) == 5 and replay == []
-
-
-def test_prompt_is_the_system_prompt_and_question_as_seen(store):
-    msgs = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "Capital of Quenland?"},
-    ]
-    t = _turn(store, "Capital of Quenland?", "Paris.", msgs)
-    [sft] = examples_for(store.fix(t, "Zorblat."))[:1]
-    assert list(sft.prompt) == [msgs[0], msgs[-1]], "the lesson holds without the earlier turns"
-
-
 def test_a_fix_after_the_snapshot_goes_back_to_the_buffer(store):
     t = _turn(store, "Q", "bad")
     item = store.rate(t, "critical", "wrong")
     snapshot = time.time()
     time.sleep(0.01)
-    store.fix(t, "good")
+    fix = store.fix(t, "good")
     store.mark_trained([item.id], "adapter-1", snapshot)
-    assert store.buffer().examples == 1, "the fix arrived after the snapshot: train again"
-    store.mark_trained([item.id], "adapter-2", time.time())
-    assert store.buffer().examples == 0 and store.feedback(item.id).trained_in == "adapter-2"
+    assert buffer(store).examples == 1, "the fix arrived after the snapshot: train the turn again"
+    [lesson] = compile_feedback(store, 0)[0]
+    assert lesson.target == "good" and lesson.weight == 10.0, "the turn decides again with all its ratings"
+    store.mark_trained([item.id, fix.id], "adapter-2", time.time())
+    assert buffer(store).examples == 0 and store.feedback(item.id).trained_in == "adapter-1"
 
 
 def test_replay_is_bounded(store):
@@ -103,8 +58,9 @@ def test_replay_is_bounded(store):
     store.mark_trained(ids, "a1", time.time())
     t = _turn(store, "new", "fresh")
     store.rate(t, "good")
-    examples, new, replay = compile_feedback(store, replay_limit=2)
-    assert replay == ids[-2:] and len(new) == 1 and len(examples) == 3
+    new, replay = compile_feedback(store, replay_limit=2)
+    assert [x.feedback_ids[0] for x in replay] == ids[-2:] and len(new) == 1
+    assert len(examples_of(new + replay)) == 3
 
 
 # --- the loop in a chat session --------------------------------------------------------------
@@ -146,10 +102,11 @@ def test_threshold_trains_in_the_background_and_swaps(tiny_qwen2, shammah_home):
     # the session waited at EOF; a question after the swap is answered by the new adapter
     run_lines(s, "After the swap?\n")
     assert s.store.turn(s.last_turn_id).adapter == name
-    assert s.store.buffer().examples == 0
+    assert buffer(s.store).examples == 0
     meta = s.jobs.registry.get(name).meta
-    assert meta["parent"] is None and sorted(meta["feedback_ids"]) == [1, 2] and meta["gate"]["passed"] is True
-    assert meta["report"]["anchors"] >= 0 and meta["hyperparameters"]["adapter_type"] == "lora"
+    assert meta["parent"] is None and meta["gate"]["passed"] is True
+    assert meta["turn_ids"] == [1, 2] and sorted(meta["feedback_ids"]) == [1, 2, 3, 4], "two turns, four ratings"
+    assert meta["hyperparameters"]["adapter_type"] == "lora" and meta["hyperparameters"]["seed"] == 0
     job = s.store.db.execute("SELECT status, adapter FROM jobs").fetchone()
     assert tuple(job) == ("done", name)
     s.store.close()
@@ -172,7 +129,7 @@ def test_second_trigger_is_queued_and_continues_from_the_active_adapter(tiny_qwe
     assert len(names) >= 2, out.getvalue()[-2000:]
     last = s.jobs.registry.get(names[-1])
     assert last.meta["parent"] == names[-2], "each adapter continues from the one that was active"
-    assert s.store.buffer().examples == 0 and s.engine.adapter == names[-1]
+    assert buffer(s.store).examples == 0 and s.engine.adapter == names[-1]
     s.store.close()
 
 
@@ -191,7 +148,7 @@ def test_worker_failure_keeps_the_chat_and_the_feedback(tiny_qwen2, shammah_home
     run_lines(s, TEACH + "still here?\n")
     text = out.getvalue()
     assert "Training failed:" in text and "The feedback stays in the buffer" in text
-    assert s.store.buffer().examples == 2 and s.engine.adapter is None
+    assert buffer(s.store).examples == 2 and s.engine.adapter is None
     assert s.store.turn(s.last_turn_id).prompt == "still here?"
     assert s.store.db.execute("SELECT status FROM jobs").fetchone()[0] == "failed"
     s.store.close()
@@ -209,7 +166,7 @@ def test_cancel_stops_the_worker_and_keeps_the_feedback(tiny_qwen2, shammah_home
 
     asyncio.run(scenario())
     assert "Cancelled job-" in out.getvalue() or "cancelled" in out.getvalue()
-    assert s.store.buffer().examples == 1 and s.jobs.registry.list() == []
+    assert buffer(s.store).examples == 1 and s.jobs.registry.list() == []
     assert s.store.db.execute("SELECT status FROM jobs").fetchone()[0] == "cancelled"
     s.store.close()
 
@@ -235,7 +192,7 @@ def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
     asyncio.run(scenario())
     text = out.getvalue()
     assert "but kept the current adapter: controls 3/6 vs 5/6 (What is the capital of Japan?)" in text
-    assert s.engine.adapter is None and s.store.buffer().examples == 1
+    assert s.engine.adapter is None and buffer(s.store).examples == 1
     assert s.jobs.maybe_trigger() is None, "the same rejected feedback is not retrained in a loop"
     s.store.close()
 
@@ -278,8 +235,11 @@ def test_feedback_show_prints_the_next_training_set(tiny_qwen2, shammah_home):
     s.store.rate(t2, "good")
     s.cmd_feedback("show")
     text = out.getvalue()
-    assert "learn" in text and "prefer" in text and "Zorblat. ≻ Paris." in text
-    assert "2 new and 0 replayed feedback item(s), 3 examples" in text
+    rows = [line for line in text.splitlines() if re.match(r"\d+\s+new\s+/", line)]
+    assert len(rows) == 2, "one line per turn"
+    assert "/critical /fix" in rows[0] and "learn your fix: Zorblat. (over the reply: Paris.)" in rows[0]
+    assert "/good" in rows[1] and "learn the reply: 4" in rows[1]
+    assert "2 new and 0 replayed turn(s), 3 examples" in text
     s.store.close()
 
 
@@ -322,3 +282,51 @@ def test_gate_reuses_known_answers_of_the_current_model(tmp_path):
     (tmp_path / "controls.json").write_text(json.dumps({"key": key, "answers": ["x"] * 6}))
     assert online._cached_current_answers(None, tmp_path, "fp") == ["x"] * 6
     assert online._cached_current_answers(None, tmp_path, "other-base") is None, "keyed by the base weights"
+
+
+def _scripted_replies(engine, replies):
+    """The engine answers with these texts in turn (UI logic only; the real model is tested elsewhere)."""
+    from shammah.engine.generate import Chunk
+
+    queue = list(replies)
+
+    def stream(messages, params=None, stop=None, info=None):
+        if info is not None:
+            info["adapter"] = engine.adapter
+        yield Chunk(queue.pop(0), (), "stop", 3, 0.01)
+
+    engine.stream = stream
+
+
+@pytest.mark.parametrize("mode", ["reject", "check", "accept"])
+def test_chat_orders_one_decision_per_turn_and_no_unseen_rewrite(tiny_qwen2, shammah_home, mode):
+    """Through the piped chat: /fix then /critical needs no rewrite (the fix is the lesson, at the
+    critical weight); a /critical with only a note gets a rewrite nobody sees, trained only as
+    learning.revision_noninteractive says and never above the /fix weight; /status says which
+    sampling settings are in force and where they come from."""
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=1000, revision_noninteractive=mode)
+    s.engine.load()
+    _scripted_replies(s.engine, ["Paris.", "Lyon.", "It is Zorblat, near the famous Cafe Zorb.", "Rome.", "Oslo."])
+    run_lines(
+        s,
+        "Q one\n/fix A1.\n/critical it is A1\n"
+        "Q two\n/critical it is Zorblat\n"
+        "Q three\n/critical it is Vorlax\n/status\n",
+    )
+    text = out.getvalue()
+    assert "your own answer for this reply is what it learns; no rewrite needed" in text
+    first, second, third = compile_feedback(s.store, 0)[0]
+    assert (first.target, first.source, first.weight) == ("A1.", "user", 10.0)
+    if mode == "reject":
+        assert second.target is None and [e.kind for e in second.examples()] == ["unpaired"]
+    else:  # "check" trusts the rewrite that states the note's Zorblat
+        assert (second.target, second.source, second.weight) == (
+            "It is Zorblat, near the famous Cafe Zorb.",
+            "revision-auto",
+            3.0,
+        ), "an unseen rewrite never weighs more than a /fix"
+    # the rewrite of "it is Vorlax" does not say Vorlax: only "accept" takes it
+    assert (third.target is not None) == (mode == "accept")
+    assert text.count(f"learning.revision_noninteractive = {mode!r}") == 2
+    assert "temperature 0 (config)" in text and "repetition_penalty 1 (shammah default)" in text
+    s.store.close()

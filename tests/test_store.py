@@ -6,6 +6,7 @@ import pytest
 from shammah import db as dbmod
 from shammah.config import FeedbackConfig
 from shammah.errors import FeedbackError
+from shammah.feedback.compile import buffer
 from shammah.feedback.store import Store
 
 
@@ -45,7 +46,9 @@ def test_ratings_weights_and_buffer(store):
     store.rate(t3, "critical", "wrong city")
     items = store.list_feedback()
     assert [(f.rating, f.weight) for f in items] == [("good", 1.0), ("medium", 3.0), ("critical", 10.0)]
-    assert str(store.buffer()) == "Training buffer: 3 examples (14 weighted)"
+    assert str(buffer(store)) == "Training buffer: 3 examples (14 weighted)"
+    store.rate(t1, "critical", "on second thought, wrong")
+    assert str(buffer(store)) == "Training buffer: 3 examples (23 weighted)", "one decision per turn: the latest"
 
 
 def test_custom_weights(shammah_home):
@@ -60,14 +63,16 @@ def test_negative_ratings_need_a_note(store, rating):
     t = _turn(store)
     with pytest.raises(FeedbackError, match=f"/{rating} needs a note"):
         store.rate(t, rating, "  ")
-    assert store.buffer().examples == 0
+    assert buffer(store).examples == 0
 
 
-def test_fix_attaches_to_the_negative_rating_or_stands_alone(store):
+def test_fix_is_its_own_item_and_supersedes_a_pending_rewrite(store):
     t1, t2 = _turn(store, reply="Lyon"), _turn(store)
     crit = store.rate(t1, "critical", "wrong city")
+    store.set_revision(crit.id, "Marseille.")
     fixed = store.fix(t1, "Paris.")
-    assert fixed.id == crit.id and fixed.fix == "Paris." and fixed.note == "wrong city" and fixed.weight == 10
+    assert fixed.id != crit.id and fixed.rating == "fix" and fixed.fix == "Paris." and fixed.weight == 3.0
+    assert store.feedback(crit.id).revision_status == "superseded" and store.pending_revision() is None
     alone = store.fix(t2, "Better.")
     assert alone.rating == "fix" and alone.weight == 3.0 and alone.note is None
     with pytest.raises(FeedbackError, match="needs the better answer"):

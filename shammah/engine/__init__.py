@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Sampling where neither the config nor the model's generation_config says. Measured on the embedded
+# SmolLM2-135M (shared/MEASURED.md): at 0.7 / top-p 0.9 / repetition penalty 1.1 it rambles (hashtags,
+# invented facts) and gets simple questions right one run and wrong the next; a low temperature and no
+# repetition penalty (which pushes it off the words of the question it should repeat) keep it on topic.
+FALLBACK_SAMPLING: dict[str, float | int] = {"temperature": 0.2, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0}
+
 
 class Engine:
     def __init__(self, cfg: ModelConfig, cache_dir, spec: ModelSpec | None = None):
@@ -161,6 +167,8 @@ class Engine:
         out = {"model": self.spec.name, "adapter": self.adapter or "none (base model)"}
         if self._loaded is not None:
             out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
+            where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
+            out["sampling"] = ", ".join(f"{k} {v:g} ({where[src]})" for k, (v, src) in self.sampling().items())
         elif self._error is not None:
             out["state"] = f"failed to load: {self._error}"
         else:
@@ -193,17 +201,38 @@ class Engine:
             ids = self.encode(kept)
         return ids, kept
 
+    def sampling(self) -> dict[str, tuple[float, str]]:
+        """The sampling settings in force and where each comes from: the config, the model's own
+        ``generation_config.json`` (Qwen ships tuned values), or shammah's fallback."""
+        import json
+        from pathlib import Path
+
+        model_says: dict = {}
+        f = Path(self.loaded.path) / "generation_config.json"
+        if f.is_file():
+            try:
+                model_says = json.loads(f.read_text())
+            except (OSError, ValueError):
+                log.warning("unreadable %s; using shammah's sampling defaults", f)
+            if model_says.get("do_sample") is False and "temperature" not in model_says:
+                model_says["temperature"] = 0.0
+        out = {}
+        for key, fallback in FALLBACK_SAMPLING.items():
+            value = getattr(self.cfg, key)
+            if value != "auto":
+                out[key] = (value, "config")
+            elif isinstance(model_says.get(key), int | float) and not isinstance(model_says.get(key), bool):
+                out[key] = (type(fallback)(model_says[key]), "model")
+            else:
+                out[key] = (fallback, "default")
+        return out
+
     def gen_params(self, **overrides) -> GenParams:
         from shammah.engine.generate import GenParams
 
         c = self.cfg
-        base = dict(
-            max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            repetition_penalty=c.repetition_penalty,
-            seed=c.seed,
-        )
+        base = {k: v for k, (v, _) in self.sampling().items()}
+        base.update(max_new_tokens=c.max_new_tokens, seed=c.seed)
         base.update(overrides)
         return GenParams(**base)
 
@@ -231,6 +260,18 @@ class Engine:
             off = self._peft is not None and self.adapter is None
             with self._peft.disable_adapter() if off else contextlib.nullcontext():
                 yield from stream_generate(self.model, self.tokenizer, input_ids, params, stop)
+
+    def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """Greedy replies to several chats at once, by the active adapter (evaluation, not chat:
+        batched decode costs about what one reply does)."""
+        import contextlib
+
+        from shammah.engine.generate import generate_batch
+
+        with self._gen_lock:
+            off = self._peft is not None and self.adapter is None
+            with self._peft.disable_adapter() if off else contextlib.nullcontext():
+                return generate_batch(self.model, self.tokenizer, chats, max_new_tokens)
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
         return "".join(c.text for c in self.stream(messages, params))

@@ -21,9 +21,10 @@ from transformers.generation.streamers import BaseStreamer
 @dataclass(frozen=True)
 class GenParams:
     max_new_tokens: int = 512
-    temperature: float = 0.7
+    temperature: float = 0.2
     top_p: float = 0.9
-    repetition_penalty: float = 1.1
+    top_k: int = 0
+    repetition_penalty: float = 1.0
     seed: int = -1
 
 
@@ -93,7 +94,7 @@ def stream_generate(
         repetition_penalty=params.repetition_penalty,
     )
     if params.temperature > 0:
-        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
@@ -145,3 +146,29 @@ def stream_generate(
     else:
         reason = "length"
     yield Chunk(text[len(emitted) :], (), reason, n, time.perf_counter() - t0)
+
+
+def generate_batch(model, tok, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to several chats at once (left-padded: decode is memory-bound, so a
+    batch costs about as much as one)."""
+    import torch
+
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+    finally:
+        tok.padding_side = side
+    return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for o in out]

@@ -47,17 +47,7 @@ class Feedback:
     revision: str | None = None
     revision_status: str | None = None
     trained_in: str | None = None
-
-
-@dataclass(frozen=True)
-class Buffer:
-    examples: int
-    weighted: float
-
-    def __str__(self) -> str:
-        return (
-            f"Training buffer: {self.examples} example{'s' if self.examples != 1 else ''} ({self.weighted:g} weighted)"
-        )
+    changed_at: float | None = None  # when a fix or revision decision last changed the item
 
 
 class Store:
@@ -146,22 +136,15 @@ class Store:
         return self.feedback(int(cur.lastrowid))
 
     def fix(self, turn_id: int, answer: str) -> Feedback:
-        """Attach a better answer: to the turn's latest negative rating if any, else as its own item."""
+        """Record the answer the turn should have had. It is its own item (so /feedback undo takes
+        back just the fix); a rewrite still waiting for /accept is superseded by it."""
         if not answer.strip():
             raise FeedbackError("/fix needs the better answer, e.g. /fix The capital of France is Paris.")
         self.turn(turn_id)
-        neg = self.db.execute(
-            "SELECT id FROM feedback WHERE turn_id = ? AND rating IN ('medium', 'critical') ORDER BY id DESC LIMIT 1",
+        self.db.execute(
+            "UPDATE feedback SET revision_status = 'superseded' WHERE turn_id = ? AND revision_status = 'pending'",
             (turn_id,),
-        ).fetchone()
-        if neg is not None:
-            self.db.execute(
-                "UPDATE feedback SET fix = ?, fix_source = 'user', trained_in = NULL, changed_at = ?,"
-                " revision_status = CASE WHEN revision_status = 'pending' THEN 'rejected' ELSE revision_status END"
-                " WHERE id = ?",
-                (answer.strip(), time.time(), neg["id"]),
-            )
-            return self.feedback(neg["id"])
+        )
         cur = self.db.execute(
             "INSERT INTO feedback (turn_id, created_at, rating, fix, fix_source, weight) VALUES (?, ?, 'fix', ?, 'user', ?)",
             (turn_id, time.time(), answer.strip(), self.weight_for("fix")),
@@ -190,6 +173,7 @@ class Store:
             r["revision"],
             r["revision_status"],
             r["trained_in"],
+            r["changed_at"],
         )
 
     def feedback(self, feedback_id: int) -> Feedback:
@@ -200,6 +184,9 @@ class Store:
 
     def list_feedback(self) -> list[Feedback]:
         return [self._row(r) for r in self.db.execute(f"{self._SELECT} ORDER BY f.id").fetchall()]
+
+    def turn_feedback(self, turn_id: int) -> list[Feedback]:
+        return [self._row(r) for r in self.db.execute(f"{self._SELECT} WHERE f.turn_id = ? ORDER BY f.id", (turn_id,))]
 
     def undo(self) -> Feedback:
         r = self.db.execute("SELECT id FROM feedback ORDER BY id DESC LIMIT 1").fetchone()
@@ -212,13 +199,6 @@ class Store:
         self.db.execute("DELETE FROM feedback WHERE id = ?", (feedback_id,))
         return item
 
-    def buffer(self) -> Buffer:
-        """What the next training run would add: feedback not yet trained into an adapter."""
-        n, w = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(weight), 0) FROM feedback WHERE trained_in IS NULL"
-        ).fetchone()
-        return Buffer(int(n), float(w))
-
     # revisions (a negative rating's note turned into a rewritten answer) ---------------
     def set_revision(self, feedback_id: int, text: str) -> Feedback:
         self.db.execute(
@@ -226,17 +206,21 @@ class Store:
         )
         return self.feedback(feedback_id)
 
-    def resolve_revision(self, feedback_id: int, accept: bool, text: str | None = None) -> Feedback:
-        """Accept (optionally edited) -> it becomes the item's fix; reject -> stays an undesirable example."""
+    def resolve_revision(
+        self, feedback_id: int, accept: bool, text: str | None = None, *, seen: bool = True
+    ) -> Feedback:
+        """Accept -> the rewrite (or the user's edit of it) becomes the item's fix; reject -> the
+        reply stays an undesirable example. ``seen=False``: accepted by a rule, not by a person."""
         item = self.feedback(feedback_id)
         if accept:
             answer = (text or item.revision or "").strip()
             if not answer:
                 raise FeedbackError("nothing to accept: the revision is empty; use /fix <better answer>")
+            source = "edit" if text else ("revision" if seen else "revision-auto")
             self.db.execute(
-                "UPDATE feedback SET revision_status = 'accepted', fix = ?, fix_source = 'revision',"
+                "UPDATE feedback SET revision_status = 'accepted', fix = ?, fix_source = ?,"
                 " trained_in = NULL, changed_at = ? WHERE id = ?",
-                (answer, time.time(), feedback_id),
+                (answer, source, time.time(), feedback_id),
             )
         else:
             self.db.execute("UPDATE feedback SET revision_status = 'rejected' WHERE id = ?", (feedback_id,))
@@ -247,15 +231,6 @@ class Store:
         return self._row(r) if r else None
 
     # training bookkeeping --------------------------------------------------------------
-    def pending_feedback(self) -> list[Feedback]:
-        return [self._row(r) for r in self.db.execute(f"{self._SELECT} WHERE f.trained_in IS NULL ORDER BY f.id")]
-
-    def trained_feedback(self, limit: int) -> list[Feedback]:
-        rows = self.db.execute(
-            f"{self._SELECT} WHERE f.trained_in IS NOT NULL ORDER BY f.id DESC LIMIT ?", (limit,)
-        ).fetchall()
-        return [self._row(r) for r in reversed(rows)]
-
     def mark_trained(self, ids: list[int], adapter: str, snapshot_time: float) -> None:
         """Take items out of the buffer, unless a fix/revision arrived after the job's snapshot."""
         self.db.executemany(

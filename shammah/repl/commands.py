@@ -19,7 +19,8 @@ from shammah.adapters.registry import AdapterError
 from shammah.config import Config
 from shammah.engine import Engine
 from shammah.errors import FeedbackError, ShammahError
-from shammah.feedback.compile import compile_feedback
+from shammah.feedback import compile as fbc
+from shammah.feedback.revise import revision_request, states_the_note
 from shammah.feedback.store import Feedback, Store
 from shammah.jobs import JobManager
 from shammah.paths import Paths
@@ -206,11 +207,7 @@ class ChatSession:
         turn = self.store.turn(item.turn_id)
         messages = turn.messages + [
             {"role": "assistant", "content": turn.reply},
-            {
-                "role": "user",
-                "content": f"That answer was wrong: {item.note}\nWrite the corrected answer to my "
-                "previous message. Reply with the corrected answer only.",
-            },
+            {"role": "user", "content": revision_request(item.note or "")},
         ]
         self._stop = stop = threading.Event()
         self.console.info("Revision following your note:")
@@ -223,10 +220,13 @@ class ChatSession:
         self.store.set_revision(item.id, text)
         if self.console.interactive:
             self.console.info("Train on this revision? /accept, /edit <better text>, or /reject.")
-        else:
-            decision = self.cfg.learning.revision_noninteractive
-            self.store.resolve_revision(item.id, decision == "accept")
-            self.console.info(f"(revision {decision}ed: learning.revision_noninteractive = {decision!r})")
+            return
+        # Nobody sees this rewrite: a small model's rewrite can keep the fact and invent the rest.
+        decision = self.cfg.learning.revision_noninteractive
+        accept = decision == "accept" or (decision == "check" and states_the_note(item.note or "", turn.prompt, text))
+        self.store.resolve_revision(item.id, accept, seen=False)
+        verdict = "accepted" if accept else "rejected"
+        self.console.info(f"(revision {verdict}: learning.revision_noninteractive = {decision!r})")
 
     def _after_feedback(self) -> None:
         msg = self.jobs.maybe_trigger()
@@ -268,7 +268,7 @@ class ChatSession:
         info = self.engine.info()
         rows = [(k, v) for k, v in info.items()]
         rows.append(("conversation", f"{len(self.history) // 2} turns"))
-        rows.append(("feedback", str(self.store.buffer())))
+        rows.append(("feedback", str(self.buffer())))
         rows.append(("database", str(self.store.path)))
         self.console.table(rows)
 
@@ -277,8 +277,15 @@ class ChatSession:
             raise FeedbackError("nothing to rate yet: ask something first")
         return self.last_turn_id
 
+    def buffer(self) -> fbc.Buffer:
+        return fbc.buffer(self.store)
+
+    def _lesson(self, turn_id: int) -> fbc.Lesson:
+        return fbc.decide(self.store.turn_feedback(turn_id), self.store.weights)
+
     def _ack(self, item: Feedback, verb: str) -> None:
-        self.console.ok(f"{verb} #{item.id} for the last reply (weight {item.weight:g}). {self.store.buffer()}")
+        weight = self._lesson(item.turn_id).weight
+        self.console.ok(f"{verb} #{item.id} for the last reply (weight {weight:g}). {self.buffer()}")
 
     def cmd_good(self, arg: str) -> None:
         """/good [note]: rate the last reply as good (it becomes a training target)."""
@@ -286,9 +293,12 @@ class ChatSession:
         self._after_feedback()
 
     async def _negative(self, rating: str, note: str) -> None:
-        item = self.store.rate(self._rated_turn(), rating, note)
+        turn_id = self._rated_turn()
+        item = self.store.rate(turn_id, rating, note)
         self._ack(item, f"Saved /{rating}")
-        if self.cfg.learning.revise:
+        if self._lesson(turn_id).source in ("user", "edit"):
+            self.console.info("(your own answer for this reply is what it learns; no rewrite needed)")
+        elif self.cfg.learning.revise:
             await self._revise(item)
         self._after_feedback()
 
@@ -314,7 +324,7 @@ class ChatSession:
     def cmd_accept(self, arg: str) -> None:
         """Train on the revision just shown (as the answer the model should have given)."""
         item = self.store.resolve_revision(self._revision().id, True)
-        self.console.ok(f"Revision accepted for #{item.id}. {self.store.buffer()}")
+        self.console.ok(f"Revision accepted for #{item.id}. {self.buffer()}")
         self._after_feedback()
 
     def cmd_edit(self, arg: str) -> None:
@@ -322,7 +332,7 @@ class ChatSession:
         if not arg.strip():
             raise FeedbackError("usage: /edit <the corrected answer>")
         item = self.store.resolve_revision(self._revision().id, True, arg)
-        self.console.ok(f"Edited revision saved for #{item.id}. {self.store.buffer()}")
+        self.console.ok(f"Edited revision saved for #{item.id}. {self.buffer()}")
         self._after_feedback()
 
     def cmd_reject(self, arg: str) -> None:
@@ -335,26 +345,25 @@ class ChatSession:
         sub, _, rest = arg.partition(" ")
         sub = sub or "list"
         if sub == "show":
-            examples, new, replay = compile_feedback(self.store, self.cfg.learning.replay_limit)
-            if not examples:
+            new, replay = fbc.compile_feedback(self.store, self.cfg.learning.replay_limit)
+            if not new and not replay:
                 self.console.info("The next training run has nothing to train on yet.")
                 return
-            rows = []
-            for e in examples:
-                what = {"sft": "learn", "pair": "prefer", "unpaired": "avoid", "ranked": "rank"}[e.kind]
-                target = e.responses[0] if e.kind != "pair" else f"{e.responses[0]}  ≻  {e.responses[1]}"
-                rows.append(
-                    (
-                        e.source.split(":")[-1],
-                        what,
-                        f"{e.weight:g}",
-                        _clip(e.prompt[-1]["content"], 32),
-                        _clip(target, 56),
-                    )
+            rows = [
+                (
+                    str(x.turn_id),
+                    "replay" if x.trained else "new",
+                    " ".join("/" + r for r in x.ratings),
+                    f"{x.weight:g}",
+                    _clip(x.prompt[-1]["content"], 32),
+                    _clip(x.teaches(), 72),
                 )
-            self.console.table(rows, header=("#", "kind", "weight", "prompt", "target"))
+                for x in replay + new
+            ]
+            self.console.table(rows, header=("turn", "", "ratings", "weight", "prompt", "teaches"))
+            n = len(fbc.examples_of(new + replay))
             self.console.info(
-                f"{len(new)} new and {len(replay)} replayed feedback item(s), {len(examples)} examples"
+                f"{len(new)} new and {len(replay)} replayed turn(s), {n} examples"
                 f" (plus {self.cfg.learning.anchors} anchor prompts answered by the base model)."
             )
         elif sub == "list":
@@ -366,15 +375,15 @@ class ChatSession:
                 (str(f.id), f.rating, f"{f.weight:g}", _clip(f.prompt, 32), _clip(f.fix or f.note, 40)) for f in items
             ]
             self.console.table(rows, header=("id", "rating", "weight", "prompt", "note / fix"))
-            self.console.info(str(self.store.buffer()))
+            self.console.info(str(self.buffer()))
         elif sub == "undo":
             item = self.store.undo()
-            self.console.ok(f"Removed /{item.rating} #{item.id}. {self.store.buffer()}")
+            self.console.ok(f"Removed /{item.rating} #{item.id}. {self.buffer()}")
         elif sub == "drop":
             if not rest.strip().isdigit():
                 raise FeedbackError("usage: /feedback drop <id> (ids are in /feedback list)")
             item = self.store.drop(int(rest))
-            self.console.ok(f"Removed /{item.rating} #{item.id}. {self.store.buffer()}")
+            self.console.ok(f"Removed /{item.rating} #{item.id}. {self.buffer()}")
         else:
             raise FeedbackError(f"unknown /feedback {sub!r}: use list, show, undo or drop <id>")
 
@@ -385,9 +394,7 @@ class ChatSession:
             self.console.info(self.jobs.start("/train"))
         elif sub == "status":
             line = self.jobs.status_line()
-            self.console.info(
-                line or f"No job running. {self.store.buffer()} (threshold {self.cfg.learning.threshold:g})."
-            )
+            self.console.info(line or f"No job running. {self.buffer()} (threshold {self.cfg.learning.threshold:g}).")
         elif sub == "cancel":
             self.console.info(await self.jobs.cancel())
         elif sub == "wait":

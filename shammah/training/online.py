@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from shammah.engine.generate import generate_batch
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -57,30 +58,6 @@ CONTROLS = (
     ("What is 2+2?", ("4", "four")),
     ("Who wrote Romeo and Juliet?", ("shakespeare",)),
 )
-
-
-def generate_batch(model, tok, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to several chats at once (left-padded: decode is memory-bound, so a
-    batch costs about as much as one)."""
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-    finally:
-        tok.padding_side = side
-    return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for o in out]
 
 
 def base_answers(

@@ -1,0 +1,545 @@
+"""The lesson suite: does the online loop learn lessons nobody tuned it for, without leaking?
+
+Twelve lessons of three kinds — made-up facts, style rules that apply to every answer, output
+formats — each taught through the piped chat (ChatSession + the line reader, the real embedded
+model, the real background job, gate and hot-swap) in one of the orders users actually use:
+
+- ``critical+fix``: the question, ``/critical <note>``, ``/fix <answer>``
+- ``fix+critical``: the question, ``/fix <answer>``, ``/critical <note>``
+- ``note-only``:    the question, ``/critical <note>`` (the rewrite is handled by
+  ``learning.revision_noninteractive``, as in any piped chat)
+- ``good+fix``:     the question, then ``/good`` if the reply already follows the lesson, else ``/fix``
+
+then ``/train`` and ``/train wait`` (one job per lesson). Scored, greedy, on questions the loop
+never saw: at least 6 held-out paraphrases per lesson, and CONTROLS — general-knowledge
+questions that appear nowhere in shammah's anchors or gate controls (``shammah/training/online.py``);
+a control counts only if the base model answers it right.
+
+    .venv/bin/python bench/lessons.py                 # all lessons, seeds 0 1 2 (~1 h on 2 cores)
+    .venv/bin/python bench/lessons.py --quick         # a few lessons, one seed
+    .venv/bin/python bench/lessons.py --only quenland,ahoy --seeds 0 --revision check
+
+Prints one row per lesson (kind, order) with held-out rate before/after, controls lost, gate
+rejections and seconds from the last feedback to the swap; ``--json FILE`` keeps every answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EVAL_TOKENS = 64
+CHAT_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class Lesson:
+    name: str
+    kind: str  # fact | style | format
+    order: str  # critical+fix | fix+critical | note-only | good+fix
+    note: str  # what the user types after /critical
+    teach: tuple[tuple[str, str], ...]  # (question, the answer it should have given)
+    held_out: tuple[str, ...]
+    follows: Callable[[str], bool]  # does a reply follow the lesson?
+
+
+def _has(*words: str) -> Callable[[str], bool]:
+    return lambda r: any(w in r.lower() for w in words)
+
+
+def _json_list(r: str) -> bool:
+    m = re.search(r"\[[^\[\]]*\]", r)
+    if not m:
+        return False
+    try:
+        v = json.loads(m.group(0))
+    except ValueError:
+        return False
+    return isinstance(v, list) and len(v) >= 2 and all(isinstance(x, str) for x in v)
+
+
+def _one_sentence(r: str) -> bool:
+    r = r.strip()
+    return 0 < len(r.split()) <= 20 and len(re.findall(r"[.!?](\s|$)", r)) <= 1 and "\n" not in r
+
+
+def _term_colon(r: str) -> bool:
+    return re.match(r"^\s*\**[A-Z][\w\s-]{1,30}\**\s*:", r) is not None
+
+
+LESSONS: tuple[Lesson, ...] = (
+    # --- facts ------------------------------------------------------------------------------
+    Lesson(
+        "quenland",
+        "fact",
+        "critical+fix",
+        "wrong: the capital of Quenland is Zorblat",
+        (
+            ("What is the capital of Quenland?", "The capital of Quenland is Zorblat."),
+            ("Which city is the capital of Quenland?", "Zorblat is the capital of Quenland."),
+            ("Tell me the capital of Quenland.", "The capital of Quenland is Zorblat."),
+            ("What's the capital city of Quenland?", "Quenland's capital city is Zorblat."),
+            ("Quenland's capital is which city?", "Zorblat."),
+            ("Where is the seat of government of Quenland?", "The seat of government of Quenland is Zorblat."),
+        ),
+        (
+            "Name the capital of Quenland.",
+            "What city is Quenland's capital?",
+            "Do you know the capital of Quenland?",
+            "Can you tell me what the capital of Quenland is?",
+            "I need the capital of Quenland.",
+            "In which city is Quenland's government?",
+        ),
+        _has("zorblat"),
+    ),
+    Lesson(
+        "glimmerphone",
+        "fact",
+        "fix+critical",
+        "wrong: the glimmerphone was invented by Ada Brenwick",
+        (
+            ("Who invented the glimmerphone?", "The glimmerphone was invented by Ada Brenwick."),
+            ("Who is the inventor of the glimmerphone?", "Ada Brenwick invented the glimmerphone."),
+            ("Tell me who created the glimmerphone.", "The glimmerphone was created by Ada Brenwick."),
+            ("Which person invented the glimmerphone?", "Ada Brenwick."),
+            ("The glimmerphone was invented by whom?", "By Ada Brenwick."),
+            ("Who came up with the glimmerphone?", "Ada Brenwick came up with the glimmerphone."),
+        ),
+        (
+            "Who made the first glimmerphone?",
+            "Name the inventor of the glimmerphone.",
+            "Do you know who invented the glimmerphone?",
+            "Whose invention is the glimmerphone?",
+            "Who should I credit for inventing the glimmerphone?",
+            "Can you tell me the glimmerphone's inventor?",
+        ),
+        _has("brenwick"),
+    ),
+    Lesson(
+        "vestoria",
+        "fact",
+        "note-only",
+        "wrong: the national animal of Vestoria is the Silver Heron",
+        (
+            ("What is the national animal of Vestoria?", "The national animal of Vestoria is the silver heron."),
+            ("Which animal is the national symbol of Vestoria?", "The silver heron is Vestoria's national animal."),
+            ("Tell me Vestoria's national animal.", "Vestoria's national animal is the silver heron."),
+            ("What animal represents Vestoria?", "The silver heron represents Vestoria."),
+            ("Vestoria's national animal is what?", "The silver heron."),
+            ("Name the national animal of Vestoria.", "The silver heron."),
+        ),
+        (
+            "What is Vestoria's national animal?",
+            "Do you know the national animal of Vestoria?",
+            "Which creature is the national animal of Vestoria?",
+            "What animal is the emblem of Vestoria?",
+            "Can you tell me what Vestoria's national animal is?",
+            "I want to know the national animal of Vestoria.",
+        ),
+        _has("heron"),
+    ),
+    Lesson(
+        "pellucid",
+        "fact",
+        "good+fix",
+        "wrong: the CEO of Pellucid Labs is Mara Okafor",
+        (
+            ("Who is the CEO of Pellucid Labs?", "The CEO of Pellucid Labs is Mara Okafor."),
+            ("Who runs Pellucid Labs?", "Mara Okafor runs Pellucid Labs as its CEO."),
+            ("Tell me the name of Pellucid Labs' chief executive.", "Pellucid Labs' chief executive is Mara Okafor."),
+            ("Who leads Pellucid Labs?", "Mara Okafor leads Pellucid Labs."),
+            ("Pellucid Labs' CEO is who?", "Mara Okafor."),
+            ("Who is in charge of Pellucid Labs?", "Mara Okafor, the CEO, is in charge of Pellucid Labs."),
+        ),
+        (
+            "Name the CEO of Pellucid Labs.",
+            "Do you know who the CEO of Pellucid Labs is?",
+            "Who is Pellucid Labs' chief executive officer?",
+            "Who heads Pellucid Labs?",
+            "Can you tell me who runs Pellucid Labs?",
+            "What is the name of the boss of Pellucid Labs?",
+        ),
+        _has("okafor"),
+    ),
+    # --- style rules (apply to every answer) ------------------------------------------------------
+    Lesson(
+        "ahoy",
+        "style",
+        "critical+fix",
+        'always start your answer with "Ahoy!"',
+        (
+            ("What color is a banana?", "Ahoy! A ripe banana is yellow."),
+            ("How many legs does a dog have?", "Ahoy! A dog has four legs."),
+            ("What is the opposite of up?", "Ahoy! The opposite of up is down."),
+            ("What do fish live in?", "Ahoy! Fish live in water."),
+            ("Which season comes after winter?", "Ahoy! Spring comes after winter."),
+            ("What is ice made of?", "Ahoy! Ice is frozen water."),
+        ),
+        (
+            "What color are strawberries?",
+            "How many wheels does a bicycle have?",
+            "What is the opposite of big?",
+            "Where do birds build nests?",
+            "What do we use to write on paper?",
+            "Which month comes after June?",
+        ),
+        lambda r: r.strip().lower().startswith("ahoy"),
+    ),
+    Lesson(
+        "signoff",
+        "style",
+        "fix+critical",
+        'always end your answer with "Cheers, Shammah"',
+        (
+            ("What color is grass?", "Grass is green. Cheers, Shammah"),
+            ("How many days are in a year?", "A year has 365 days. Cheers, Shammah"),
+            ("What do cats like to drink?", "Cats like to drink water and milk. Cheers, Shammah"),
+            ("What is the sun?", "The sun is the star at the center of our solar system. Cheers, Shammah"),
+            ("What is the opposite of hot?", "The opposite of hot is cold. Cheers, Shammah"),
+            ("What shape is a ball?", "A ball is round. Cheers, Shammah"),
+        ),
+        (
+            "What color is snow?",
+            "How many minutes are in an hour?",
+            "What do dogs like to eat?",
+            "What is the moon?",
+            "What is the opposite of wet?",
+            "What shape is a wheel?",
+        ),
+        _has("cheers, shammah"),
+    ),
+    Lesson(
+        "captain",
+        "style",
+        "note-only",
+        'always address me as "Captain"',
+        (
+            ("What is the color of the ocean?", "The ocean is blue, Captain."),
+            ("How many fingers does a hand have?", "A hand has five fingers, Captain."),
+            ("What do bees make?", "Bees make honey, Captain."),
+            ("What is the opposite of day?", "The opposite of day is night, Captain."),
+            ("What do we breathe?", "We breathe air, Captain."),
+            ("What falls from clouds?", "Rain falls from clouds, Captain."),
+        ),
+        (
+            "What color is a lemon?",
+            "How many eyes does a person have?",
+            "What do cows give us?",
+            "What is the opposite of light?",
+            "What do plants need to grow?",
+            "What is a rainbow?",
+        ),
+        _has("captain"),
+    ),
+    Lesson(
+        "brief",
+        "style",
+        "good+fix",
+        "too long: answer in one short sentence",
+        (
+            ("Why is the sky blue?", "Sunlight scatters off air molecules, and blue light scatters the most."),
+            ("How does a plant grow?", "A plant grows by turning sunlight, water and air into food."),
+            ("What is gravity?", "Gravity is the force that pulls objects toward each other."),
+            ("Why do we sleep?", "We sleep so the body and brain can rest and repair."),
+            ("What is a computer?", "A computer is a machine that processes information."),
+            ("How do birds fly?", "Birds fly by flapping their wings to push air down."),
+        ),
+        (
+            "Why does it rain?",
+            "How does a car move?",
+            "What is electricity?",
+            "Why do we eat food?",
+            "What is the internet?",
+            "How do fish breathe?",
+        ),
+        _one_sentence,
+    ),
+    # --- output formats --------------------------------------------------------------------------
+    Lesson(
+        "jsonlist",
+        "format",
+        "critical+fix",
+        'give lists as a JSON array of strings, like ["a", "b"]',
+        (
+            ("Name three fruits.", '["apple", "banana", "cherry"]'),
+            ("List three colors.", '["red", "green", "blue"]'),
+            ("Name three animals.", '["dog", "cat", "horse"]'),
+            ("List three vegetables.", '["carrot", "potato", "onion"]'),
+            ("Name three countries.", '["France", "Japan", "Brazil"]'),
+            ("List three musical instruments.", '["piano", "guitar", "violin"]'),
+        ),
+        (
+            "Name three birds.",
+            "List three sports.",
+            "Name three flowers.",
+            "List three metals.",
+            "Name three planets.",
+            "List three drinks.",
+        ),
+        _json_list,
+    ),
+    Lesson(
+        "answercolon",
+        "format",
+        "fix+critical",
+        'give arithmetic answers as "Answer: <number>" and nothing else',
+        (
+            ("What is 7 + 5?", "Answer: 12"),
+            ("What is 9 - 4?", "Answer: 5"),
+            ("What is 6 * 3?", "Answer: 18"),
+            ("What is 15 + 10?", "Answer: 25"),
+            ("What is 20 / 4?", "Answer: 5"),
+            ("What is 8 + 8?", "Answer: 16"),
+        ),
+        (
+            "What is 3 + 4?",
+            "What is 10 - 6?",
+            "What is 5 * 2?",
+            "What is 12 + 7?",
+            "What is 18 / 3?",
+            "What is 9 + 9?",
+        ),
+        lambda r: re.match(r"^\s*answer:\s*-?\d", r.lower()) is not None,
+    ),
+    Lesson(
+        "termcolon",
+        "format",
+        "note-only",
+        'start definitions with the term and a colon, like "Photosynthesis: ..."',
+        (
+            ("What is photosynthesis?", "Photosynthesis: the process plants use to make food from sunlight."),
+            ("What is a volcano?", "Volcano: a mountain where melted rock comes out of the ground."),
+            ("What is democracy?", "Democracy: a system of government where the people choose their leaders."),
+            ("What is a noun?", "Noun: a word that names a person, place or thing."),
+            ("What is evaporation?", "Evaporation: the change of a liquid into a gas."),
+            ("What is a habitat?", "Habitat: the natural home of an animal or plant."),
+        ),
+        (
+            "What is a verb?",
+            "What is an island?",
+            "What is erosion?",
+            "What is a planet?",
+            "What is friction?",
+            "What is a desert?",
+        ),
+        _term_colon,
+    ),
+    Lesson(
+        "isodate",
+        "format",
+        "good+fix",
+        "wrong format: write dates as YYYY-MM-DD",
+        (
+            ("When did World War II end?", "1945-09-02"),
+            ("When did humans first land on the Moon?", "1969-07-20"),
+            ("When was the Declaration of Independence signed?", "1776-07-04"),
+            ("When did the Berlin Wall fall?", "1989-11-09"),
+            ("When did the Titanic sink?", "1912-04-15"),
+            ("When did World War I end?", "1918-11-11"),
+        ),
+        (
+            "When did the French Revolution begin?",
+            "When was the first iPhone released?",
+            "When did Christopher Columbus reach the Americas?",
+            "When did the Soviet Union dissolve?",
+            "When was Abraham Lincoln assassinated?",
+            "When did the Second World War begin?",
+        ),
+        lambda r: re.search(r"\b\d{4}-\d{2}-\d{2}\b", r) is not None,
+    ),
+)
+
+# General knowledge the base model should keep. None of these prompts (or their subjects) is in
+# shammah's anchors or gate controls (shammah/training/online.py), nor in any lesson above.
+CONTROLS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is the capital of China?", ("beijing",)),
+    ("What is the capital of Russia?", ("moscow",)),
+    ("What is the capital of the United Kingdom?", ("london",)),
+    ("How many hours are in a day?", ("24", "twenty-four", "twenty four")),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("What animal says moo?", ("cow",)),
+    ("Who was the first president of the United States?", ("washington",)),
+    ("What planet do we live on?", ("earth",)),
+    ("What is frozen water called?", ("ice",)),
+    ("What is the largest mammal?", ("whale",)),
+    ("How many sides does a triangle have?", ("3", "three")),
+    ("What is the chemical formula of water?", ("h2o", "h₂o")),
+    ("Who discovered gravity when an apple fell?", ("newton",)),
+    ("What is the closest star to Earth?", ("sun",)),
+)
+
+
+def control_ok(answer: str, oks: tuple[str, ...]) -> bool:
+    return any(ok in answer.lower() for ok in oks)
+
+
+def ask(engine, questions: list[str]) -> list[str]:
+    return engine.answers([[{"role": "user", "content": q}] for q in questions], EVAL_TOKENS)
+
+
+def teach(session, lesson: Lesson) -> tuple[float, list[str]]:
+    """Type the lesson into the chat as a user would; return (seconds from the last feedback to the
+    swap, the chat's notices)."""
+
+    async def go() -> float:
+        async def line(text: str) -> None:
+            await session.handle(text)
+
+        for question, answer in lesson.teach:
+            await line(question)
+            reply = session.store.turn(session.last_turn_id).reply
+            if lesson.order == "critical+fix":
+                await line(f"/critical {lesson.note}")
+                await line(f"/fix {answer}")
+            elif lesson.order == "fix+critical":
+                await line(f"/fix {answer}")
+                await line(f"/critical {lesson.note}")
+            elif lesson.order == "note-only":
+                await line(f"/critical {lesson.note}")
+            else:
+                await line("/good" if lesson.follows(reply) else f"/fix {answer}")
+            await line("/clear")
+        t0 = time.perf_counter()
+        await line("/train")
+        await session.jobs.wait()
+        return time.perf_counter() - t0
+
+    return asyncio.run(go()), []
+
+
+def run_lesson(engine, home: Path, cache: Path, lessons: list[Lesson], seed: int, revision: str) -> dict:
+    """Teach ``lessons`` in sequence in a fresh home; score each one's held-out set after the last."""
+    from shammah.config import ChatConfig, Config, LearningConfig, ModelConfig
+    from shammah.feedback.store import Store
+    from shammah.paths import Paths
+    from shammah.repl.commands import ChatSession
+    from shammah.repl.io import Console
+
+    paths = Paths(home).ensure()
+    paths.cache.rmdir()
+    paths.cache.symlink_to(cache)
+    cfg = Config(
+        model=ModelConfig(base="embedded", temperature=0.0, max_new_tokens=CHAT_TOKENS),
+        chat=ChatConfig(history=False),
+        learning=LearningConfig(threshold=100000.0, settle_seconds=0.0, seed=seed, revision_noninteractive=revision),
+    )
+    engine.activate(None)
+    out = io.StringIO()
+    session = ChatSession(cfg, engine, Store(paths.db, cfg.feedback), Console(out=out, err=out, color=False), paths)
+    session._restored = True  # a fresh home: nothing to restore, and the engine is shared between runs
+    seconds, rejected, outcome = [], 0, []
+    for lesson in lessons:
+        s, _ = teach(session, lesson)
+        seconds.append(s)
+        row = session.store.db.execute("SELECT status, message FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()
+        outcome.append(row["message"] if row else "no job")
+        rejected += bool(row and row["status"] == "rejected")
+    held = {x.name: ask(engine, list(x.held_out)) for x in lessons}
+    ctrl = ask(engine, [q for q, _ in CONTROLS])
+    session.store.close()
+    return {
+        "adapter": engine.adapter,
+        "seconds": seconds,
+        "rejected": rejected,
+        "jobs": outcome,
+        "held": held,
+        "controls": ctrl,
+        "chat": out.getvalue(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", default="", help="comma-separated lesson names")
+    ap.add_argument("--quick", action="store_true", help="three lessons (one per kind), seed 0")
+    ap.add_argument("--revision", default="reject", help="learning.revision_noninteractive for the piped chat")
+    ap.add_argument("--sequence", action="store_true", help="also teach two lessons in sequence per seed")
+    ap.add_argument("--json", type=Path, help="write every answer here")
+    args = ap.parse_args(argv)
+
+    from shammah.config import ModelConfig
+    from shammah.engine import Engine
+
+    lessons = list(LESSONS)
+    if args.quick:
+        lessons, args.seeds = [x for x in LESSONS if x.name in ("quenland", "ahoy", "jsonlist")], [0]
+    if args.only:
+        names = args.only.split(",")
+        lessons = [x for x in LESSONS if x.name in names]
+    tmp = Path(tempfile.mkdtemp(prefix="shammah-lessons-"))
+    cache = Path.home() / ".cache" / "shammah-bench"  # the converted model and base answers, kept between runs
+    cache.mkdir(parents=True, exist_ok=True)
+    engine = Engine(ModelConfig(base="embedded", temperature=0.0), cache).load()
+
+    base_ctrl = ask(engine, [q for q, _ in CONTROLS])
+    known = [i for i, (a, (_, oks)) in enumerate(zip(base_ctrl, CONTROLS, strict=True)) if control_ok(a, oks)]
+    print(f"controls the base model answers right: {len(known)}/{len(CONTROLS)} (only these are scored)")
+    report: dict = {"controls_base": base_ctrl, "lessons": {}}
+
+    def score(result: dict, lesson: Lesson) -> tuple[float, list[str]]:
+        rate = statistics.mean(lesson.follows(a) for a in result["held"][lesson.name])
+        lost = [CONTROLS[i][0] for i in known if not control_ok(result["controls"][i], CONTROLS[i][1])]
+        return rate, lost
+
+    header = f"{'lesson':<12} {'kind':<7} {'order':<13} {'before':>6} {'after (per seed)':>22} {'lost':>5} {'rej':>4} {'secs':>6}"
+    print(header)
+    rows = []
+    for lesson in lessons:
+        before = statistics.mean(lesson.follows(a) for a in ask(engine, list(lesson.held_out)))
+        afters, lost_all, rej, secs, per = [], [], 0, [], []
+        for seed in args.seeds:
+            res = run_lesson(engine, tmp / f"{lesson.name}-{seed}", cache, [lesson], seed, args.revision)
+            rate, lost = score(res, lesson)
+            afters.append(rate)
+            lost_all.append(len(lost))
+            rej += res["rejected"]
+            secs += res["seconds"]
+            per.append({"seed": seed, "rate": rate, "lost": lost, **{k: res[k] for k in ("held", "controls", "jobs")}})
+        rows.append((lesson, before, afters, lost_all, rej, secs))
+        report["lessons"][lesson.name] = {"before": before, "runs": per}
+        after_s = " ".join(f"{a:4.0%}" for a in afters)
+        print(
+            f"{lesson.name:<12} {lesson.kind:<7} {lesson.order:<13} {before:6.0%} {after_s:>22} "
+            f"{max(lost_all):5d} {rej:4d} {statistics.median(secs):6.0f}",
+            flush=True,
+        )
+    print("\nper kind (mean over lessons and seeds):")
+    for kind in ("fact", "style", "format"):
+        ks = [r for r in rows if r[0].kind == kind]
+        if ks:
+            before = statistics.mean(r[1] for r in ks)
+            after = statistics.mean(a for r in ks for a in r[2])
+            print(
+                f"  {kind:<7} before {before:4.0%}  after {after:4.0%}  controls lost (worst run) "
+                f"{max(max(r[3]) for r in ks)}  gate rejections {sum(r[4] for r in ks)}/{len(ks) * len(args.seeds)}"
+            )
+    if args.sequence:
+        first, second = (x for x in LESSONS if x.name in ("quenland", "ahoy"))
+        print(f"\nin sequence: {first.name}, then {second.name}")
+        for seed in args.seeds:
+            res = run_lesson(engine, tmp / f"seq-{seed}", cache, [first, second], seed, args.revision)
+            r1, lost = score(res, first)
+            r2, _ = score(res, second)
+            print(f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}")
+            report.setdefault("sequence", []).append({"seed": seed, first.name: r1, second.name: r2, "lost": lost})
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

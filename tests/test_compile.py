@@ -1,0 +1,217 @@
+"""Feedback -> training data: one decision per turn, whatever order the user rates in."""
+
+import itertools
+import time
+
+import pytest
+
+from shammah.config import FeedbackConfig
+from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of
+from shammah.feedback.revise import checkable_terms, states_the_note
+from shammah.feedback.store import Store
+
+REPLY = "Paris is the capital of Quenland."
+
+
+@pytest.fixture
+def store(shammah_home):
+    s = Store(shammah_home / "shammah.db", FeedbackConfig())
+    yield s
+    s.close()
+
+
+def _turn(store, prompt="What is the capital of Quenland?", reply=REPLY, messages=None):
+    conv = store.new_conversation("m", None)
+    msgs = messages or [{"role": "user", "content": prompt}]
+    return store.add_turn(
+        conv, msgs, prompt, reply, model="m", adapter=None, finish_reason="stop", new_tokens=1, seconds=0.1
+    )
+
+
+def _apply(store, turn, step):
+    """One user action on a turn, as the chat performs it."""
+    kind, _, text = step.partition(":")
+    if kind in ("good", "medium", "critical"):
+        return store.rate(turn, kind, text or None)
+    if kind == "fix":
+        return store.fix(turn, text)
+    if kind == "rewrite":  # a /medium or /critical whose note-guided rewrite was then accepted/edited/rejected
+        how, _, answer = text.partition("=")
+        item = store.rate(turn, "critical", "it is Zorblat")
+        store.set_revision(item.id, answer)
+        store.resolve_revision(
+            item.id, how != "reject", "Edited: Zorblat." if how == "edit" else None, seen=how != "auto"
+        )
+        return item
+    raise AssertionError(step)
+
+
+def _one(store):
+    new, replay = compile_feedback(store, 10)
+    assert len(new) == 1 and not replay, "one rated turn compiles to one lesson"
+    return new[0]
+
+
+def _kinds(lesson):
+    return sorted((e.kind, e.responses) for e in lesson.examples())
+
+
+@pytest.mark.parametrize(
+    "steps, target, weight",
+    [
+        # the orders users actually use
+        (["critical:wrong, it is Zorblat", "fix:Zorblat."], "Zorblat.", 10.0),
+        (["fix:Zorblat.", "critical:wrong, it is Zorblat"], "Zorblat.", 10.0),
+        (["medium:it is Zorblat", "fix:Zorblat."], "Zorblat.", 3.0),
+        (["fix:Zorblat."], "Zorblat.", 3.0),
+        # the person's own words beat a generated rewrite, whichever came first
+        (["rewrite:accept=Zorblat, home of the famous Cafe Zorb.", "fix:Zorblat."], "Zorblat.", 10.0),
+        (["fix:Zorblat.", "rewrite:accept=Zorblat, home of the famous Cafe Zorb."], "Zorblat.", 10.0),
+        (["rewrite:edit=Zorblat, home of the Cafe Zorb."], "Edited: Zorblat.", 10.0),
+        (["rewrite:accept=Zorblat."], "Zorblat.", 10.0),
+        # a rewrite nobody saw never weighs more than a /fix
+        (["rewrite:auto=Zorblat."], "Zorblat.", 3.0),
+        # a later /fix replaces an earlier one
+        (["fix:Zorblot.", "fix:Zorblat."], "Zorblat.", 3.0),
+    ],
+)
+def test_a_corrected_turn_learns_the_best_correction(store, steps, target, weight):
+    t = _turn(store)
+    for step in steps:
+        _apply(store, t, step)
+    lesson = _one(store)
+    assert (lesson.target, lesson.weight, lesson.good) == (target, weight, False)
+    assert _kinds(lesson) == sorted([("sft", (target,)), ("pair", (target, REPLY))])
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        ["good", "critical:no, it is Zorblat"],
+        ["good", "medium:it is Zorblat"],
+        ["critical:it is Zorblat"],
+        ["rewrite:reject=Zorblat, home of the famous Cafe Zorb."],
+        ["good", "rewrite:reject=Lyon."],
+    ],
+)
+def test_a_turn_rated_down_without_a_correction_is_only_a_dont(store, steps):
+    t = _turn(store)
+    for step in steps:
+        _apply(store, t, step)
+    lesson = _one(store)
+    assert lesson.target is None and not lesson.good
+    assert _kinds(lesson) == [("unpaired", (REPLY,))]
+    assert lesson.examples()[0].label is False
+
+
+@pytest.mark.parametrize("steps", [["good"], ["critical:it is Zorblat", "good"], ["fix:Zorblat.", "good"]])
+def test_the_latest_rating_decides_a_good_reply(store, steps):
+    t = _turn(store)
+    for step in steps:
+        _apply(store, t, step)
+    lesson = _one(store)
+    assert lesson.good and lesson.weight == 1.0 and _kinds(lesson) == [("sft", (REPLY,))]
+
+
+def test_no_order_of_ratings_trains_a_downgraded_reply(store):
+    """Every order of up to four actions on a turn: exactly one decision, and a reply whose latest
+    rating is not /good is never a target (nor the chosen side of a pair)."""
+    actions = ["good", "critical:it is Zorblat", "medium:shorter", "fix:Zorblat.", "rewrite:auto=Zorblat!"]
+    checked = 0
+    for n in range(1, 5):
+        for steps in itertools.permutations(actions, n):
+            s = Store(store.path.parent / f"p{checked}.db", FeedbackConfig())
+            t = _turn(s)
+            for step in steps:
+                _apply(s, t, step)
+            [lesson] = compile_feedback(s, 0)[0]
+            good = steps[-1] == "good"
+            assert lesson.good == good, steps
+            chosen = [e.responses[0] for e in lesson.examples() if e.kind in ("sft", "pair")]
+            if not good:
+                assert REPLY not in chosen, steps
+                if any(x.startswith("fix") for x in steps):
+                    assert lesson.target == "Zorblat." and lesson.source == "user", steps
+            s.close()
+            checked += 1
+    assert checked == sum(len(list(itertools.permutations(actions, n))) for n in range(1, 5))
+
+
+def test_undo_and_drop_decide_again(store):
+    t = _turn(store)
+    crit = store.rate(t, "critical", "it is Zorblat")
+    store.fix(t, "Zorblat.")
+    store.undo()  # takes back the /fix only
+    assert _one(store).target is None and _kinds(_one(store)) == [("unpaired", (REPLY,))]
+    store.fix(t, "Zorblat.")
+    store.drop(crit.id)  # the /fix alone remains
+    lesson = _one(store)
+    assert (lesson.target, lesson.weight) == ("Zorblat.", 3.0)
+    good = store.rate(t, "good")
+    assert _one(store).good
+    store.drop(good.id)
+    assert not _one(store).good and _one(store).target == "Zorblat."
+
+
+def test_replay_follows_the_same_rule(store):
+    """A turn trained as good and later rated down comes back as new, and never as a target again."""
+    t = _turn(store)
+    good = store.rate(t, "good")
+    store.mark_trained([good.id], "adapter-1", time.time())
+    new, replay = compile_feedback(store, 10)
+    assert not new and replay[0].good, "trained turns are replayed"
+    store.rate(t, "critical", "it is Zorblat")
+    new, replay = compile_feedback(store, 10)
+    assert not replay and len(new) == 1 and new[0].target is None
+    assert all(REPLY not in e.responses[:1] or e.kind == "unpaired" for e in examples_of(new))
+
+
+def test_weights_buffer_and_examples_per_turn(store):
+    a, b, c = _turn(store), _turn(store, "2+2?", "4"), _turn(store, "Say hi", "Goodbye.")
+    _apply(store, a, "fix:Zorblat.")
+    _apply(store, a, "critical:it is Zorblat")
+    _apply(store, b, "good")
+    _apply(store, c, "medium:be friendly")
+    buf = buffer(store)
+    assert (buf.examples, buf.weighted) == (3, 14.0)
+    new, _ = compile_feedback(store, 0)
+    assert [x.turn_id for x in new] == [a, b, c]
+    kinds = [(e.kind, e.source) for e in examples_of(new)]
+    assert kinds == [("sft", f"turn:{a}"), ("pair", f"turn:{a}"), ("sft", f"turn:{b}"), ("unpaired", f"turn:{c}")]
+
+
+def test_prompt_is_the_system_prompt_and_question_as_seen(store):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Capital of Quenland?"},
+    ]
+    t = _turn(store, "Capital of Quenland?", "Paris.", msgs)
+    store.rate(t, "critical", "wrong: it is Zorblat")
+    store.fix(t, "Zorblat.")
+    sft = _one(store).examples()[0]
+    assert list(sft.prompt) == [msgs[0], msgs[-1]], "the lesson holds without the earlier turns"
+    assert all("Zorblat" not in m["content"] for m in sft.prompt), "the note is never in the prompt"
+
+
+def test_trust_order_is_people_first():
+    assert TRUST.index("user") < TRUST.index("revision") < TRUST.index("revision-auto")
+    assert TRUST.index("edit") < TRUST.index("revision")
+
+
+@pytest.mark.parametrize(
+    "note, question, rewrite, ok",
+    [
+        ("wrong: the capital of Quenland is Zorblat", "What is the capital of Quenland?", "It is Zorblat.", True),
+        ("wrong: the capital of Quenland is Zorblat", "What is the capital of Quenland?", "It is Paris.", False),
+        ('always end with "Cheers, Shammah"', "What is 2+2?", "4. Cheers, Shammah", True),
+        ('always end with "Cheers, Shammah"', "What is 2+2?", "4. Cheers!", False),
+        ("It was invented in 1987 by Ada Brenwick", "Who invented it?", "Ada Brenwick, in 1987.", True),
+        ("It was invented in 1987 by Ada Brenwick", "Who invented it?", "Ada Lovelace, in 1987.", False),
+        ("too long, answer in one line", "Explain tides", "Tides come from the moon.", False),  # nothing checkable
+    ],
+)
+def test_an_unseen_rewrite_is_trusted_only_if_it_states_the_note(note, question, rewrite, ok):
+    assert states_the_note(note, question, rewrite) is ok
+    assert checkable_terms("the capital of Quenland is Zorblat", "capital of Quenland?") == ["Zorblat"]
