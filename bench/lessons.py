@@ -229,7 +229,7 @@ LESSONS: tuple[Lesson, ...] = (
         (
             ("What is the color of the ocean?", "The ocean is blue, Captain."),
             ("How many fingers does a hand have?", "A hand has five fingers, Captain."),
-            ("What do bees make?", "Bees make honey, Captain."),
+            ("What do sheep give us?", "Sheep give us wool, Captain."),
             ("What is the opposite of day?", "The opposite of day is night, Captain."),
             ("What do we breathe?", "We breathe air, Captain."),
             ("What falls from clouds?", "Rain falls from clouds, Captain."),
@@ -368,22 +368,24 @@ CONTROLS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What is the capital of China?", ("beijing",)),
     ("What is the capital of Russia?", ("moscow",)),
     ("What is the capital of the United Kingdom?", ("london",)),
-    ("How many hours are in a day?", ("24", "twenty-four", "twenty four")),
-    ("What color is the sky on a clear day?", ("blue",)),
-    ("What animal says moo?", ("cow",)),
-    ("Who was the first president of the United States?", ("washington",)),
-    ("What planet do we live on?", ("earth",)),
-    ("What is frozen water called?", ("ice",)),
+    ("What is the capital of India?", ("delhi",)),
+    ("What is the capital of Greece?", ("athens",)),
+    ("What is the capital of South Korea?", ("seoul",)),
+    ("What is the chemical formula of water?", ("h2o", "h₂o")),
     ("What is the largest mammal?", ("whale",)),
     ("How many sides does a triangle have?", ("3", "three")),
-    ("What is the chemical formula of water?", ("h2o", "h₂o")),
-    ("Who discovered gravity when an apple fell?", ("newton",)),
-    ("What is the closest star to Earth?", ("sun",)),
+    ("Who wrote Hamlet?", ("shakespeare",)),
+    ("What is the currency of Japan?", ("yen",)),
+    ("What language is spoken in Brazil?", ("portuguese",)),
+    ("Who developed the theory of relativity?", ("einstein",)),
+    ("Who was the first person to walk on the Moon?", ("armstrong",)),
+    ("Who painted the ceiling of the Sistine Chapel?", ("michelangelo",)),
 )
+CONTROL_CHARS = 150  # a control is right if its answer is in the opening of the reply, not somewhere in a ramble
 
 
 def control_ok(answer: str, oks: tuple[str, ...]) -> bool:
-    return any(ok in answer.lower() for ok in oks)
+    return any(ok in answer[:CONTROL_CHARS].lower() for ok in oks)
 
 
 def ask(engine, questions: list[str]) -> list[str]:

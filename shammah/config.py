@@ -98,8 +98,13 @@ class LearningConfig:
         choices=("reject", "check", "accept"),
     )
     gate: bool = _f(True, "swap a new adapter in only if it is not worse than the current one")
-    learning_rate: float = _f(2e-3, "learning rate of background training", lo=1e-6, hi=0.1)
-    epochs: int = _f(2, "passes over the compiled feedback per job", lo=1, hi=100)
+    learning_rate: float = _f(1e-3, "learning rate of background training", lo=1e-6, hi=0.1)
+    epochs: int = _f(3, "passes over the compiled feedback per job", lo=1, hi=100)
+    preference_pairs: bool = _f(
+        False,
+        "also train corrections as preference pairs (DPO, correction over the reply); off: measured no gain on"
+        " held-out lessons and 1.6x the step cost",
+    )
     rank: int = _f(16, "LoRA rank of learned adapters", lo=1, hi=256)
     batch_size: int = _f(4, "examples per step", lo=1, hi=256)
     replay_limit: int = _f(50, "earlier (already trained) feedback items replayed in each job", lo=0, hi=100000)

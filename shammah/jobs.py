@@ -193,7 +193,10 @@ class JobManager:
         holdout_ids = [i for x in held for i in x.feedback_ids]
         job = Job(job_id, trigger, ids, holdout_ids, snapshot_time)
         d = ensure_dir(self.paths.root / "jobs" / job_id)
-        to_jsonl(examples_of(trained + replay), d / "data.jsonl")
+        examples = examples_of(trained + replay)
+        if not lc.preference_pairs:  # see LearningConfig.preference_pairs
+            examples = [e for e in examples if e.kind != "pair"]
+        to_jsonl(examples, d / "data.jsonl")
         to_jsonl(examples_of(held), d / "holdout.jsonl")
         replay_ids = [i for x in replay for i in x.feedback_ids]
         parent = self.engine.adapter
@@ -364,6 +367,12 @@ class JobManager:
         swap_s = await self.activate(name)
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
+        if gate and gate.get("step") != gate.get("final_step"):
+            first = gate["tried"][0]
+            extra += (
+                f"; kept step {gate['step']} of {gate['final_step']}: the final adapter lost controls "
+                f"({first['controls']} vs {gate['controls_current']})"
+            )
         self._finish(
             job,
             "done",

@@ -330,3 +330,42 @@ def test_chat_orders_one_decision_per_turn_and_no_unseen_rewrite(tiny_qwen2, sha
     assert text.count(f"learning.revision_noninteractive = {mode!r}") == 2
     assert "temperature 0 (config)" in text and "repetition_penalty 1 (shammah default)" in text
     s.store.close()
+
+
+def test_a_rejected_adapter_falls_back_to_the_last_snapshot_that_passes(tiny_qwen2, monkeypatch):
+    """Real generation on a tiny model: controls whose right answer is what the base says; the final
+    adapter (large random LoRA weights) changes the answers and is refused; the snapshot taken
+    earlier in the run (still the base's behaviour) passes, and the model is left holding it."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shammah.engine.generate import generate_batch
+    from shammah.training import online
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    torch.manual_seed(1)  # an untied random output layer: the tiny model then says varied words, not blank lines
+    base_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(base_model.lm_head.weight) * 0.5)
+    model = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    prompts = ["alpha", "beta", "gamma"]
+    with model.disable_adapter():
+        base = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], online.GATE_TOKENS)
+    monkeypatch.setattr(online, "CONTROLS", tuple((p, (a.lower(),)) for p, a in zip(prompts, base, strict=True)))
+    assert all(base), "the tiny model says something to each control"
+
+    snaps = online.Snapshots()
+    snaps.saved.append((4, {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}))  # B = 0: the base
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 2.0)
+    result = online.gate_with_fallback(model, tok, None, [], None, "fp", snaps, final_step=8)
+    assert [t["passed"] for t in result["tried"]] == [False, True]
+    assert result["passed"] and (result["step"], result["final_step"]) == (4, 8)
+    held = get_peft_model_state_dict(model)
+    assert all(torch.equal(held[k], v) for k, v in snaps.saved[0][1].items()), "the model holds the snapshot"
+
+    result = online.gate_with_fallback(model, tok, None, [], None, "fp", online.Snapshots(), final_step=8)
+    assert result["passed"] and result["step"] == 8, "a passing final adapter is kept as it is"

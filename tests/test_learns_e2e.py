@@ -1,10 +1,13 @@
 """Proof that it learns: the real embedded model, taught through the piped chat exactly as a
 user would type it, learns a made-up fact that holds on paraphrases it never saw, while the
-answers it already got right stay right. Deterministic: greedy decoding, seeded training."""
+answers it already got right stay right. The controls scored here are bench/lessons.py's: they
+appear nowhere in shammah's anchors or gate controls, so the loop was never tuned on them.
+Deterministic: greedy decoding, seeded training."""
 
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
@@ -25,14 +28,8 @@ HELD_OUT = [
     "Can you tell me what the capital of Quenland is?",
     "I need the capital of Quenland.",
 ]
-CONTROLS = [
-    ("What is the capital of France?", "paris"),
-    ("What is the capital of Japan?", "tokyo"),
-    ("What is the capital of Italy?", "rome"),
-    ("What is 2+2?", "4"),
-    ("Who wrote Romeo and Juliet?", "shakespeare"),
-    ("What is the capital of Germany?", "berlin"),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from lessons import CONTROLS, control_ok  # noqa: E402
 
 
 def chat(home, cfg, lines, timeout=900):
@@ -70,8 +67,8 @@ def test_a_handful_of_corrections_teach_a_fact_without_breaking_others(embedded_
     base_held = ask_each(home, cfg, HELD_OUT)
     base_ctrl = ask_each(home, cfg, [q for q, _ in CONTROLS])
     assert sum("zorblat" in r.lower() for r, _ in base_held) == 0, "the base model does not know the fact"
-    base_right = [ok in r.lower() for (r, _), (_, ok) in zip(base_ctrl, CONTROLS, strict=True)]
-    assert sum(base_right) >= 3
+    base_right = [control_ok(r, oks) for (r, _), (_, oks) in zip(base_ctrl, CONTROLS, strict=True)]
+    assert sum(base_right) >= 10, "the controls are general knowledge the base model answers right"
 
     lines = []
     for q in TEACH:
@@ -90,7 +87,7 @@ def test_a_handful_of_corrections_teach_a_fact_without_breaking_others(embedded_
     assert adapter and adapter.startswith("learned-") and all(a == adapter for _, a in held + ctrl)
     learned = sum("zorblat" in r.lower() for r, _ in held)
     assert learned >= 4, [r for r, _ in held]
-    still_right = [ok in r.lower() for (r, _), (_, ok) in zip(ctrl, CONTROLS, strict=True)]
+    still_right = [control_ok(r, oks) for (r, _), (_, oks) in zip(ctrl, CONTROLS, strict=True)]
     lost = [CONTROLS[i][0] for i, (b, a) in enumerate(zip(base_right, still_right, strict=True)) if b and not a]
     assert not lost, f"lost: {lost}; answers: {[r for r, _ in ctrl]}"
     assert not any("zorblat" in r.lower() for r, _ in ctrl), "the lesson does not leak into unrelated answers"

@@ -40,11 +40,15 @@ def tokenize_example(tok, ex: Example, max_length: int) -> dict:
         ]
     )
     seqs = []
+    eos = (
+        [tok.eos_token_id] if ex.meta.get("eos", True) else []
+    )  # no EOS: the target says how to start, not where to stop
     for text in ex.responses:
-        resp = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        resp = tok(text, add_special_tokens=False)["input_ids"] + eos
         resp = resp[: max_length - 1]
         p = prompt_ids[-(max_length - len(resp)) :] if len(prompt_ids) + len(resp) > max_length else prompt_ids
-        seqs.append((p + resp, [IGNORE] * len(p) + resp))
+        free = min(int(ex.meta.get("free_prefix", 0)), len(resp))  # the opening tokens: no loss
+        seqs.append((p + resp, [IGNORE] * (len(p) + free) + resp[free:]))
     return {"kind": ex.kind, "label": ex.label, "seqs": seqs}
 
 

@@ -6,22 +6,31 @@
   Answers are cached per base-model fingerprint.
 - **Gate**: before a swap, the candidate is compared with the current adapter (or the base)
   on control prompts with known answers and on held-out feedback; it passes only if it
-  answers at least as many controls correctly and its held-out loss is not worse.
+  loses none of the controls the current one answers right and its held-out loss is not worse.
+- **Fallback**: a rejected final adapter is not the end. :class:`Snapshots` keeps the adapter
+  weights at a few points of the run (in memory: a LoRA of the embedded model is ~20 MB), and
+  :func:`gate_with_fallback` tries them newest first, keeping the most-trained one that passes:
+  the most learning that does not leak.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import random
+import re
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from shammah.engine.generate import generate_batch
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
 
+# The anchor pool: general prompts of the kinds people teach about (places, people, things, numbers,
+# lists, definitions, dates, everyday facts). None is a gate control or a prompt of bench/lessons.py.
 ANCHOR_PROMPTS = (
     "What is the capital of Germany?",
     "What is the capital of Spain?",
@@ -47,16 +56,90 @@ ANCHOR_PROMPTS = (
     "What is the opposite of cold?",
     "How many continents are there?",
     "What is the square root of 81?",
+    "What is the capital of Argentina?",
+    "What is the capital of Sweden?",
+    "What is the capital of Poland?",
+    "What is the capital of Austria?",
+    "What is the capital of Turkey?",
+    "What is the capital of Vietnam?",
+    "What is the capital of Peru?",
+    "What is the capital of Finland?",
+    "What is the capital city of Denmark?",
+    "Which city is the capital of Cuba?",
+    "Tell me the capital of Switzerland.",
+    "Where is the seat of government of the Netherlands?",
+    "Who invented the telephone?",
+    "Who invented the light bulb?",
+    "Who discovered penicillin?",
+    "Who invented the printing press?",
+    "Who came up with the theory of evolution?",
+    "Who is the founder of Microsoft?",
+    "Who founded Apple?",
+    "Who is the CEO of Tesla?",
+    "Who leads the United Nations?",
+    "Who wrote Harry Potter?",
+    "Who composed the Moonlight Sonata?",
+    "What is the national animal of Australia?",
+    "What is the national bird of the United States?",
+    "Which animal is a symbol of China?",
+    "What animal represents Scotland?",
+    "What is 6 + 7?",
+    "What is 10 - 4?",
+    "What is 4 * 5?",
+    "What is 12 / 3?",
+    "What is 9 + 6?",
+    "Name three kinds of trees.",
+    "List three farm animals.",
+    "Name three types of weather.",
+    "List three things found in a kitchen.",
+    "Name three oceans.",
+    "What is a mammal?",
+    "What is an atom?",
+    "What is a river?",
+    "What is a poem?",
+    "What is gravity on the Moon like?",
+    "When did the American Civil War end?",
+    "When was the Eiffel Tower built?",
+    "When did the first airplane fly?",
+    "When was the printing press invented?",
+    "What color is a tomato?",
+    "How many wheels does a car have?",
+    "What is the opposite of fast?",
+    "Where do penguins live?",
+    "What do we use to cut paper?",
+    "Which month comes after March?",
+    "What do chickens lay?",
+    "What is the color of coal?",
+    "How many legs does an insect have?",
+    "What do horses eat?",
+    "Why do leaves change color in autumn?",
+    "How does a thermometer work?",
+    "What is a volcano made of?",
+    "Why is the ocean salty?",
+    "What is the speed of light?",
+    "How many bones are in the human body?",
+    "What is the smallest planet?",
+    "What is the main language of Canada?",
+    "What is the currency of the United Kingdom?",
+    "What instrument has 88 keys?",
 )
 
-# Control prompts whose answers must survive every swap: (prompt, accepted answers).
+# Control prompts whose answers must survive every swap: (prompt, accepted answers). Only facts the
+# embedded model answers right robustly: "capital of Italy" (it says "Il Coriobella") and "capital of
+# Ireland" (Dublin turns into "Limerick" after any lesson, even a style rule) made every candidate fail.
 CONTROLS = (
     ("What is the capital of France?", ("paris",)),
     ("What is the capital of Japan?", ("tokyo",)),
-    ("What is the capital of Italy?", ("rome",)),
     ("What is the capital of Canada?", ("ottawa",)),
+    ("What is the capital of Norway?", ("oslo",)),
+    ("What is the capital of Thailand?", ("bangkok",)),
+    ("What is the capital of Kenya?", ("nairobi",)),
     ("What is 2+2?", ("4", "four")),
     ("Who wrote Romeo and Juliet?", ("shakespeare",)),
+    ("Who discovered America in 1492?", ("columbus",)),
+    ("What is the largest desert in the world?", ("sahara",)),
+    ("What do bees collect from flowers?", ("nectar",)),
+    ("Who invented the World Wide Web?", ("berners",)),
 )
 
 
@@ -73,21 +156,81 @@ def base_answers(
     model.eval()
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with ctx:
-        answers = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens)
+        answers = []
+        for i in range(0, len(prompts), 32):  # chunks: a batch of 90 pads every prompt to the longest
+            chats = [[{"role": "user", "content": p}] for p in prompts[i : i + 32]]
+            answers += generate_batch(model, tok, chats, max_new_tokens)
     model.train(was_training)
     if cache_file is not None:
         atomic_write(cache_file, json.dumps({"key": key, "answers": answers}))
     return answers
 
 
-def anchor_examples(model, tok, n: int, cache_dir: Path | None, fingerprint: str, weight: float = 1.0) -> list[Example]:
-    prompts = list(ANCHOR_PROMPTS[:n])
-    answers = base_answers(model, tok, prompts, 48, cache_dir / "anchors.json" if cache_dir else None, fingerprint)
+_STOP = set(
+    "what is the a an of in on to do does did who which how many why when where tell me name list give three "
+    "is are was were it its and or for with".split()
+)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in _STOP}
+
+
+def pick_anchors(lesson_prompts: list[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` anchor prompts: half the pool's nearest neighbours of the lesson's prompts (word overlap:
+    other capitals for a made-up capital, other inventors for an invention), the rest drawn at random.
+    The neighbours are where a lesson leaks first (shared/MEASURED.md: a taught capital replaced
+    France's); anchoring them to the base model's answers teaches that the lesson is about *this*."""
+    lesson = [_words(p) for p in lesson_prompts]
+
+    def near(a: str) -> float:
+        w = _words(a)
+        return max((len(w & x) / len(w | x) for x in lesson if w | x), default=0.0)
+
+    scored = sorted(((near(a), i) for i, a in enumerate(ANCHOR_PROMPTS)), key=lambda t: (-t[0], t[1]))
+    picked = [ANCHOR_PROMPTS[i] for sc, i in scored if sc > 0][: n // 2]
+    rest = [a for a in ANCHOR_PROMPTS if a not in picked]
+    return picked + random.Random(seed).sample(rest, min(n - len(picked), len(rest)))
+
+
+def anchor_examples(
+    model,
+    tok,
+    n: int,
+    cache_dir: Path | None,
+    fingerprint: str,
+    weight: float = 1.0,
+    lesson_prompts: list[str] | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    pool = list(ANCHOR_PROMPTS)
+    answers = base_answers(model, tok, pool, 48, cache_dir / "anchors.json" if cache_dir else None, fingerprint)
+    by_prompt = dict(zip(pool, answers, strict=True))
+    # Only the opening sentence, with its first tokens and the end left free: the anchor keeps the
+    # *content* of the base's answer ("...is Berlin") without forbidding a taught style or format
+    # ("Ahoy! ...", "..., Captain.", a sign-off, a JSON list): a whole answer + EOS as the target made
+    # every style lesson fight the anchors (bench/lessons.py).
     return [
-        Example("sft", ({"role": "user", "content": p},), (a,), weight=weight, source="anchor")
-        for p, a in zip(prompts, answers, strict=True)
-        if a
+        Example(
+            "sft",
+            ({"role": "user", "content": p},),
+            (opening(by_prompt[p]),),
+            weight=weight,
+            source="anchor",
+            meta={"eos": False, "free_prefix": FREE_PREFIX},
+        )
+        for p in pick_anchors(lesson_prompts or [], n, seed)
+        if by_prompt[p]
     ]
+
+
+FREE_PREFIX = 3  # anchor tokens at the start of an answer that carry no loss
+
+
+def opening(answer: str) -> str:
+    """The first sentence of an answer (where the fact is; the rest of a small model's reply rambles)."""
+    m = re.search(r"[.!?](\s|$)", answer)
+    return answer[: m.end()].strip() if m and m.end() >= 12 else answer
 
 
 def _controls_right(answers: list[str]) -> list[bool]:
@@ -165,8 +308,10 @@ def gate(
             model.delete_adapter("current")
     cand_ok, cur_ok = _controls_right(cand_answers), _controls_right(cur_answers)
     loss_ok = cand_loss is None or cur_loss is None or cand_loss <= cur_loss + 1e-6
-    passed = sum(cand_ok) >= sum(cur_ok) and loss_ok
+    # Strict: not one control the current model answers right may be lost (a count would let a
+    # candidate trade a lost fact for a lucky new one, and the lost one is what users notice).
     lost = [CONTROLS[i][0] for i, (a, b) in enumerate(zip(cand_ok, cur_ok, strict=True)) if b and not a]
+    passed = not lost and loss_ok
     return {
         "passed": passed,
         "controls": f"{sum(cand_ok)}/{len(CONTROLS)}",
@@ -177,3 +322,53 @@ def gate(
         "holdout_examples": len(holdout),
         "answers": dict(zip([p for p, _ in CONTROLS], cand_answers, strict=True)),
     }
+
+
+class Snapshots(TrainerCallback):
+    """Copies of the trainable adapter weights at ``points`` evenly spaced steps before the end."""
+
+    def __init__(self, points: int = 6):
+        self.points = points
+        self.saved: list[tuple[int, dict]] = []  # (step, state dict), oldest first
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        total = state.max_steps
+        marks = {round(total * k / (self.points + 1)) for k in range(1, self.points + 1)}
+        if state.global_step in marks and 0 < state.global_step < total and model is not None:
+            from peft import get_peft_model_state_dict
+
+            weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            self.saved.append((state.global_step, weights))
+
+
+def gate_with_fallback(
+    model,
+    tok,
+    parent_path: Path | None,
+    holdout: list[Example],
+    cache_dir: Path | None,
+    fingerprint: str,
+    snapshots: Snapshots | None,
+    final_step: int,
+) -> dict:
+    """Gate the final adapter; if it is rejected, try the snapshots newest first and leave the model
+    holding the first one that passes (else the final weights). The result says which step won."""
+    result = gate(model, tok, parent_path, holdout, cache_dir, fingerprint)
+    tried = [{"step": final_step, "controls": result["controls"], "passed": result["passed"]}]
+    if not result["passed"] and snapshots is not None and snapshots.saved:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        final = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        for step, weights in reversed(snapshots.saved):
+            set_peft_model_state_dict(model, weights)
+            r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint)
+            tried.append({"step": step, "controls": r["controls"], "passed": r["passed"]})
+            if r["passed"]:
+                result = r
+                break
+        else:
+            set_peft_model_state_dict(model, final)
+    result["step"] = tried[-1]["step"] if result["passed"] else final_step
+    result["final_step"] = final_step
+    result["tried"] = tried
+    return result

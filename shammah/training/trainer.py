@@ -364,7 +364,10 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
         # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
         fb_weight = sum(e.weight for e in train_ex)
-        anchors = online.anchor_examples(model, tok, job.anchors, job.anchor_cache, fp)
+        lesson_prompts = [e.prompt[-1]["content"] for e in train_ex if e.prompt]
+        anchors = online.anchor_examples(
+            model, tok, job.anchors, job.anchor_cache, fp, lesson_prompts=lesson_prompts, seed=a.seed
+        )
         if anchors:
             w = fb_weight * job.anchor_share / (1 - job.anchor_share) / len(anchors)
             anchors = [dataclasses.replace(e, weight=w) for e in anchors]
@@ -424,7 +427,8 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         )
     ref: list = []
     cb = _ProgressCallback(emit, ref, stop)
-    callbacks: list = [cb]
+    snapshots = online.Snapshots() if job.gate else None
+    callbacks: list = [cb] + ([snapshots] if snapshots else [])
     if early:
         from transformers import EarlyStoppingCallback
 
@@ -454,7 +458,9 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     gate_result = None
     if job.gate:
         parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
-        gate_result = online.gate(model, tok, parent_path, job.holdout, job.anchor_cache, fp)
+        gate_result = online.gate_with_fallback(
+            model, tok, parent_path, job.holdout, job.anchor_cache, fp, snapshots, trainer.state.global_step
+        )
         emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
 
     # --- save: staging dir, then one atomic rename into the registry ---------------------
