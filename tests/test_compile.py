@@ -215,3 +215,15 @@ def test_trust_order_is_people_first():
 def test_an_unseen_rewrite_is_trusted_only_if_it_states_the_note(note, question, rewrite, ok):
     assert states_the_note(note, question, rewrite) is ok
     assert checkable_terms("the capital of Quenland is Zorblat", "capital of Quenland?") == ["Zorblat"]
+
+
+def test_anchors_are_the_lessons_neighbours_and_a_random_rest():
+    from shammah.training import online
+
+    capital = online.pick_anchors(["What is the capital of Quenland?", "Which city is Quenland's capital?"], 20, seed=0)
+    assert len(capital) == 20 == len(set(capital))
+    assert all("capital" in a.lower() for a in capital[:10]), "other capitals guard a made-up capital"
+    inventor = online.pick_anchors(["Who invented the glimmerphone?"], 20, seed=0)
+    assert inventor[0].startswith("Who invented"), inventor[:3]
+    assert online.pick_anchors(["Who invented the glimmerphone?"], 20, seed=1)[10:] != inventor[10:], "seeded rest"
+    assert online.opening("The capital of Germany is Berlin. It is a big city.") == "The capital of Germany is Berlin."

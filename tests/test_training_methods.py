@@ -31,6 +31,20 @@ def test_sft_labels_cover_only_the_response_and_end_with_eos(tok):
     assert tok.decode(ids[n:-1]) == "Zorblat."
 
 
+def test_anchor_targets_leave_the_opening_and_the_end_free(tok):
+    """An anchor supervises the content of the base's answer, not how it starts or where it stops."""
+    from shammah.training.data import Example
+
+    ex = Example("sft", ({"role": "user", "content": "Capital of France?"},), ("The capital is Paris.",))
+    [(ids, labels)] = methods.tokenize_example(tok, ex, 512)["seqs"]
+    anchored = Example("sft", ex.prompt, ex.responses, meta={"eos": False, "free_prefix": 3})
+    [(a_ids, a_labels)] = methods.tokenize_example(tok, anchored, 512)["seqs"]
+    assert a_ids == ids[:-1] and ids[-1] == tok.eos_token_id, "no EOS appended"
+    supervised = [i for i, lab in enumerate(a_labels) if lab != IGNORE]
+    first = len(a_ids) - len(tok("The capital is Paris.", add_special_tokens=False)["input_ids"])
+    assert supervised == list(range(first + 3, len(a_ids))), "the first three answer tokens carry no loss"
+
+
 def test_truncation_keeps_the_response(tok):
     ex = parse_record({"prompt": "word " * 300, "completion": "Zorblat."})
     [(ids, labels)] = methods.tokenize_example(tok, ex, 64)["seqs"]
