@@ -202,16 +202,14 @@ def anchor_examples(
     weight: float = 1.0,
     lesson_prompts: list[str] | None = None,
     seed: int = 0,
-    lesson_targets: list[str] | None = None,
 ) -> list[Example]:
     pool = list(ANCHOR_PROMPTS)
-    free = shared_opening(tok, lesson_targets or [])
     answers = base_answers(model, tok, pool, 48, cache_dir / "anchors.json" if cache_dir else None, fingerprint)
     by_prompt = dict(zip(pool, answers, strict=True))
-    # Only the opening sentence, with the end left free (and the opening too when the lesson's targets
-    # share one): the anchor keeps the *content* of the base's answer ("...is Berlin") without
-    # forbidding a taught style or format ("Ahoy! ...", "..., Captain.", a sign-off, a JSON list): a
-    # whole answer + EOS as the target made every style lesson fight the anchors (bench/lessons.py).
+    # Only the opening sentence, with its first tokens and the end left free: the anchor keeps the
+    # *content* of the base's answer ("...is Berlin") without forbidding a taught style or format
+    # ("Ahoy! ...", "..., Captain.", a sign-off, a JSON list): a whole answer + EOS as the target made
+    # every style lesson fight the anchors (bench/lessons.py).
     return [
         Example(
             "sft",
@@ -219,29 +217,14 @@ def anchor_examples(
             (opening(by_prompt[p]),),
             weight=weight,
             source="anchor",
-            meta={"eos": False, "free_prefix": free},
+            meta={"eos": False, "free_prefix": FREE_PREFIX},
         )
         for p in pick_anchors(lesson_prompts or [], n, seed)
         if by_prompt[p]
     ]
 
 
-def shared_opening(tok, targets: list[str], share: float = 0.8, longest: int = 4) -> int:
-    """How many opening tokens at least ``share`` of the lesson's targets have in common ("Ahoy!",
-    '["', "Answer:"): a taught way to start, which the anchors must then leave free. 0 for lessons
-    whose answers start differently — a fact's anchors must keep their first words, which are
-    often the fact ("Alexander Graham Bell invented ...")."""
-    if len(targets) < 2:
-        return 0
-    starts = [tuple(tok(t.strip(), add_special_tokens=False)["input_ids"][:longest]) for t in targets]
-    for n in range(longest, 0, -1):
-        counts: dict[tuple, int] = {}
-        for st in starts:
-            if len(st) >= n:
-                counts[st[:n]] = counts.get(st[:n], 0) + 1
-        if counts and max(counts.values()) >= share * len(targets):
-            return n
-    return 0
+FREE_PREFIX = 3  # anchor tokens at the start of an answer that carry no loss
 
 
 def opening(answer: str) -> str:

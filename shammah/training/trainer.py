@@ -364,15 +364,9 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
         # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
         fb_weight = sum(e.weight for e in train_ex)
+        lesson_prompts = [e.prompt[-1]["content"] for e in train_ex if e.prompt]
         anchors = online.anchor_examples(
-            model,
-            tok,
-            job.anchors,
-            job.anchor_cache,
-            fp,
-            lesson_prompts=[e.prompt[-1]["content"] for e in train_ex if e.prompt],
-            seed=a.seed,
-            lesson_targets=[e.responses[0] for e in train_ex if e.kind == "sft"],
+            model, tok, job.anchors, job.anchor_cache, fp, lesson_prompts=lesson_prompts, seed=a.seed
         )
         if anchors:
             w = fb_weight * job.anchor_share / (1 - job.anchor_share) / len(anchors)
