@@ -11,8 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import lessons as suite  # noqa: E402
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def engine(embedded_home):
@@ -38,6 +36,7 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
     assert all(len(x.held_out) >= 6 and not set(x.held_out) & {t for t, _ in x.teach} for x in suite.LESSONS)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["glimmerphone"])
 def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name):
     lesson = next(x for x in suite.LESSONS if x.name == name)
