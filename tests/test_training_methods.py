@@ -106,4 +106,3 @@ def test_sft_method_never_trains_undesirable_completions():
     ]
     out = methods.as_sft(exs)
     assert [(e.kind, e.responses) for e in out] == [("sft", ("good",))]
-
