@@ -392,9 +392,9 @@ def ask(engine, questions: list[str]) -> list[str]:
     return engine.answers([[{"role": "user", "content": q}] for q in questions], EVAL_TOKENS)
 
 
-def teach(session, lesson: Lesson) -> tuple[float, list[str]]:
-    """Type the lesson into the chat as a user would; return (seconds from the last feedback to the
-    swap, the chat's notices)."""
+def teach(session, lesson: Lesson) -> float:
+    """Type the lesson into the chat as a user would; return the seconds from the last feedback to
+    the swap."""
 
     async def go() -> float:
         async def line(text: str) -> None:
@@ -419,7 +419,7 @@ def teach(session, lesson: Lesson) -> tuple[float, list[str]]:
         await session.jobs.wait()
         return time.perf_counter() - t0
 
-    return asyncio.run(go()), []
+    return asyncio.run(go())
 
 
 def run_lesson(engine, home: Path, cache: Path, lessons: list[Lesson], seed: int, revision: str) -> dict:
@@ -444,8 +444,7 @@ def run_lesson(engine, home: Path, cache: Path, lessons: list[Lesson], seed: int
     session._restored = True  # a fresh home: nothing to restore, and the engine is shared between runs
     seconds, rejected, outcome = [], 0, []
     for lesson in lessons:
-        s, _ = teach(session, lesson)
-        seconds.append(s)
+        seconds.append(teach(session, lesson))
         row = session.store.db.execute("SELECT status, message FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()
         outcome.append(row["message"] if row else "no job")
         rejected += bool(row and row["status"] == "rejected")
