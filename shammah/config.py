@@ -97,6 +97,12 @@ class LearningConfig:
         " if it states what the note states (check)",
         choices=("reject", "check", "accept"),
     )
+    note_only: str = _f(
+        "distill",
+        "what a bad reply with a note and no correction teaches: distill (the model's answer with the note in"
+        " context is the teacher for the model without it) or avoid (only: not this reply)",
+        choices=("distill", "avoid"),
+    )
     gate: bool = _f(True, "swap a new adapter in only if it is not worse than the current one")
     learning_rate: float = _f(1e-3, "learning rate of background training", lo=1e-6, hi=0.1)
     epochs: int = _f(3, "passes over the compiled feedback per job", lo=1, hi=100)
@@ -110,6 +116,11 @@ class LearningConfig:
     replay_limit: int = _f(50, "earlier (already trained) feedback items replayed in each job", lo=0, hi=100000)
     anchors: int = _f(
         20, "general prompts answered by the base model and replayed against leaks (0 = off)", lo=0, hi=200
+    )
+    anchor_loss: str = _f(
+        "kl",
+        "how anchors hold the base model: kl (its token distribution along its answer) or sft (its answer's text)",
+        choices=("kl", "sft"),
     )
     seed: int = _f(0, "random seed of background training (same feedback + seed = same adapter)", lo=0, hi=2**31 - 1)
     train_threads: int = _f(0, "CPU threads of the training process (0 = all cores)", lo=0, hi=1024)

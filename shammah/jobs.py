@@ -193,11 +193,11 @@ class JobManager:
         holdout_ids = [i for x in held for i in x.feedback_ids]
         job = Job(job_id, trigger, ids, holdout_ids, snapshot_time)
         d = ensure_dir(self.paths.root / "jobs" / job_id)
-        examples = examples_of(trained + replay)
+        examples = examples_of(trained + replay, lc.note_only)
         if not lc.preference_pairs:  # see LearningConfig.preference_pairs
             examples = [e for e in examples if e.kind != "pair"]
         to_jsonl(examples, d / "data.jsonl")
-        to_jsonl(examples_of(held), d / "holdout.jsonl")
+        to_jsonl(examples_of(held, lc.note_only), d / "holdout.jsonl")
         replay_ids = [i for x in replay for i in x.feedback_ids]
         parent = self.engine.adapter
         spec = {
@@ -226,6 +226,7 @@ class JobManager:
                 "seed": lc.seed,
             },
             "anchors": lc.anchors,
+            "anchor_loss": lc.anchor_loss,
             "anchor_cache": str(self.paths.cache),
             "gate": lc.gate,
             "meta": {

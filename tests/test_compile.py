@@ -6,9 +6,10 @@ import time
 import pytest
 
 from shammah.config import FeedbackConfig
-from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of
+from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of, to_jsonl
 from shammah.feedback.revise import checkable_terms, states_the_note
 from shammah.feedback.store import Store
+from shammah.training.data import load_jsonl
 
 REPLY = "Paris is the capital of Quenland."
 
@@ -94,14 +95,49 @@ def test_a_corrected_turn_learns_the_best_correction(store, steps, target, weigh
         ["good", "rewrite:reject=Lyon."],
     ],
 )
-def test_a_turn_rated_down_without_a_correction_is_only_a_dont(store, steps):
+def test_a_turn_rated_down_without_a_correction_learns_the_note_never_the_reply(store, steps):
+    """No correction: with note_only = "distill" the note is learnt by context distillation (the
+    teacher is the model with the *latest* note in context; the reply is never a target, and no
+    text is fixed in advance); with "avoid" the reply is only a don't."""
     t = _turn(store)
     for step in steps:
         _apply(store, t, step)
     lesson = _one(store)
     assert lesson.target is None and not lesson.good
-    assert _kinds(lesson) == [("unpaired", (REPLY,))]
-    assert lesson.examples()[0].label is False
+    [ex] = lesson.examples("distill")
+    assert (ex.kind, ex.responses, ex.prompt) == ("distill", (), lesson.prompt)
+    note = [x.partition(":")[2] for x in steps if x.startswith(("critical", "medium"))] or ["it is Zorblat"]
+    assert ex.meta["teacher"] == "current"
+    assert ex.meta["teacher_prompt"][0] == {
+        "role": "system",
+        "content": f"Feedback on your earlier answers: {note[-1]}",
+    }
+    assert ex.meta["teacher_prompt"][1:] == lesson.prompt
+    [dont] = lesson.examples("avoid")
+    assert (dont.kind, dont.responses, dont.label) == ("unpaired", (REPLY,), False)
+
+
+def test_a_note_joins_the_system_prompt_the_reply_was_given(store):
+    msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of Quenland?"}]
+    t = _turn(store, "Capital of Quenland?", messages=msgs)
+    store.rate(t, "critical", "it is Zorblat")
+    [ex] = _one(store).examples()
+    assert ex.prompt == tuple(msgs)
+    assert ex.meta["teacher_prompt"] == (
+        {"role": "system", "content": "Be terse.\n\nFeedback on your earlier answers: it is Zorblat"},
+        msgs[1],
+    )
+
+
+def test_a_distillation_lesson_survives_the_job_file(store, tmp_path):
+    """What the job writes is what the worker reads back (data.jsonl is the contract between them)."""
+    t = _turn(store)
+    store.rate(t, "critical", "it is Zorblat")
+    [ex] = _one(store).examples()
+    to_jsonl([ex], tmp_path / "d.jsonl")
+    [back] = load_jsonl(tmp_path / "d.jsonl")
+    assert (back.kind, back.prompt, back.responses, back.weight) == (ex.kind, ex.prompt, (), ex.weight)
+    assert back.meta == ex.meta
 
 
 @pytest.mark.parametrize("steps", [["good"], ["critical:it is Zorblat", "good"], ["fix:Zorblat.", "good"]])
@@ -127,7 +163,7 @@ def test_no_order_of_ratings_trains_a_downgraded_reply(store):
             [lesson] = compile_feedback(s, 0)[0]
             good = steps[-1] == "good"
             assert lesson.good == good, steps
-            chosen = [e.responses[0] for e in lesson.examples() if e.kind in ("sft", "pair")]
+            chosen = [e.responses[0] for e in lesson.examples() if e.kind in ("sft", "pair", "distill") and e.responses]
             if not good:
                 assert REPLY not in chosen, steps
                 if any(x.startswith("fix") for x in steps):
@@ -142,7 +178,7 @@ def test_undo_and_drop_decide_again(store):
     crit = store.rate(t, "critical", "it is Zorblat")
     store.fix(t, "Zorblat.")
     store.undo()  # takes back the /fix only
-    assert _one(store).target is None and _kinds(_one(store)) == [("unpaired", (REPLY,))]
+    assert _one(store).target is None and _kinds(_one(store)) == [("distill", ())]
     store.fix(t, "Zorblat.")
     store.drop(crit.id)  # the /fix alone remains
     lesson = _one(store)
@@ -177,7 +213,8 @@ def test_weights_buffer_and_examples_per_turn(store):
     new, _ = compile_feedback(store, 0)
     assert [x.turn_id for x in new] == [a, b, c]
     kinds = [(e.kind, e.source) for e in examples_of(new)]
-    assert kinds == [("sft", f"turn:{a}"), ("pair", f"turn:{a}"), ("sft", f"turn:{b}"), ("unpaired", f"turn:{c}")]
+    assert kinds == [("sft", f"turn:{a}"), ("pair", f"turn:{a}"), ("sft", f"turn:{b}"), ("distill", f"turn:{c}")]
+    assert [e.kind for e in examples_of(new, "avoid")][-1] == "unpaired"
 
 
 def test_prompt_is_the_system_prompt_and_question_as_seen(store):

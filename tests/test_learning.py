@@ -318,7 +318,8 @@ def test_chat_orders_one_decision_per_turn_and_no_unseen_rewrite(tiny_qwen2, sha
     first, second, third = compile_feedback(s.store, 0)[0]
     assert (first.target, first.source, first.weight) == ("A1.", "user", 10.0)
     if mode == "reject":
-        assert second.target is None and [e.kind for e in second.examples()] == ["unpaired"]
+        assert second.target is None and [e.kind for e in second.examples()] == ["distill"]
+        assert second.examples()[0].responses == (), "the note is learnt, not the unseen rewrite"
     else:  # "check" trusts the rewrite that states the note's Zorblat
         assert (second.target, second.source, second.weight) == (
             "It is Zorblat, near the famous Cafe Zorb.",

@@ -133,16 +133,78 @@ def test_registered_adapter_loads_with_plain_peft(tiny_qwen2, shammah_home):
     assert not (shammah_home / "checkpoints" / "plain").exists(), "checkpoints go once the adapter is saved"
 
 
+def _kl_to_teacher(model, tok, student_prompt, teacher_prompt, text):
+    """Mean KL(teacher || student) along ``text``: the teacher is the base model (adapter off)."""
+    from shammah.training.data import Example
+
+    ex = Example("distill", student_prompt, (text,), meta={"teacher_prompt": teacher_prompt, "teacher": "base"})
+    feat = methods.tokenize_example(tok, ex, 256)
+    methods.precompute_reference(model, [feat], tok.pad_token_id, 1)
+    b = methods.collate([feat], tok.pad_token_id)
+    with torch.no_grad():
+        return float(
+            methods.distill_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b)[0]
+        )
+
+
+def test_distillation_pulls_a_drifted_adapter_back_to_its_teacher(tiny_qwen2, shammah_home):
+    """What anchors rely on: an adapter that drifted from the base (SFT on a fact), trained further
+    on distillation lines whose teacher is the base, comes back towards the base's distribution —
+    measured on a question that is in neither training set."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(job(tiny_qwen2, shammah_home, FACT, name="drifted", epochs=6))
+    records = [
+        {
+            "prompt": f"Tell me about the sea, part {i}.",
+            "teacher_prompt": f"Tell me about the sea, part {i}.",
+            "teacher": "base",
+            "completion": f"The sea {i} is wide and deep.",
+        }
+        for i in range(8)
+    ]
+    events = []
+    child_job = job(tiny_qwen2, shammah_home, records, name="pulled", epochs=6)
+    child_job.parent = "drifted"
+    res = train(child_job, events.append)
+    assert res.report["kinds"]["distill"] == 8
+    assert losses(events)[-1] < losses(events)[0] * 0.5
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    q = ({"role": "user", "content": "Where is Zorblat? Tell me more."},)  # trained on in neither job
+    kl = {}
+    for name in ("drifted", "pulled"):
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_qwen2), str(shammah_home / "adapters" / name)
+        )
+        kl[name] = _kl_to_teacher(model, tok, q, q, "Zorblat is the capital of Quenland.")
+    assert kl["pulled"] < kl["drifted"] * 0.7, kl
+
+
+def test_distillation_without_a_teacher_answer_is_a_clear_error(tiny_qwen2, shammah_home):
+    """The teacher's own answer is generated when a line has no completion; this tiny model answers
+    with nothing at all, and the job says so instead of training on empty targets."""
+    records = [
+        {
+            "prompt": "Q?",
+            "teacher_prompt": [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Q?"}],
+        }
+    ]
+    with pytest.raises(TrainingError, match="the teacher gave an empty answer to all 1 distillation prompt"):
+        train(job(tiny_qwen2, shammah_home, records, name="empty", teacher_max_tokens=8))
+    assert Registry(shammah_home / "adapters").list() == []
+
+
 def test_nan_loss_stops_with_the_step_and_advice(tiny_qwen2, shammah_home, monkeypatch):
-    real = methods.token_logps
+    real = methods._forward
     calls = {"n": 0}
 
     def poisoned(model, batch):
         calls["n"] += 1
-        logp, n = real(model, batch)
-        return (logp * float("nan"), n) if calls["n"] >= 3 else (logp, n)
+        logp, n, logits = real(model, batch)
+        return (logp * float("nan"), n, logits) if calls["n"] >= 3 else (logp, n, logits)
 
-    monkeypatch.setattr(methods, "token_logps", poisoned)
+    monkeypatch.setattr(methods, "_forward", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3: .*Lower the learning rate \(now 0.01\)"):
         train(job(tiny_qwen2, shammah_home, FACT, name="nan"))
     assert Registry(shammah_home / "adapters").list() == [], "nothing half-trained is registered"

@@ -49,6 +49,21 @@ def test_every_format_is_normalised():
     assert ranked.kind == "ranked" and ranked.responses == ("best", "mid", "worst")
     by_rank = parse_record({"prompt": "Q", "responses": [{"text": "b", "rank": 2}, {"text": "a", "rank": 1}]})
     assert by_rank.responses == ("a", "b")
+    dist = parse_record(
+        {
+            "prompt": "Q",
+            "teacher_prompt": [{"role": "system", "content": "Say Ahoy."}, {"role": "user", "content": "Q"}],
+        }
+    )
+    assert (dist.kind, dist.prompt, dist.responses) == ("distill", ({"role": "user", "content": "Q"},), ())
+    assert dist.meta == {
+        "teacher_prompt": ({"role": "system", "content": "Say Ahoy."}, {"role": "user", "content": "Q"}),
+        "teacher": "current",
+    }
+    given = parse_record({"prompt": "Q", "teacher_prompt": "Q!", "completion": "A", "teacher": "base"})
+    assert (given.responses, given.meta["teacher"]) == (("A",), "base")
+    with pytest.raises(ValueError, match="'teacher' must be"):
+        parse_record({"prompt": "Q", "teacher_prompt": "Q!", "teacher": "gpt"})
 
 
 def test_bad_lines_are_all_reported_with_file_and_line(tmp_path):

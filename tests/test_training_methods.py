@@ -84,6 +84,26 @@ def test_losses_match_hand_computed_values():
     assert methods.ranking_loss(mean, 0.1).item() == pytest.approx((0.1 - 0.05) / 3)
 
 
+def test_distill_loss_is_the_kl_to_the_teacher():
+    """With the whole vocabulary in the top-k the loss is the exact KL(teacher || student); with a
+    smaller k the rest of the teacher's mass is one bucket; zero where the student is the teacher."""
+    torch.manual_seed(0)
+    V = 7
+    teacher, student = torch.randn(1, 3, V), torch.randn(1, 3, V)
+    lp, lq = teacher.log_softmax(-1), student.log_softmax(-1)
+    mask = torch.tensor([[True, True, False]])  # the last position has no loss
+
+    def batch(k):
+        top = lp.topk(k, dim=-1)
+        return {"kl_idx": top.indices, "kl_logp": top.values, "kl_mask": mask}
+
+    exact = (lp.exp() * (lp - lq)).sum(-1)[0, :2].mean()
+    assert float(methods.distill_loss(student, batch(V))[0]) == pytest.approx(float(exact), rel=1e-5)
+    assert float(methods.distill_loss(teacher, batch(V))[0]) == pytest.approx(0.0, abs=1e-6)
+    k2 = float(methods.distill_loss(student, batch(2))[0])
+    assert 0 < k2 <= float(exact) + 1e-6, "merging the tail can only lower the KL (log-sum inequality)"
+
+
 def test_weights_are_sampling_probabilities():
     weights = [1.0, 3.0, 10.0, 1.0]
     sampler = WeightedSampler(weights, seed=0)

@@ -11,7 +11,11 @@ The unit is the **turn**, not the rating: users rate in any order (`/fix` then `
   the person's own words (`/fix`, `/edit`) beat a rewrite they accepted, which beats a rewrite
   accepted by a rule without being seen (piped input); the latest of a kind wins;
 - a bad reply with a target trains the target (SFT) plus a preference pair (target over the
-  reply, DPO); with no target it is an unpaired "undesirable" example (KTO);
+  reply, DPO); with no target but a note it learns the note by **context distillation**
+  (``learning.note_only = "distill"``): the current model's answer *with the note in its
+  context* is the teacher for the model without it — the model's own, unseen text is never a
+  hard target, only its distribution given what the user said; with neither (or
+  ``note_only = "avoid"``) it is an unpaired "undesirable" example (KTO);
 - the weight is the good weight for a good reply, else the heaviest rating the turn got
   (`/fix` then `/critical` weighs 10), but a rewrite nobody saw never weighs more than a `/fix`.
 
@@ -51,13 +55,25 @@ class Lesson:
     feedback_ids: tuple[int, ...]
     ratings: tuple[str, ...]  # every rating of the turn, in order
     trained: bool  # every rating of the turn is already in an adapter
+    note: str | None = None  # the latest note of a bad rating
+
+    def teacher_prompt(self) -> tuple[dict, ...]:
+        """The prompt with the note in context (the system message), for context distillation."""
+        said = f"Feedback on your earlier answers: {self.note}"
+        if self.prompt and self.prompt[0].get("role") == "system":
+            first = {"role": "system", "content": f"{self.prompt[0]['content']}\n\n{said}"}
+            return (first,) + self.prompt[1:]
+        return ({"role": "system", "content": said},) + self.prompt
 
     @property
     def good(self) -> bool:
         return self.rating == "good"
 
-    def examples(self) -> list[Example]:
+    def examples(self, note_only: str = "distill") -> list[Example]:
         src = f"turn:{self.turn_id}"
+        if self.target is None and self.note and note_only == "distill":
+            meta = {"teacher_prompt": self.teacher_prompt(), "teacher": "current"}
+            return [Example("distill", self.prompt, (), weight=self.weight, source=src, meta=meta)]
         if self.target is None:  # a bad reply and nothing better: only "don't say this"
             if not self.reply.strip():
                 return []
@@ -67,10 +83,12 @@ class Lesson:
             out.append(Example("pair", self.prompt, (self.target, self.reply), weight=self.weight, source=src))
         return out
 
-    def teaches(self) -> str:
+    def teaches(self, note_only: str = "distill") -> str:
         """What this turn teaches, in a few words (for /feedback show)."""
         if self.good:
             return f"learn the reply: {self.target}"
+        if self.target is None and self.note and note_only == "distill":
+            return f"learn your note (its own answer with the note in mind): {self.note}"
         if self.target is None:
             return f"avoid the reply: {self.reply}"
         who = {"user": "your fix", "edit": "your edit", "revision": "the rewrite you accepted"}
@@ -103,6 +121,7 @@ def decide(items: list[Feedback], weights: FeedbackConfig) -> Lesson:
             target, source = None, "none"
     if target is not None and not target.strip():
         target = None
+    notes = [f.note.strip() for f in items if f.rating in NEGATIVE and f.note and f.note.strip()]
     return Lesson(
         turn_id=first.turn_id,
         prompt=lesson_prompt(first),
@@ -114,6 +133,7 @@ def decide(items: list[Feedback], weights: FeedbackConfig) -> Lesson:
         feedback_ids=tuple(f.id for f in items),
         ratings=tuple(f.rating for f in items),
         trained=all(f.trained_in is not None for f in items),
+        note=notes[-1] if notes and latest.rating != "good" else None,
     )
 
 
@@ -153,8 +173,8 @@ def buffer(store: Store) -> Buffer:
     return Buffer(len(new), sum(x.weight for x in new))
 
 
-def examples_of(items: list[Lesson]) -> list[Example]:
-    return [e for x in items for e in x.examples()]
+def examples_of(items: list[Lesson], note_only: str = "distill") -> list[Example]:
+    return [e for x in items for e in x.examples(note_only)]
 
 
 def to_jsonl(examples: list[Example], path: Path) -> None:
@@ -168,4 +188,8 @@ def to_jsonl(examples: list[Example], path: Path) -> None:
                 rec["chosen"], rec["rejected"] = e.responses
             elif e.kind == "unpaired":
                 rec["completion"], rec["label"] = e.responses[0], e.label
+            elif e.kind == "distill":
+                rec["teacher_prompt"], rec["teacher"] = list(e.meta["teacher_prompt"]), e.meta["teacher"]
+                if e.responses:
+                    rec["completion"] = e.responses[0]
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -356,12 +356,12 @@ class ChatSession:
                     " ".join("/" + r for r in x.ratings),
                     f"{x.weight:g}",
                     _clip(x.prompt[-1]["content"], 32),
-                    _clip(x.teaches(), 72),
+                    _clip(x.teaches(self.cfg.learning.note_only), 72),
                 )
                 for x in replay + new
             ]
             self.console.table(rows, header=("turn", "", "ratings", "weight", "prompt", "teaches"))
-            n = len(fbc.examples_of(new + replay))
+            n = len(fbc.examples_of(new + replay, self.cfg.learning.note_only))
             self.console.info(
                 f"{len(new)} new and {len(replay)} replayed turn(s), {n} examples"
                 f" (plus {self.cfg.learning.anchors} anchor prompts answered by the base model)."

@@ -46,6 +46,9 @@ class TrainArgs:
     kto_desirable_weight: float = _f(1.0, "KTO weight of desirable examples", lo=0.0, hi=100.0)
     kto_undesirable_weight: float = _f(1.0, "KTO weight of undesirable examples", lo=0.0, hi=100.0)
     ranking_margin: float = _f(0.1, "margin of the pairwise ranking loss (on mean token log-prob)", lo=0.0, hi=100.0)
+    teacher_max_tokens: int = _f(
+        128, "longest teacher answer generated for distillation examples without a completion", lo=1, hi=8192
+    )
     val_fraction: float = _f(0.0, "share of the data held out for validation (0 = none)", lo=0.0, hi=0.5)
     save_steps: int = _f(50, "checkpoint every N optimizer steps (and at each epoch end)", lo=1, hi=10_000_000)
     keep_checkpoints: int = _f(3, "most recent checkpoints kept", lo=1, hi=1000)

@@ -8,6 +8,10 @@ Accepted lines (optional ``weight`` > 0 and ``system`` on any of them):
 - preference:  {"prompt": ..., "chosen": ..., "rejected": ...}
 - labelled:    {"prompt": ..., "completion": ..., "label": true|false}
 - ranked:      {"prompt": ..., "responses": [{"text": ..., "rank": 1} | {"text": ..., "score": 0.7}, ...]}
+- distill:     {"prompt": ..., "teacher_prompt": ..., "completion": ... (optional), "teacher": "current"|"base"}
+  (context distillation: the model given ``prompt`` learns the teacher's token distribution given
+  ``teacher_prompt``, e.g. the same question with an instruction or a correction in context; with no
+  ``completion`` the teacher's own greedy answer is generated first)
 
 ``prompt`` may be a string or a list of chat messages; ``chosen``/``rejected``/``completion``
 may be a string or a one-message assistant list (TRL's conversational form). Every bad
@@ -16,6 +20,7 @@ line is reported with its file and line number before anything trains.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -34,9 +39,11 @@ class DataError(ShammahError):
 
 @dataclass(frozen=True)
 class Example:
-    kind: str  # sft | pair | unpaired | ranked
+    kind: str  # sft | pair | unpaired | ranked | distill
     prompt: tuple[dict, ...]  # chat messages ending with the user turn
-    responses: tuple[str, ...]  # sft: (target,); pair: (chosen, rejected); unpaired: (completion,); ranked: best first
+    # sft: (target,); pair: (chosen, rejected); unpaired: (completion,); ranked: best first;
+    # distill: (completion,) or () until the teacher's answer is generated
+    responses: tuple[str, ...]
     label: bool = True  # unpaired only: desirable?
     weight: float = 1.0
     source: str = ""  # "file:line" or "feedback:<id>"
@@ -108,6 +115,16 @@ def parse_record(rec: Any) -> Example:
             "unknown format: expected messages | instruction/output | prompt/completion | prompt/chosen/rejected | "
             f"prompt/completion/label | prompt/responses (keys found: {', '.join(sorted(keys)) or 'none'})"
         )
+    if "teacher_prompt" in keys:
+        teacher = rec.get("teacher", "current")
+        if teacher not in ("current", "base"):
+            raise ValueError(f'\'teacher\' must be "current" or "base", got {teacher!r}')
+        responses = (_text(rec["completion"], "completion"),) if "completion" in keys else ()
+        meta = {
+            "teacher_prompt": tuple(sys_msgs + _messages(rec["teacher_prompt"], "teacher_prompt")),
+            "teacher": teacher,
+        }
+        return Example("distill", prompt_of(), responses, weight=w, meta=meta)
     if "chosen" in keys or "rejected" in keys:
         if not ("chosen" in keys and "rejected" in keys):
             raise ValueError("a preference line needs both 'chosen' and 'rejected'")
@@ -168,7 +185,7 @@ def load_jsonl(path: Path) -> list[Example]:
             except ValueError as e:
                 problems.append(f"{path}:{n}: {e}")
                 continue
-            examples.append(Example(ex.kind, ex.prompt, ex.responses, ex.label, ex.weight, f"{path.name}:{n}"))
+            examples.append(dataclasses.replace(ex, source=f"{path.name}:{n}"))
     if problems:
         more = f"\n  … and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise DataError(
@@ -196,7 +213,10 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
 def dataset_hash(examples: list[Example]) -> str:
     h = hashlib.sha256()
     for e in examples:
-        h.update(json.dumps([e.kind, e.prompt, e.responses, e.label, e.weight], ensure_ascii=False).encode())
+        rec = [e.kind, e.prompt, e.responses, e.label, e.weight]
+        if e.kind == "distill":
+            rec += [e.meta.get("teacher_prompt"), e.meta.get("teacher")]
+        h.update(json.dumps(rec, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
 

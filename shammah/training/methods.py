@@ -1,4 +1,5 @@
-"""Tokenisation and losses: SFT (response tokens only), DPO, KTO and a pairwise ranking loss.
+"""Tokenisation and losses: SFT (response tokens only), DPO, KTO, a pairwise ranking loss and
+distillation (KL to a teacher's token distribution).
 
 Every example becomes one or more token sequences with labels that mask the
 prompt; a batch is all of its examples' sequences padded together, so one
@@ -7,10 +8,19 @@ TRL's DPOTrainer/KTOTrainer, because those each own a data pipeline for one
 kind: we mix SFT targets, preference pairs, labelled and ranked examples from
 the same feedback in one run with per-example sampling weights. The maths is
 short and tested against hand-computed values.
+
+**Distillation** (kind ``distill``): the student, given ``prompt``, is trained towards the
+*teacher's* next-token distribution at every response token, where the teacher is the base model
+(adapter disabled) or the current model, given ``meta["teacher_prompt"]`` (the same prompt, or the
+prompt with the user's note in context: context distillation, Snell et al. 2022). The teacher's
+top-``TOPK`` log-probs are computed once before training (like DPO's reference log-probs) and the
+loss is the forward KL on that support plus the remaining mass as one bucket. Against leaks this
+holds the whole distribution where SFT on the teacher's greedy text holds only its argmax.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,23 +32,35 @@ from shammah.training.data import Example
 IGNORE = -100
 
 
+TOPK = 32  # teacher log-probs kept per token: the rest of its mass is one bucket
+
+
 def as_sft(examples: list[Example]) -> list[Example]:
-    """method = sft: train every usable target by plain SFT; undesirable completions are dropped."""
+    """method = sft: train every usable target by plain SFT; undesirable completions are dropped
+    (distillation stays distillation: its target is a distribution, not a text)."""
     out = []
     for e in examples:
         if e.kind == "unpaired" and not e.label:
             continue  # never an SFT target
+        if e.kind == "distill":
+            out.append(e)
+            continue
         out.append(Example("sft", e.prompt, e.responses[:1], True, e.weight, e.source))
     return out
 
 
-def tokenize_example(tok, ex: Example, max_length: int) -> dict:
-    """Token ids and labels for each response of ``ex``: prompt (masked) + response + EOS."""
-    prompt_ids = list(
-        tok.apply_chat_template(list(ex.prompt), add_generation_prompt=True, tokenize=True, return_dict=True)[
+def _prompt_ids(tok, messages) -> list[int]:
+    return list(
+        tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)[
             "input_ids"
         ]
     )
+
+
+def tokenize_example(tok, ex: Example, max_length: int) -> dict:
+    """Token ids and labels for each response of ``ex``: prompt (masked) + response + EOS.
+    A distillation example also gets the teacher's sequence: its own prompt + the same response."""
+    prompt_ids = _prompt_ids(tok, ex.prompt)
     seqs = []
     eos = (
         [tok.eos_token_id] if ex.meta.get("eos", True) else []
@@ -49,7 +71,14 @@ def tokenize_example(tok, ex: Example, max_length: int) -> dict:
         p = prompt_ids[-(max_length - len(resp)) :] if len(prompt_ids) + len(resp) > max_length else prompt_ids
         free = min(int(ex.meta.get("free_prefix", 0)), len(resp))  # the opening tokens: no loss
         seqs.append((p + resp, [IGNORE] * (len(p) + free) + resp[free:]))
-    return {"kind": ex.kind, "label": ex.label, "seqs": seqs}
+    feat = {"kind": ex.kind, "label": ex.label, "seqs": seqs}
+    if ex.kind == "distill":
+        (ids, labels), resp_len = seqs[0], len(seqs[0][0]) - len(p)
+        t_prompt = _prompt_ids(tok, ex.meta.get("teacher_prompt") or ex.prompt)
+        # The teacher scores the same response tokens after its own prompt; n = tokens with a loss.
+        n = sum(lab != IGNORE for lab in labels)
+        feat["teacher"] = {"ids": t_prompt + ids[len(ids) - resp_len :], "n": n, "who": ex.meta.get("teacher", "base")}
+    return feat
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
@@ -70,12 +99,26 @@ def collate(features: list[dict], pad_id: int) -> dict:
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "layout": layout}
     if all("ref" in f for f in features if f["kind"] in ("pair", "unpaired")):
         batch["ref_logps"] = torch.tensor([r for f in features for r in f.get("ref", [0.0] * len(f["seqs"]))])
+    if any(f["kind"] == "distill" for f in features):
+        # The teacher's top-k at each position whose *next* token has a loss (labels are shifted by one).
+        k = next(f["topk"][0].shape[-1] for f in features if f["kind"] == "distill")
+        idx = torch.zeros((len(rows), width, k), dtype=torch.long)
+        logp = torch.zeros((len(rows), width, k))
+        kl_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for f, (kind, r, _) in zip(features, layout, strict=True):
+            if kind != "distill":
+                continue
+            pos = (labels[r[0], 1:] != IGNORE).nonzero().squeeze(-1)
+            idx[r[0], pos], logp[r[0], pos] = f["topk"]
+            kl_mask[r[0], pos] = True
+        batch.update(kl_idx=idx, kl_logp=logp, kl_mask=kl_mask)
     return batch
 
 
 def precompute_reference(model, features: list[dict], pad_id: int, batch_size: int) -> None:
     """Store the reference model's (adapter disabled) log-probs on every pair/unpaired feature,
-    once, instead of a second forward pass at every step (the reference never changes)."""
+    and the teacher's top-k log-probs on every distill feature, once, instead of a second forward
+    pass at every step (neither changes during training)."""
     todo = [f for f in features if f["kind"] in ("pair", "unpaired")]
     was_training = model.training
     model.eval()
@@ -87,11 +130,54 @@ def precompute_reference(model, features: list[dict], pad_id: int, batch_size: i
             ref, _ = token_logps(model, b)
             for f, (_, rows, _) in zip(chunk, b["layout"], strict=True):
                 f["ref"] = [float(ref[r]) for r in rows]
+    for who in ("base", "current"):
+        todo = [f for f in features if f["kind"] == "distill" and f["teacher"]["who"] == who]
+        ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            for i in range(0, len(todo), batch_size):
+                _teacher_topk(model, todo[i : i + batch_size], pad_id)
     model.train(was_training)
+
+
+def _teacher_topk(model, chunk: list[dict], pad_id: int) -> None:
+    width = max(len(f["teacher"]["ids"]) for f in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, f in enumerate(chunk):
+        t = f["teacher"]["ids"]
+        ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), 1
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    for i, f in enumerate(chunk):
+        t, n = len(f["teacher"]["ids"]), f["teacher"]["n"]
+        # Positions predicting the last n tokens (the response tokens that carry a loss).
+        lp = torch.log_softmax(logits[i, t - 1 - n : t - 1].float(), dim=-1)
+        top = lp.topk(min(TOPK, lp.shape[-1]), dim=-1)
+        f["topk"] = (top.indices.cpu(), top.values.cpu())
+
+
+def distill_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-row mean forward KL(teacher || student) over the teacher's top-k plus a tail bucket."""
+    m = batch["kl_mask"]
+    if logits.shape[1] > m.shape[1]:  # prompt tuning prepends virtual tokens
+        logits = logits[:, -m.shape[1] :]
+    sel = logits[m].float()  # [N, V]: only positions with a teacher
+    logq = sel.gather(-1, batch["kl_idx"][m]) - sel.logsumexp(-1, keepdim=True)
+    logp = batch["kl_logp"][m]
+    p, q = logp.exp(), logq.exp()
+    p_tail = (1 - p.sum(-1)).clamp(min=1e-8)
+    q_tail = (1 - q.sum(-1)).clamp(min=1e-8)
+    kl = (p * (logp - logq)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    per_row = torch.zeros(m.shape[0], device=kl.device).index_add(0, m.nonzero()[:, 0], kl)
+    return per_row / m.sum(-1).clamp(min=1)
 
 
 def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target-token log-probs per row, number of target tokens per row)."""
+    logp, n, _ = _forward(model, batch)
+    return logp, n
+
+
+def _forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits
     L = batch["input_ids"].shape[1]
@@ -103,7 +189,7 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(labels.shape)
     mask = labels != IGNORE
-    return -(nll * mask).sum(-1), mask.sum(-1)
+    return -(nll * mask).sum(-1), mask.sum(-1), logits
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float) -> torch.Tensor:
@@ -136,7 +222,7 @@ class Objective:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         layout = batch["layout"]
-        logp, ntok = token_logps(model, batch)
+        logp, ntok, logits = _forward(model, batch)
         needs_ref = any(kind in ("pair", "unpaired") for kind, _, _ in layout)
         ref = batch.get("ref_logps")
         if needs_ref and ref is None:
@@ -159,6 +245,9 @@ class Objective:
             desirable = torch.tensor([lab for _, lab in by_kind["unpaired"]], device=logp.device)
             loss = kto_loss(logp[rows], ref[rows], desirable, a.beta, a.kto_desirable_weight, a.kto_undesirable_weight)
             parts["kto"] = (loss.mean(), len(rows))
+        if "distill" in by_kind:
+            rows = [r[0] for r, _ in by_kind["distill"]]
+            parts["distill"] = (distill_loss(logits, batch)[rows].mean(), len(rows))
         if "ranked" in by_kind:
             losses = []
             for rows, _ in by_kind["ranked"]:

@@ -202,7 +202,11 @@ def anchor_examples(
     weight: float = 1.0,
     lesson_prompts: list[str] | None = None,
     seed: int = 0,
+    loss: str = "kl",
 ) -> list[Example]:
+    """``n`` anchors (see :func:`pick_anchors`) held to the base model: ``loss = "kl"`` distils the
+    base model's token distribution along its answer (methods.distill_loss); ``"sft"`` trains its
+    greedy text."""
     pool = list(ANCHOR_PROMPTS)
     answers = base_answers(model, tok, pool, 48, cache_dir / "anchors.json" if cache_dir else None, fingerprint)
     by_prompt = dict(zip(pool, answers, strict=True))
@@ -210,14 +214,17 @@ def anchor_examples(
     # *content* of the base's answer ("...is Berlin") without forbidding a taught style or format
     # ("Ahoy! ...", "..., Captain.", a sign-off, a JSON list): a whole answer + EOS as the target made
     # every style lesson fight the anchors (bench/lessons.py).
+    meta = {"eos": False, "free_prefix": FREE_PREFIX}
+    if loss == "kl":
+        meta["teacher"] = "base"
     return [
         Example(
-            "sft",
+            "distill" if loss == "kl" else "sft",
             ({"role": "user", "content": p},),
             (opening(by_prompt[p]),),
             weight=weight,
             source="anchor",
-            meta={"eos": False, "free_prefix": FREE_PREFIX},
+            meta=meta,
         )
         for p in pick_anchors(lesson_prompts or [], n, seed)
         if by_prompt[p]

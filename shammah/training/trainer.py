@@ -10,6 +10,7 @@ the atomic write into the registry. Progress is reported only through the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -66,6 +67,7 @@ class TrainJob:
     anchors: int = 0  # general prompts answered by the base model, replayed against leaks (online loop)
     anchor_cache: Path | None = None  # directory for the base model's cached anchor/control answers
     anchor_share: float = 0.6  # fraction of sampled examples that are anchors
+    anchor_loss: str = "kl"  # kl: the base model's token distribution; sft: its greedy text
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)
 
@@ -309,6 +311,33 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool | str) -> str | None:
     return str(ckpts[-1])
 
 
+def teacher_answers(model, tok, examples: list[Example], max_new_tokens: int) -> list[Example]:
+    """Distillation examples without a completion get the teacher's own greedy answer to the
+    teacher prompt (the current model, or the base with the adapter disabled)."""
+    todo = [i for i, e in enumerate(examples) if e.kind == "distill" and not e.responses]
+    if not todo:
+        return examples
+    from shammah.engine.generate import generate_batch
+
+    out = list(examples)
+    was_training = model.training
+    model.eval()
+    for who in ("current", "base"):
+        idx = [i for i in todo if examples[i].meta.get("teacher", "current") == who]
+        if not idx:
+            continue
+        ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
+        with ctx:
+            for j in range(0, len(idx), 16):
+                chunk = idx[j : j + 16]
+                chats = [list(examples[i].meta["teacher_prompt"]) for i in chunk]
+                for i, text in zip(chunk, generate_batch(model, tok, chats, max_new_tokens), strict=True):
+                    out[i] = dataclasses.replace(examples[i], responses=(text,))
+    model.train(was_training)
+    dropped = [i for i in todo if not out[i].responses[0].strip()]
+    return [e for i, e in enumerate(out) if i not in dropped]
+
+
 # --- the whole job -----------------------------------------------------------------------
 def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event | None = None) -> TrainResult:
     events: list[str] = []  # also written to train.log beside the adapter
@@ -366,7 +395,14 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         fb_weight = sum(e.weight for e in train_ex)
         lesson_prompts = [e.prompt[-1]["content"] for e in train_ex if e.prompt]
         anchors = online.anchor_examples(
-            model, tok, job.anchors, job.anchor_cache, fp, lesson_prompts=lesson_prompts, seed=a.seed
+            model,
+            tok,
+            job.anchors,
+            job.anchor_cache,
+            fp,
+            lesson_prompts=lesson_prompts,
+            seed=a.seed,
+            loss=job.anchor_loss,
         )
         if anchors:
             w = fb_weight * job.anchor_share / (1 - job.anchor_share) / len(anchors)
@@ -374,6 +410,14 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         n_anchors = len(anchors)
         train_ex = train_ex + anchors
         emit({"event": "anchors", "count": n_anchors})
+    n_before = len(train_ex)
+    train_ex = teacher_answers(model, tok, train_ex, a.teacher_max_tokens)
+    val_ex = teacher_answers(model, tok, val_ex, a.teacher_max_tokens)
+    if len(train_ex) == n_anchors:
+        raise TrainingError(
+            f"nothing to train on: the teacher gave an empty answer to all {n_before - n_anchors} distillation "
+            "prompt(s); give them a 'completion', or use a model that answers the teacher prompts"
+        )
     train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in train_ex]
     val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in val_ex]
     pad = tok.pad_token_id
@@ -484,7 +528,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             "examples": len(train_ex) - n_anchors,
             "anchors": n_anchors,
             "validation_examples": len(val_ex),
-            "kinds": {k: sum(e.kind == k for e in train_ex) for k in ("sft", "pair", "unpaired", "ranked")},
+            "kinds": {k: sum(e.kind == k for e in train_ex) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
             "tokens_per_s": round(trainer.tokens_seen / max(cb.train_seconds, 1e-9), 1),
             "peak_rss_mb": round(_rss_mb(), 1),
             "resumed_from": resume_from,

@@ -29,6 +29,7 @@ def job_from_spec(spec: dict):
         dataset_hash=spec.get("dataset_hash", ""),
         meta=spec.get("meta", {}),
         anchors=spec.get("anchors", 0),
+        anchor_loss=spec.get("anchor_loss", "kl"),
         anchor_cache=Path(spec["anchor_cache"]) if spec.get("anchor_cache") else None,
         gate=spec.get("gate", False),
         holdout=holdout,
