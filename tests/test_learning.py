@@ -370,3 +370,38 @@ def test_a_rejected_adapter_falls_back_to_the_last_snapshot_that_passes(tiny_qwe
 
     result = online.gate_with_fallback(model, tok, None, [], None, "fp", online.Snapshots(), final_step=8)
     assert result["passed"] and result["step"] == 8, "a passing final adapter is kept as it is"
+
+
+def test_a_corrupt_active_adapter_at_restart_falls_back_to_the_base(tiny_qwen2, shammah_home):
+    """The first question after a restart is answered (by the base, with a notice) and the saved
+    state forgets the broken adapter, so the next start is clean."""
+    from shammah.training.args import build
+    from shammah.training.data import parse_record
+    from shammah.training.trainer import TrainJob, train
+
+    paths = Paths(shammah_home).ensure()
+    train(
+        TrainJob(
+            base=str(tiny_qwen2),
+            cache_dir=paths.cache,
+            registry_root=paths.adapters,
+            checkpoints_root=paths.root / "checkpoints",
+            train=[parse_record({"prompt": "Q", "completion": "A"})],
+            args=build(("t", {"epochs": 1, "rank": 4})),
+            name="mine",
+        )
+    )
+    s, out = make_session(tiny_qwen2, shammah_home)
+    run_lines(s, "/adapters load mine\nHello?\n")
+    assert s.store.turn(s.last_turn_id).adapter == "mine"
+    s.store.close()
+    weights = paths.adapters / "mine" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk error, a bad copy
+    s, out = make_session(tiny_qwen2, shammah_home)
+    run_lines(s, "Hello again?\n")
+    text = out.getvalue()
+    assert re.search(r"could not restore adapter mine: .*adapter_model.safetensors: unreadable", text), text
+    turn = s.store.turn(s.last_turn_id)
+    assert turn.prompt == "Hello again?" and turn.adapter is None and s.engine.adapter is None
+    assert s.jobs.saved_active() is None
+    s.store.close()

@@ -73,6 +73,46 @@ def verify_files(path: Path) -> None:
             raise AdapterError(f"{f}: unexpected file type in an adapter (only JSON and safetensors are loaded)")
 
 
+def check_lora(path: Path) -> dict:
+    """Everything the chat checks before it loads an adapter directory, on every load (not only
+    when it was registered: files can change afterwards). Returns its adapter_config.json.
+    Only safetensors and JSON are read; the tensor shapes must agree with the config's rank (a
+    mismatch would be copied in silently with the wrong scaling)."""
+    verify_files(path)
+    cfg_file = path / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_file}: unreadable ({e}); delete the adapter and retrain") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file}: not a JSON object; delete the adapter and retrain")
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(
+            f"{path.name} is {cfg.get('peft_type')}; the chat hot-loads LoRA-family adapters (lora, dora, "
+            "lorafa) — use it from Python with PeftModel instead"
+        )
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / "adapter_model.safetensors"
+    r, patterns = cfg.get("r"), cfg.get("rank_pattern") or {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                if ".lora_A." not in key and ".lora_B." not in key:
+                    continue
+                shape = f.get_slice(key).get_shape()
+                want = next((v for k, v in patterns.items() if k in key), r)
+                got = shape[0] if ".lora_A." in key else shape[1]
+                if got != want:
+                    raise AdapterError(
+                        f"{weights}: {key} has rank {got} but adapter_config.json says r = {want}; "
+                        "the adapter is damaged — delete it and retrain"
+                    )
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{weights}: unreadable ({e}); delete the adapter and retrain") from None
+    return cfg
+
+
 class Registry:
     def __init__(self, root: Path):
         self.root = ensure_dir(Path(root))

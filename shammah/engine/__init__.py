@@ -44,7 +44,8 @@ class Engine:
         self.adapter: str | None = None  # name of the active adapter (None = base model)
         self._peft = None  # PeftModel wrapping the base once an adapter was loaded
         self._slot_config: dict | None = None  # adapter_config.json of what sits in the slot
-        self._slot_name: str | None = None  # which adapter's weights are in the slot
+        self._slot_name: str | None = None  # which adapter's weights are in the live slot
+        self._slot = "slot0"  # the live slot's PEFT adapter name
         self._fingerprint: str | None = None
         self.last_swap_seconds: float | None = None
 
@@ -107,22 +108,20 @@ class Engine:
     def activate(self, name: str | None, path=None, base_fingerprint: str | None = None) -> float:
         """Make adapter ``name`` (a PEFT LoRA directory at ``path``) answer from the next turn on;
         ``None`` = the base model alone. Waits for a reply in progress, never cuts one; the base
-        model is never reloaded. Returns the seconds the chat was blocked."""
-        import json
+        model is never reloaded. A refused or failed load changes nothing: the adapter that was
+        answering still answers. Returns the seconds the chat was blocked."""
         from pathlib import Path
 
+        cfg: dict = {}
         if name is not None:
             if base_fingerprint is not None and base_fingerprint != self.fingerprint():
                 raise ModelError(
                     f"adapter {name!r} was trained on another base model than {self.spec.name}; "
                     "it cannot be loaded here"
                 )
-            cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-            if cfg.get("peft_type") != "LORA":
-                raise ModelError(
-                    f"adapter {name!r} is {cfg.get('peft_type')}; the chat hot-loads LoRA-family "
-                    "adapters (lora, dora, lorafa) — use it from Python with PeftModel instead"
-                )
+            from shammah.adapters.registry import check_lora
+
+            cfg = check_lora(Path(path))
         t0 = time.perf_counter()
         with self._gen_lock:
             if name is not None and self._slot_name != name:
@@ -132,32 +131,43 @@ class Engine:
         return self.last_swap_seconds
 
     def _load_into_slot(self, name: str, path, cfg: dict) -> None:
+        """Two slots: a new adapter is hot-swapped into the live one's weights when the shapes
+        match (~60 ms), else loaded into the spare slot, which goes live only once it loaded."""
         from peft import PeftModel
 
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.loaded.model, str(path), adapter_name="active")
-            self._peft.eval()
-        else:
-            same_shape = self._slot_config is not None and all(
-                cfg.get(k) == self._slot_config.get(k)
-                for k in ("r", "lora_alpha", "target_modules", "use_dora", "rank_pattern", "alpha_pattern")
-            )
-            swapped = False
-            if same_shape and not cfg.get("use_dora"):
-                from peft.utils.hotswap import hotswap_adapter
-
-                try:  # in-place weight copy: ~60 ms vs ~400 ms for a fresh load
-                    hotswap_adapter(self._peft, str(path), adapter_name="active", torch_device=self.loaded.device)
-                    swapped = True
-                except (ValueError, RuntimeError, KeyError):
-                    log.debug("hotswap failed, reloading the adapter", exc_info=True)
-            if not swapped:
-                self._peft.delete_adapter("active")
-                self._peft.load_adapter(str(path), adapter_name="active")
-                self._peft.set_adapter("active")
-            self._peft.eval()
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.loaded.model, str(path), adapter_name="slot0")
+                self._slot = "slot0"
+            elif not self._hotswap(path, cfg):
+                spare = "slot1" if self._slot == "slot0" else "slot0"
+                if spare in self._peft.peft_config:
+                    self._peft.delete_adapter(spare)
+                self._peft.load_adapter(str(path), adapter_name=spare)
+                self._peft.set_adapter(spare)
+                self._peft.delete_adapter(self._slot)
+                self._slot = spare
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelError(f"adapter {name!r} at {path} could not be loaded ({e}); the current one stays") from None
+        self._peft.eval()
         self._slot_config = cfg
         self._slot_name = name
+
+    def _hotswap(self, path, cfg: dict) -> bool:
+        same_shape = self._slot_config is not None and all(
+            cfg.get(k) == self._slot_config.get(k)
+            for k in ("r", "lora_alpha", "target_modules", "use_dora", "rank_pattern", "alpha_pattern")
+        )
+        if not same_shape or cfg.get("use_dora"):
+            return False
+        from peft.utils.hotswap import hotswap_adapter
+
+        try:  # peft checks the shapes of every tensor before it copies any
+            hotswap_adapter(self._peft, str(path), adapter_name=self._slot, torch_device=self.loaded.device)
+        except (ValueError, RuntimeError, KeyError):
+            log.debug("hotswap failed, loading into the spare slot", exc_info=True)
+            return False
+        return True
 
     @property
     def tokenizer(self):

@@ -1,0 +1,119 @@
+"""What the chat loads: only checked safetensors/JSON adapters, and a failed load changes nothing.
+
+Each case here was a failure found by trying it (issue 8): a pickle or stray code file beside an
+adapter was loaded; a broken adapter after a good one emptied the slot while the chat still named
+the good one; a rank that disagrees with adapter_config.json was copied in silently.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from shammah.adapters.registry import AdapterError, Registry
+from shammah.config import ModelConfig
+from shammah.engine import Engine
+from shammah.errors import ModelError
+from shammah.training.args import build
+from shammah.training.data import parse_record
+from shammah.training.trainer import TrainJob, train
+
+PROMPTS = [[{"role": "user", "content": f"Say something about {w}."}] for w in ("rain", "cats", "salt")]
+
+
+def _train(base, home, name, text, rank=8):
+    args = build(("t", {"epochs": 4, "learning_rate": 5e-2, "rank": rank, "alpha": 2 * rank, "dropout": 0.0}))
+    recs = [{"prompt": f"Say something about {w}.", "completion": text} for w in ("rain", "cats", "salt", "wind")]
+    train(
+        TrainJob(
+            base=str(base),
+            cache_dir=home / "cache",
+            registry_root=home / "adapters",
+            checkpoints_root=home / "checkpoints",
+            train=[parse_record(r) for r in recs],
+            args=args,
+            name=name,
+        )
+    )
+    return Registry(home / "adapters").get(name)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_qwen2, tmp_path_factory):
+    home = tmp_path_factory.mktemp("adapters-home")
+    good = _train(tiny_qwen2, home, "good", "Zorblat zorblat zorblat.")
+    other = _train(tiny_qwen2, home, "other", "Quenland Quenland.")
+    wide = _train(tiny_qwen2, home, "wide", "Vestoria.", rank=16)
+    return home, {a.name: a for a in (good, other, wide)}
+
+
+@pytest.fixture
+def engine(tiny_qwen2, tmp_path):
+    e = Engine(ModelConfig(base=str(tiny_qwen2), temperature=0.0), tmp_path / "cache").load()
+    return e
+
+
+def _copy(info, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(info.path, dst)
+    return dst
+
+
+def _activate(engine, info, path=None):
+    return engine.activate(info.name if path is None else path.name, path or info.path, info.get("base", "fingerprint"))
+
+
+def test_good_adapters_load_and_answer_differently(engine, adapters):
+    _, a = adapters
+    base = engine.answers(PROMPTS, 8)
+    _activate(engine, a["good"])
+    good = engine.answers(PROMPTS, 8)
+    _activate(engine, a["wide"])  # another rank: loaded into the spare slot
+    wide = engine.answers(PROMPTS, 8)
+    assert engine.adapter == "wide" and good != base and wide != good
+
+
+@pytest.mark.parametrize("extra", ["adapter_model.bin", "evil.py", "sub/model.pt"])
+def test_pickles_and_code_beside_an_adapter_are_refused_on_every_load(engine, adapters, tmp_path, extra):
+    _, a = adapters
+    bad = _copy(a["other"], tmp_path, "tampered")
+    (bad / extra).parent.mkdir(exist_ok=True)
+    (bad / extra).write_bytes(b"\x80\x04not a safetensors file")  # added after it was registered
+    _activate(engine, a["good"])
+    before = engine.answers(PROMPTS, 8)
+    with pytest.raises(AdapterError, match=r"unexpected file type in an adapter"):
+        _activate(engine, a["other"], bad)
+    assert engine.adapter == "good" and engine.answers(PROMPTS, 8) == before
+
+
+def test_a_broken_adapter_after_a_good_one_changes_nothing(engine, adapters, tmp_path):
+    """Weights and the name the chat reports never disagree: the good adapter keeps answering."""
+    _, a = adapters
+    _activate(engine, a["good"])
+    good = engine.answers(PROMPTS, 8)
+    for case in ("truncated", "garbage-config", "missing-tensor-file"):
+        bad = _copy(a["wide"], tmp_path, case)
+        if case == "truncated":
+            data = (bad / "adapter_model.safetensors").read_bytes()
+            (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+        elif case == "garbage-config":
+            (bad / "adapter_config.json").write_text("{not json")
+        else:
+            (bad / "adapter_model.safetensors").unlink()
+        with pytest.raises((AdapterError, ModelError)) as err:
+            _activate(engine, a["wide"], bad)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+        assert engine.adapter == "good" and engine.answers(PROMPTS, 8) == good, case
+
+
+def test_a_rank_that_disagrees_with_the_config_is_refused(engine, adapters, tmp_path):
+    _, a = adapters
+    _activate(engine, a["good"])  # r = 8 in the slot
+    good = engine.answers(PROMPTS, 8)
+    bad = _copy(a["wide"], tmp_path, "relabelled")  # r = 16 weights, config edited to claim 8
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg.update(r=8, lora_alpha=16)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"has rank 16 but adapter_config.json says r = 8"):
+        _activate(engine, a["wide"], bad)
+    assert engine.adapter == "good" and engine.answers(PROMPTS, 8) == good
