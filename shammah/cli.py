@@ -132,7 +132,7 @@ def cmd_train(args) -> int:
 def cmd_adapters(args) -> int:
     import json
 
-    from shammah.adapters.registry import Registry
+    from shammah.adapters.registry import Registry, table
     from shammah.errors import ShammahError
     from shammah.repl.io import Console
 
@@ -144,20 +144,8 @@ def cmd_adapters(args) -> int:
         if not items:
             out.info("No adapters yet. Train one with `shammah train --dataset data.jsonl`.")
             return 0
-        rows = []
-        for a in items:
-            loss = a.get("report", "final_train_loss")
-            rows.append(
-                (
-                    a.name,
-                    a.created,
-                    str(a.get("base", "name", default="?")),
-                    f"{a.get('adapter_type', default='?')}/{a.get('method', default='?')}",
-                    str(a.get("report", "examples", default="?")),
-                    f"{loss:.4f}" if loss is not None else "-",
-                )
-            )
-        out.table(rows, header=("name", "created", "base", "type/method", "examples", "loss"))
+        header, rows = table(items, None)
+        out.table(rows, header=header)
         return 0
     if not args.name:
         raise ShammahError(f"usage: shammah adapters {args.action} NAME (names are in `shammah adapters list`)")

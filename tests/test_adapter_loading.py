@@ -6,6 +6,7 @@ the good one; a rank that disagrees with adapter_config.json was copied in silen
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -117,3 +118,32 @@ def test_a_rank_that_disagrees_with_the_config_is_refused(engine, adapters, tmp_
     with pytest.raises(AdapterError, match=r"has rank 16 but adapter_config.json says r = 8"):
         _activate(engine, a["wide"], bad)
     assert engine.adapter == "good" and engine.answers(PROMPTS, 8) == good
+
+
+def test_a_damaged_adapter_is_listed_and_can_be_deleted(adapters, shammah_home):
+    """Unreadable shammah.json: `shammah adapters list` shows it as damaged instead of hiding it,
+    and `delete` removes it (it used to be invisible and undeletable)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    _, a = adapters
+    root = shammah_home / "adapters"
+    root.mkdir(parents=True)
+    for name in ("good", "other"):
+        shutil.copytree(a[name].path, root / name)
+    (root / "other" / "shammah.json").write_text("{half a write")
+
+    def cli(*args):
+        r = subprocess.run(
+            [sys.executable, "-m", "shammah", "adapters", *args], capture_output=True, text=True, env=subprocess_env()
+        )
+        return r.returncode, r.stdout + r.stderr
+
+    rc, out = cli("list")
+    assert rc == 0 and "good" in out
+    assert re.search(r"other .*damaged: delete it", out), out
+    rc, out = cli("delete", "other")
+    assert rc == 0 and "deleted adapter other" in out
+    assert [x.name for x in Registry(root).list()] == ["good"]

@@ -38,6 +38,7 @@ class AdapterInfo:
     name: str
     path: Path
     meta: dict[str, Any]
+    damaged: str | None = None  # why its metadata cannot be read (listed so it can be deleted)
 
     @property
     def created(self) -> str:
@@ -164,17 +165,25 @@ class Registry:
         return AdapterInfo(name, path, meta)
 
     def list(self) -> list[AdapterInfo]:
+        """Every registered adapter, oldest first; one whose metadata is unreadable is listed as
+        damaged (not hidden: the user has to be able to see and delete it)."""
         out = []
         for p in self.root.iterdir():
             if p.is_dir() and not p.name.startswith(".") and (p / META).is_file():
                 try:
                     out.append(self.get(p.name))
-                except AdapterError:
-                    continue
+                except AdapterError as e:
+                    out.append(AdapterInfo(p.name, p, {"created": p.stat().st_mtime}, damaged=str(e)))
         return sorted(out, key=lambda a: (a.meta.get("created", 0), a.name))
 
     def delete(self, name: str) -> AdapterInfo:
-        info = self.get(name)
+        """Remove an adapter (a damaged one too)."""
+        try:
+            info = self.get(name)
+        except AdapterError:
+            if not (self.path(name) / META).is_file():
+                raise
+            info = AdapterInfo(name, self.path(name), {}, damaged="unreadable metadata")
         trash = self.root / f".trash-{name}-{os.getpid()}-{time.time_ns()}"
         os.rename(info.path, trash)  # vanishes from the listing atomically
         shutil.rmtree(trash, ignore_errors=True)
@@ -184,6 +193,32 @@ class Registry:
         info = self.get(name)
         atomic_write(info.path / META, json.dumps({**info.meta, **changes}, indent=2, ensure_ascii=False))
         return self.get(name)
+
+
+def table(items: list[AdapterInfo], active: str | None) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows) of the adapter table, the same in the chat and in `shammah adapters list`."""
+    rows = []
+    for a in items:
+        mark = "*" if a.name == active else ""
+        if a.damaged:
+            rows.append((mark, a.name, a.created, "damaged: delete it", "-", "-", "-", "-"))
+            continue
+        gate = a.get("gate")
+        gate_s = "-" if not gate else ("passed" if gate.get("passed") else "rejected") + f" {gate.get('controls', '')}"
+        loss = a.get("report", "final_train_loss")
+        rows.append(
+            (
+                mark,
+                a.name,
+                a.created,
+                str(a.get("base", "name", default="?"))[:24],
+                f"{a.get('adapter_type', default='?')}/{a.get('method', default='?')}",
+                str(a.get("report", "examples", default="?")),
+                f"{loss:.3f}" if isinstance(loss, float) else "-",
+                gate_s,
+            )
+        )
+    return ("", "name", "created", "base", "type/method", "examples", "loss", "gate"), rows
 
 
 def _fsync_dir(path: Path) -> None:

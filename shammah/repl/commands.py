@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 
-from shammah.adapters.registry import AdapterError
+from shammah.adapters.registry import AdapterError, table
 from shammah.config import Config
 from shammah.engine import Engine
 from shammah.errors import FeedbackError, ShammahError
@@ -417,24 +417,8 @@ class ChatSession:
                 self.console.info("No adapters yet: rate replies and they will be trained (or /train).")
                 return
             active = self.engine.adapter if self._restored else self.jobs.saved_active()
-            rows = []
-            for a in items:
-                gate = a.get("gate")
-                gate_s = "-" if not gate else ("passed" if gate.get("passed") else "rejected") + f" {gate['controls']}"
-                loss = a.get("report", "final_train_loss")
-                rows.append(
-                    (
-                        "*" if a.name == self.engine.adapter else "",
-                        a.name,
-                        a.created,
-                        _clip(str(a.get("base", "name", default="?")), 24),
-                        a.get("method", default="?"),
-                        str(a.get("report", "examples", default="?")),
-                        f"{loss:.3f}" if isinstance(loss, float) else "-",
-                        gate_s,
-                    )
-                )
-            self.console.table(rows, header=("", "name", "created", "base", "method", "examples", "loss", "gate"))
+            header, rows = table(items, active)
+            self.console.table(rows, header=header)
             if active is None:
                 self.console.info("Active: the base model alone.")
             return
