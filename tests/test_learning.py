@@ -405,3 +405,25 @@ def test_a_corrupt_active_adapter_at_restart_falls_back_to_the_base(tiny_qwen2, 
     assert turn.prompt == "Hello again?" and turn.adapter is None and s.engine.adapter is None
     assert s.jobs.saved_active() is None
     s.store.close()
+
+
+def test_held_out_turns_judge_one_job_and_are_trained_by_the_next(tiny_qwen2, shammah_home):
+    """With ten or more new turns a fifth is held out for the gate. They are not marked trained
+    (this adapter never saw them): they stay in the buffer, and the next job trains them."""
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=1000, gate=False)
+    s.engine.load()
+    _scripted_replies(s.engine, [f"Reply {i}." for i in range(12)])
+    run_lines(s, "".join(f"Question {i}?\n/fix Answer {i}.\n" for i in range(10)) + "/train\n/train wait\n")
+    job = json.loads(
+        s.store.db.execute("SELECT feedback_ids FROM jobs WHERE status = 'done'").fetchone()["feedback_ids"]
+    )
+    spec = json.loads(next((shammah_home / "jobs").glob("*/job.json")).read_text())
+    held = spec["meta"]["holdout_feedback_ids"]
+    assert len(held) == 2 and len(job) == 8 and not set(held) & set(job)
+    items = {f.id: f for f in s.store.list_feedback()}
+    assert all(items[i].trained_in for i in job) and not any(items[i].trained_in for i in held)
+    new, _ = compile_feedback(s.store, 0)
+    assert sorted(i for x in new for i in x.feedback_ids) == sorted(held), "back in the buffer"
+    run_lines(s, "/train\n/train wait\n")
+    assert all(f.trained_in for f in s.store.list_feedback()), "the next job trained them"
+    s.store.close()
