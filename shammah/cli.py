@@ -71,6 +71,9 @@ def _load(args):
         cfg = with_overrides(cfg, model={"base": args.model})
     paths = Paths.from_env().ensure()
     setup_logging(cfg.logging.level, paths.logs)
+    warning = paths.too_open()
+    if warning:
+        sys.stderr.write(f"warning: {warning}\n")
     return cfg, cfg_path, paths
 
 
@@ -80,7 +83,7 @@ def _session(cfg, paths, interactive: bool):
     from shammah.repl.commands import ChatSession
     from shammah.repl.io import Console
 
-    console = Console(interactive=interactive)
+    console = Console(interactive=interactive, replies_only=not interactive)
     engine = Engine(cfg.model, paths.cache)
     store = Store(paths.db, cfg.feedback)
     return ChatSession(cfg, engine, store, console, paths)
@@ -102,8 +105,13 @@ def cmd_chat(args) -> int:
             touch_private(history)
         asyncio.run(app.run_interactive(session, history_path=history))
     else:
+        if hasattr(sys.stdin, "reconfigure"):  # a stray non-UTF-8 byte must not cost the line (or the script)
+            sys.stdin.reconfigure(errors="replace")
         asyncio.run(app.run_lines(session))
     session.store.close()
+    if session.failures and not interactive:
+        sys.stderr.write(f"error: {session.failures} line(s) failed (see above)\n")
+        return 1
     return 0
 
 
@@ -113,8 +121,10 @@ def cmd_ask(args) -> int:
     cfg, _, paths = _load(args)
     session = _session(cfg, paths, interactive=False)
     session.engine.start_loading()
-    asyncio.run(session.ask(" ".join(args.question)))
-    session.store.close()
+    try:
+        asyncio.run(session.ask(" ".join(args.question)))
+    finally:
+        session.store.close()
     return 0
 
 
@@ -195,6 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `shammah train --json | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
+    except OSError as e:  # a file or directory shammah needs: name it, say what to do
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(
+            f"error: {where}{e.strerror or e}; check that it exists and is writable by you, "
+            "or set SHAMMAH_HOME to a directory that is\n"
+        )
+        return 2
+    except Exception as e:  # a bug: one line for the user, the traceback in the log
+        logging.getLogger("shammah").exception("unexpected error")
+        sys.stderr.write(f"error: {type(e).__name__}: {e} (a bug: please report it with the log)\n")
+        return 70
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ them and reports *all* problems together in one :class:`ConfigError`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -191,6 +192,8 @@ def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[
         value, ok = float(value), True
     if not ok:
         return None, f"{where} = {value!r} has the wrong type: expected {expected}"
+    if typ is float and not math.isfinite(value):  # nan slips through every range comparison
+        return None, f"{where} = {orig!r} is not a number: expected a finite {expected}"
     m = f.metadata
     if m["choices"] and value not in m["choices"]:
         allowed = ", ".join(repr(c) for c in m["choices"])

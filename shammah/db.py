@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from shammah.errors import ShammahError
 from shammah.paths import ensure_dir, touch_private
 
 
@@ -91,15 +92,27 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
 ]
 
 
+class DatabaseError(ShammahError):
+    """The database file cannot be opened or is not shammah's."""
+
+
 def connect(path: Path) -> sqlite3.Connection:
+    if path.is_dir():
+        raise DatabaseError(f"{path} is a directory, not a database; move it away and start again")
     ensure_dir(path.parent)
     touch_private(path)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
-    migrate(db)
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        migrate(db)
+    except sqlite3.DatabaseError as e:  # "file is not a database", "attempt to write a readonly database", ...
+        raise DatabaseError(
+            f"{path}: {e}; if it is damaged, move it away (it holds your chats and feedback) and start again, "
+            "or make it writable"
+        ) from None
     return db
 
 

@@ -8,9 +8,12 @@ that must survive a crash go through :func:`atomic_write`.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from shammah.errors import ShammahError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -35,9 +38,15 @@ def default_config_file() -> Path:
 
 
 def ensure_dir(path: Path) -> Path:
+    """Create ``path`` private (0700) if it is missing. A directory that exists is left as it is:
+    its mode is its owner's choice (see :meth:`Paths.too_open` for the warning)."""
+    if path.is_dir():
+        return path
+    if path.exists() or path.is_symlink():
+        raise ShammahError(f"{path} is a file, not a directory; move it away, or set SHAMMAH_HOME to another place")
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     try:
-        os.chmod(path, DIR_MODE)
+        os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
     except OSError:  # not ours to change (e.g. a shared mount): leave it
         pass
     return path
@@ -75,6 +84,16 @@ class Paths:
         for d in (self.root, self.cache, self.adapters, self.logs):
             ensure_dir(d)
         return self
+
+    def too_open(self) -> str | None:
+        """A warning when the home (chats, feedback, adapters) can be read or written by others."""
+        mode = stat.S_IMODE(self.root.stat().st_mode)
+        if mode & 0o077:
+            return (
+                f"{self.root} is readable or writable by other users (mode {mode:o}): your chats and feedback are "
+                f"in it; `chmod 700 {self.root}` to keep them private"
+            )
+        return None
 
 
 def touch_private(path: Path) -> Path:

@@ -19,7 +19,11 @@ SHAMMAH = [sys.executable, "-m", "shammah"]
 def run(args, stdin="", timeout=120, **env):
     # bytes, decoded by hand: text mode would turn a stray "\r" in a random model's reply into "\n"
     r = subprocess.run(
-        SHAMMAH + args, input=stdin.encode(), capture_output=True, timeout=timeout, env=subprocess_env(**env)
+        SHAMMAH + args,
+        input=stdin if isinstance(stdin, bytes) else stdin.encode(),
+        capture_output=True,
+        timeout=timeout,
+        env=subprocess_env(**env),
     )
     r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
     return r
@@ -40,7 +44,8 @@ def test_help_is_instant_and_imports_nothing_heavy():
 def test_piped_chat_is_scriptable(tiny_qwen2, shammah_home):
     r = run(["--model", str(tiny_qwen2)], "hello\n/good\n/status\n", SHAMMAH_THREADS=1)
     assert r.returncode == 0, r.stderr
-    assert "Saved /good #1 for the last reply (weight 1). Training buffer: 1 example (1 weighted)" in r.stdout
+    assert "Saved /good #1 for the last reply (weight 1). Training buffer: 1 example (1 weighted)" in r.stderr
+    assert "Saved" not in r.stdout, "acknowledgements go to stderr, replies alone to stdout"
     assert f"Model: {tiny_qwen2.name}" in r.stderr, "start-up notices go to stderr, replies to stdout"
     assert "\x1b[" not in r.stdout, "no colour codes when stdout is not a terminal"
     store = Store(shammah_home / "shammah.db")
@@ -69,8 +74,8 @@ def test_acknowledged_feedback_survives_sigkill(tiny_qwen2, shammah_home):
     p = subprocess.Popen(
         SHAMMAH + ["--model", str(tiny_qwen2)],
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # acknowledgements go to stderr in a script; stdout carries replies
         text=True,
         env=subprocess_env(SHAMMAH_THREADS=1),
     )
@@ -79,7 +84,7 @@ def test_acknowledged_feedback_survives_sigkill(tiny_qwen2, shammah_home):
     deadline = time.time() + 120
     seen = ""
     while "Saved /critical" not in seen and time.time() < deadline:
-        seen += p.stdout.readline()
+        seen += p.stderr.readline()
     assert "Saved /critical" in seen
     p.send_signal(signal.SIGKILL)  # the instant after the acknowledgement, with stdin still open
     p.wait(10)

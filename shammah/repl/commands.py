@@ -45,6 +45,7 @@ class ChatSession:
         self.busy = False  # a reply is streaming: job messages wait until it ends
         self._deferred: list[str] = []
         self._restored = False
+        self.failures = 0  # lines that failed: a script's exit status says so at the end
         self.system_prompt: str | None = cfg.chat.system_prompt or None
         self.conversation_id: int | None = None
         self.history: list[dict] = []  # user/assistant messages of this conversation
@@ -71,6 +72,7 @@ class ChatSession:
                 name, _, arg = line[1:].partition(" ")
                 fn = getattr(self, f"cmd_{name.lower()}", None)
                 if fn is None:
+                    self.failures += 1
                     self.console.error(f"unknown command /{name}; type /help for the list")
                     return True
                 result = fn(arg.strip())
@@ -79,8 +81,10 @@ class ChatSession:
                 return result is not False
             await self.ask(line)
         except ShammahError as e:
+            self.failures += 1
             self.console.error(str(e))
         except Exception as e:  # a bug or a backend failure must not end the chat
+            self.failures += 1
             log.exception("command failed: %s", line)
             self.console.error(f"{type(e).__name__}: {e} (details in the log)")
         return True

@@ -41,12 +41,20 @@ def color_enabled(stream: TextIO) -> bool:
 
 class Console:
     def __init__(
-        self, out: TextIO | None = None, err: TextIO | None = None, color: bool | None = None, interactive: bool = False
+        self,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        color: bool | None = None,
+        interactive: bool = False,
+        replies_only: bool = False,
     ):
         self._out = out
         self._err = err
         self.color = color_enabled(out or sys.stdout) if color is None else color
         self.interactive = interactive
+        # Scripts (like `llm` and `ollama run` piped): stdout carries the replies alone, and
+        # acknowledgements, tables, notices and errors go to stderr.
+        self.replies_only = replies_only
         self._mid_line = False  # a streamed reply has not ended with a newline yet
 
     @property
@@ -61,11 +69,13 @@ class Console:
         return f"{_STYLES[kind]}{text}{_RESET}" if self.color and kind in _STYLES else text
 
     def _line(self, kind: str, text: str, stream: TextIO | None = None) -> None:
-        stream = stream or self.out
-        if self._mid_line:
-            stream.write("\n")
+        if self._mid_line:  # end the streamed reply's line where it was written
+            self.out.write("\n")
+            self.out.flush()
             self._mid_line = False
-        stream.write(self._style(kind, text) + "\n")
+        stream = stream or (self.err if self.replies_only else self.out)
+        # Typed text comes back in tables and acknowledgements: it must not drive the terminal either.
+        stream.write(self._style(kind, printable(text)) + "\n")
         stream.flush()
 
     def info(self, text: str) -> None:

@@ -1,0 +1,114 @@
+"""Bad input and broken surroundings, as a new user and an attacker meet them (issue 8): one line
+naming the path, key or line and what to do, a non-zero exit, never a traceback, nothing lost.
+Each of these failed before its fix: a traceback, a silently dropped line, or exit status 0."""
+
+import os
+import stat
+
+import pytest
+from test_cli import run
+
+from shammah.feedback.store import Store
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    for n in needles:
+        assert n in line, line
+
+
+def test_a_home_that_is_a_file(shammah_home):
+    shammah_home.parent.mkdir(parents=True, exist_ok=True)
+    shammah_home.write_text("oops")
+    r = run(["adapters", "list"])
+    _one_line_error(r, str(shammah_home), "is a file, not a directory", "SHAMMAH_HOME")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "directory"])
+def test_a_database_that_is_not_one(shammah_home, damage):
+    db = shammah_home / "shammah.db"
+    shammah_home.mkdir(parents=True)
+    if damage == "garbage":
+        db.write_bytes(os.urandom(4096))
+    else:
+        db.mkdir()
+    r = run(["ask", "hi"])
+    _one_line_error(r, str(db), "move it away")
+    if damage == "garbage":
+        assert len(db.read_bytes()) == 4096, "the user's file is left alone"
+
+
+def test_a_log_file_that_cannot_be_written(shammah_home):
+    (shammah_home / "logs" / "shammah.log").mkdir(parents=True)
+    r = run(["adapters", "list"])
+    _one_line_error(r, "shammah.log", "writable")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_home(shammah_home):
+    shammah_home.mkdir(parents=True)
+    shammah_home.chmod(0o500)
+    try:
+        _one_line_error(run(["adapters", "list"]), str(shammah_home))
+    finally:
+        shammah_home.chmod(0o700)
+
+
+def test_a_dataset_that_is_not_utf8_names_the_line(shammah_home, tmp_path, tiny_qwen2):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "Q", "completion": "A"}\n{"prompt": "Caf\xe9", "completion": "A"}\n')
+    r = run(["train", "--base", str(tiny_qwen2), "--dataset", str(data), "--yes"])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{data}:2: not UTF-8 text (byte 0xe9 at column 16)" in r.stderr, r.stderr
+
+
+def test_nan_in_the_config_is_refused(shammah_home):
+    shammah_home.mkdir(parents=True)
+    (shammah_home / "config.toml").write_text("[model]\ntemperature = nan\n")
+    r = run(["config"])
+    assert r.returncode == 2 and "model.temperature = nan is not a number" in r.stderr
+
+
+def test_piped_chat_keeps_every_line_and_fails_at_the_end(tiny_qwen2, shammah_home):
+    """A line with a stray byte is read (the byte replaced), the lines after it still run, and a
+    failed command makes the exit status non-zero — after everything else was done."""
+    stdin = b"caf\xe9 au lait?\n/nonsense\nsecond question\n/good\n"
+    r = run(["--model", str(tiny_qwen2)], stdin, SHAMMAH_THREADS=1)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "unknown command /nonsense" in r.stderr and "1 line(s) failed" in r.stderr
+    store = Store(shammah_home / "shammah.db")
+    turns = [store.turn(i) for i in (1, 2)]
+    assert [t.prompt for t in turns] == ["caf\ufffd au lait?", "second question"]
+    [fb] = store.list_feedback()
+    assert fb.turn_id == 2 and fb.rating == "good"
+    store.close()
+
+
+def test_piped_stdout_carries_the_replies_alone(tiny_qwen2, shammah_home):
+    r = run(["--model", str(tiny_qwen2)], "hello\n/good\n/feedback list\nagain\n", SHAMMAH_THREADS=1)
+    assert r.returncode == 0, r.stderr
+    store = Store(shammah_home / "shammah.db")
+    from shammah.repl.io import printable
+
+    replies = [printable(store.turn(i).reply) for i in (1, 2)]
+    store.close()
+    assert r.stdout.split() == " ".join(replies).split(), "nothing but the two replies"
+    assert "Saved /good #1" in r.stderr and "rating" in r.stderr
+
+
+def test_typed_escape_sequences_do_not_come_back_raw(tiny_qwen2, shammah_home):
+    evil = "\x1b]0;pwned\x07\x1b[2J"
+    r = run(["--model", str(tiny_qwen2)], f"hi\n/critical bad {evil} note\n/feedback list\n/feedback show\n")
+    assert "\x1b" not in r.stderr.replace("\x1b[0m", "") and "\x07" not in r.stderr
+    assert "bad ]0;pwned[2J note" in r.stderr
+
+
+def test_an_open_home_is_left_as_it_is_with_a_warning(shammah_home):
+    shammah_home.mkdir(parents=True)
+    shammah_home.chmod(0o1777)
+    r = run(["config", "path"])
+    assert r.returncode == 0
+    assert stat.S_IMODE(shammah_home.stat().st_mode) == 0o1777, "not ours to change"
+    assert f"warning: {shammah_home} is readable or writable by other users (mode 1777)" in r.stderr
