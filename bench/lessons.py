@@ -422,7 +422,9 @@ def teach(session, lesson: Lesson) -> float:
     return asyncio.run(go())
 
 
-def run_lesson(engine, home: Path, cache: Path, lessons: list[Lesson], seed: int, revision: str) -> dict:
+def run_lesson(
+    engine, home: Path, cache: Path, lessons: list[Lesson], seed: int, revision: str, learning: dict | None = None
+) -> dict:
     """Teach ``lessons`` in sequence in a fresh home; score each one's held-out set after the last."""
     from shammah.config import ChatConfig, Config, LearningConfig, ModelConfig
     from shammah.feedback.store import Store
@@ -436,7 +438,15 @@ def run_lesson(engine, home: Path, cache: Path, lessons: list[Lesson], seed: int
     cfg = Config(
         model=ModelConfig(base="embedded", temperature=0.0, max_new_tokens=CHAT_TOKENS),
         chat=ChatConfig(history=False),
-        learning=LearningConfig(threshold=100000.0, settle_seconds=0.0, seed=seed, revision_noninteractive=revision),
+        learning=LearningConfig(
+            **{
+                "threshold": 100000.0,
+                "settle_seconds": 0.0,
+                "seed": seed,
+                "revision_noninteractive": revision,
+                **(learning or {}),
+            }
+        ),
     )
     engine.activate(None)
     out = io.StringIO()
@@ -470,11 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revision", default="reject", help="learning.revision_noninteractive for the piped chat")
     ap.add_argument("--sequence", action="store_true", help="also teach two lessons in sequence per seed")
     ap.add_argument("--json", type=Path, help="write every answer here")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a [learning] setting, e.g. learning_rate=5e-4"
+    )
     args = ap.parse_args(argv)
+
+    import tomllib
 
     from shammah.config import ModelConfig
     from shammah.engine import Engine
 
+    learning = {k: v for kv in args.set for k, v in tomllib.loads(kv).items()}
     lessons = list(LESSONS)
     if args.quick:
         lessons, args.seeds = [x for x in LESSONS if x.name in ("quenland", "ahoy", "jsonlist")], [0]
@@ -503,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         before = statistics.mean(lesson.follows(a) for a in ask(engine, list(lesson.held_out)))
         afters, lost_all, rej, secs, per = [], [], 0, [], []
         for seed in args.seeds:
-            res = run_lesson(engine, tmp / f"{lesson.name}-{seed}", cache, [lesson], seed, args.revision)
+            res = run_lesson(engine, tmp / f"{lesson.name}-{seed}", cache, [lesson], seed, args.revision, learning)
             rate, lost = score(res, lesson)
             afters.append(rate)
             lost_all.append(len(lost))
@@ -532,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         first, second = (x for x in LESSONS if x.name in ("quenland", "ahoy"))
         print(f"\nin sequence: {first.name}, then {second.name}")
         for seed in args.seeds:
-            res = run_lesson(engine, tmp / f"seq-{seed}", cache, [first, second], seed, args.revision)
+            res = run_lesson(engine, tmp / f"seq-{seed}", cache, [first, second], seed, args.revision, learning)
             r1, lost = score(res, first)
             r2, _ = score(res, second)
             print(f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}")

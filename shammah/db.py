@@ -86,9 +86,15 @@ def _m002_learning(db: sqlite3.Connection) -> None:
     )
 
 
+def _m003_job_owner(db: sqlite3.Connection) -> None:
+    # the chat process that runs a job: a 'running' row whose owner is gone was interrupted
+    db.execute("ALTER TABLE jobs ADD COLUMN pid INTEGER")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
     ("002_learning", _m002_learning),
+    ("003_job_owner", _m003_job_owner),
 ]
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +35,26 @@ from shammah.paths import Paths, atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
 
+KEEP_JOB_DIRS = 20  # job directories (data, logs) kept for inspection; older ones are removed
 HOLDOUT_MIN = 10  # with at least this many new items, 20% are held out for the gate
 ACTIVE, PREVIOUS = "active_adapter", "previous_adapter"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _read_spec(d: Path) -> dict:
+    try:
+        return json.loads((d / "job.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass
@@ -87,6 +106,50 @@ class JobManager:
                 f"loss {p['loss']:.3f} ETA {eta // 60}:{eta % 60:02d}" + (" (+1 queued)" if self.queued else "")
             )
         return f"training {j.id}: {j.status}…"
+
+    # start-up ---------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """At chat start: jobs whose chat died while they trained (SIGKILL, a crash, a power cut)
+        are marked interrupted and their checkpoints removed (their feedback never left the
+        buffer); old job directories are pruned; and what the last job failed on is remembered,
+        so a restart does not retrain exactly the feedback that was just rejected."""
+        notes = []
+        rows = self.store.db.execute("SELECT id, pid FROM jobs WHERE status = 'running'").fetchall()
+        for r in rows:
+            if r["pid"] is not None and r["pid"] != os.getpid() and _alive(r["pid"]):
+                continue  # another chat on this home is training it
+            self.store.db.execute(
+                "UPDATE jobs SET status = 'interrupted', finished_at = ?, message = ? WHERE id = ?",
+                (
+                    time.time(),
+                    "interrupted: the chat stopped while it trained; the feedback stayed in the buffer",
+                    r["id"],
+                ),
+            )
+            spec = _read_spec(self.paths.root / "jobs" / r["id"])
+            if spec.get("name"):
+                shutil.rmtree(self.paths.root / "checkpoints" / spec["name"], ignore_errors=True)
+            notes.append(
+                f"Training job {r['id']} was interrupted when the chat stopped; its feedback is still in the buffer."
+            )
+        self._prune_job_dirs()
+        last = self.store.db.execute(
+            "SELECT id, status, feedback_ids FROM jobs WHERE status IN ('done', 'failed', 'rejected')"
+            " ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
+        if last is not None and last["status"] in ("failed", "rejected"):
+            held = _read_spec(self.paths.root / "jobs" / last["id"]).get("meta", {}).get("holdout_feedback_ids", [])
+            self._failed_ids = frozenset(json.loads(last["feedback_ids"]) + held)
+        return notes
+
+    def _prune_job_dirs(self) -> None:
+        root = self.paths.root / "jobs"
+        if not root.is_dir():
+            return
+        running = {r["id"] for r in self.store.db.execute("SELECT id FROM jobs WHERE status = 'running'")}
+        dirs = sorted((d for d in root.iterdir() if d.is_dir() and d.name not in running), key=lambda d: d.name)
+        for d in dirs[:-KEEP_JOB_DIRS]:
+            shutil.rmtree(d, ignore_errors=True)
 
     # triggering -------------------------------------------------------------------------------
     def maybe_trigger(self) -> str | None:
@@ -240,8 +303,9 @@ class JobManager:
         }
         atomic_write(d / "job.json", json.dumps(spec, indent=2))
         self.store.db.execute(
-            "INSERT INTO jobs (id, created_at, status, trigger, parent, feedback_ids) VALUES (?, ?, 'running', ?, ?, ?)",
-            (job_id, time.time(), trigger, parent, json.dumps(job.feedback_ids)),
+            "INSERT INTO jobs (id, created_at, status, trigger, parent, feedback_ids, pid)"
+            " VALUES (?, ?, 'running', ?, ?, ?, ?)",
+            (job_id, time.time(), trigger, parent, json.dumps(job.feedback_ids), os.getpid()),
         )
         return job, d
 

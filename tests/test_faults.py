@@ -3,11 +3,18 @@ naming the path, key or line and what to do, a non-zero exit, never a traceback,
 Each of these failed before its fix: a traceback, a silently dropped line, or exit status 0."""
 
 import os
+import re
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
+from conftest import subprocess_env
 from test_cli import run
 
+from shammah.feedback.compile import compile_feedback
 from shammah.feedback.store import Store
 
 
@@ -112,3 +119,91 @@ def test_an_open_home_is_left_as_it_is_with_a_warning(shammah_home):
     assert r.returncode == 0
     assert stat.S_IMODE(shammah_home.stat().st_mode) == 0o1777, "not ours to change"
     assert f"warning: {shammah_home} is readable or writable by other users (mode 1777)" in r.stderr
+
+
+def _workers(home) -> list[int]:
+    """PIDs of training workers of this home (their job file lies under it)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"shammah.training.worker" in cmd and any(str(home).encode() in c for c in cmd):
+                pids.append(int(d))
+    return pids
+
+
+def _slow_learning_config(home, **extra):
+    home.mkdir(parents=True, exist_ok=True)
+    body = {"threshold": 1, "settle_seconds": 0, "anchors": 2, "epochs": 100, "gate": "false", **extra}
+    (home / "config.toml").write_text("[learning]\n" + "".join(f"{k} = {v}\n" for k, v in body.items()))
+
+
+def _wait_for(cond, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_ends_the_chat_like_exit_and_leaves_no_orphan(tiny_qwen2, shammah_home):
+    _slow_learning_config(shammah_home)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "shammah", "--model", str(tiny_qwen2)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(SHAMMAH_THREADS=1),
+    )
+    p.stdin.write(b"Q?\n/fix A.\n")  # stdin stays open, like a script that is still talking
+    p.stdin.flush()
+    assert _wait_for(lambda: _workers(shammah_home)), "the job started"
+    [worker] = _workers(shammah_home)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0
+    assert _wait_for(lambda: not os.path.exists(f"/proc/{worker}") or _zombie(worker), 30), "no orphan worker"
+    store = Store(shammah_home / "shammah.db")
+    [status] = [r["status"] for r in store.db.execute("SELECT status FROM jobs")]
+    assert status == "cancelled"
+    assert not compile_feedback(store, 0)[0][0].trained, "its feedback stays in the buffer"
+    store.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def test_a_chat_killed_mid_job_is_marked_interrupted_and_retrains_at_start(tiny_qwen2, shammah_home):
+    """SIGKILL (no handler can run): the next chat marks the job interrupted, removes its
+    checkpoints, and — the buffer being over the threshold — trains again without new feedback."""
+    _slow_learning_config(shammah_home)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "shammah", "--model", str(tiny_qwen2)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(SHAMMAH_THREADS=1),
+    )
+    p.stdin.write(b"Q?\n/fix A.\n")
+    p.stdin.flush()
+    assert _wait_for(lambda: _workers(shammah_home))
+    p.kill()
+    p.wait(10)
+    for w in _workers(shammah_home):  # the worker notices its parent only at its next write
+        os.kill(w, signal.SIGKILL)
+    _slow_learning_config(shammah_home, epochs=1)
+    r = run(["--model", str(tiny_qwen2)], "/train status\n", SHAMMAH_THREADS=1)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"Training job job-\S+ was interrupted when the chat stopped", r.stderr), r.stderr
+    assert "Learned: now answering with learned-" in r.stderr, "trained at start, no new feedback needed"
+    store = Store(shammah_home / "shammah.db")
+    statuses = [r["status"] for r in store.db.execute("SELECT status FROM jobs ORDER BY created_at")]
+    assert statuses == ["interrupted", "done"]
+    store.close()

@@ -6,7 +6,10 @@ thread while the prompt is already usable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
+import threading
 from typing import TextIO
 
 from shammah.repl.commands import ChatSession
@@ -39,7 +42,8 @@ async def run_interactive(session: ChatSession, *, input=None, output=None, hist
     )
     session.engine.start_loading()
     session.console.info(banner(session))
-    with patch_stdout(raw=True):
+    session.start()
+    with patch_stdout(raw=True), _sigterm_ends(session):
         while True:
             try:
                 line = await prompt.prompt_async("› ")
@@ -52,18 +56,70 @@ async def run_interactive(session: ChatSession, *, input=None, output=None, hist
     await session.jobs.shutdown()
 
 
+@contextlib.contextmanager
+def _sigterm_ends(session: ChatSession):
+    """SIGTERM (a service manager, `kill`, a closing terminal emulator) ends the chat like /exit:
+    the caller's shutdown stops the training worker (no orphan) and records the job cancelled.
+    Everything acknowledged is already on disk."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    state = {"hit": False}
+
+    def on_term() -> None:
+        state["hit"] = True
+        session.interrupt()  # a reply being written stops at the next token
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
+        installed = False
+    try:
+        yield state
+    except asyncio.CancelledError:
+        if not state["hit"]:
+            raise
+        task.uncancel()
+        session.console.notice("Terminated: stopping.")
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def run_lines(session: ChatSession, stream: TextIO | None = None) -> None:
     """Non-interactive mode: every input line is a question or a command; exit at EOF."""
     stream = stream or sys.stdin
     session.engine.start_loading()
     session.console.notice(banner(session))
+    session.start()
+    lines = _reader(stream)
+    with _sigterm_ends(session) as term:
+        while True:
+            line = await lines.get()
+            if line is None or not await session.handle(line.rstrip("\n")):
+                break
+        if session.jobs.running:  # a script's feedback must not be lost to an early exit
+            session.console.notice("Waiting for the background training job to finish…")
+            await session.jobs.wait()
+    if term["hit"]:  # SIGTERM: stop the job instead of waiting for it
+        await session.jobs.shutdown()
+
+
+def _reader(stream: TextIO) -> asyncio.Queue:
+    """Lines of ``stream`` on a queue, read by a daemon thread: a blocked read of an open stdin
+    must not keep the process alive after SIGTERM (the default executor would be joined)."""
     loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, stream.readline)
-        if not line:
-            break
-        if not await session.handle(line.rstrip("\n")):
-            break
-    if session.jobs.running:  # a script's feedback must not be lost to an early exit
-        session.console.notice("Waiting for the background training job to finish…")
-        await session.jobs.wait()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def read() -> None:
+        try:
+            for line in iter(stream.readline, ""):
+                loop.call_soon_threadsafe(q.put_nowait, line)
+        except (OSError, ValueError, RuntimeError):  # closed stream or loop
+            pass
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(q.put_nowait, None)
+
+    threading.Thread(target=read, name="shammah-stdin", daemon=True).start()
+    return q

@@ -62,6 +62,15 @@ class ChatSession:
                 out[name[4:]] = inspect.getdoc(fn).splitlines()[0]
         return out
 
+    def start(self) -> None:
+        """At the start of a chat: recover from a chat that died mid-job, and train a buffer that
+        is already over the threshold (it would otherwise wait for the next rating)."""
+        for note in self.jobs.recover():
+            self.console.notice(note)
+        msg = self.jobs.maybe_trigger()
+        if msg:
+            self.notify(msg)
+
     async def handle(self, line: str) -> bool:
         """Process one line of input; False means the user asked to leave."""
         line = line.strip()
