@@ -31,22 +31,47 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"shammah {__version__}")
-    p.add_argument("--config", metavar="PATH", help="config file (default: $SHAMMAH_HOME/config.toml)")
-    p.add_argument("--model", metavar="MODEL", help='override model.base ("embedded", a HF id, a dir, a .gguf)')
+    _global_options(p, None)
+    # The same options after the subcommand (`shammah ask --model X`); SUPPRESS keeps a value given
+    # before the subcommand when none is given after it.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("chat", help="open the chat (the default)")
-    ask = sub.add_parser("ask", help="print one reply to a question and exit")
-    ask.add_argument("question", nargs="+")
-    tr = sub.add_parser("train", help="train an adapter from a dataset (and a manifest)")
+    sub.add_parser("chat", help="open the chat (the default)", parents=[common])
+    ask = sub.add_parser(
+        "ask",
+        help="print one reply to a question and exit",
+        parents=[common],
+        description="Print one reply and exit. The question is the arguments, or standard input when there are none.",
+    )
+    ask.add_argument("question", nargs="*", help="the question (default: read it from standard input)")
+    ask.add_argument("-s", "--system", metavar="TEXT", help="system prompt for this question")
+    ask.add_argument("-a", "--adapter", metavar="NAME", help="answer with this adapter ('none' = the base model)")
+    ask.add_argument("--json", action="store_true", help="print one JSON object: reply, turn id, adapter, tokens")
+    ask.add_argument("-t", "--temperature", type=float, metavar="T", help="sampling temperature (0 = greedy)")
+    ask.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass")
+    ask.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (0 = off)")
+    ask.add_argument("--seed", type=int, metavar="N", help="random seed for sampling")
+    ask.add_argument("-n", "--max-tokens", type=int, metavar="N", help="longest reply, in tokens")
+    tr = sub.add_parser(
+        "train", help="train an adapter from a dataset (and a manifest)"
+    )  # its --config is the training config
     from shammah.training.run import add_arguments
 
     add_arguments(tr)
-    ad = sub.add_parser("adapters", help="list, inspect or delete trained adapters")
+    ad = sub.add_parser("adapters", help="list, inspect or delete trained adapters", parents=[common])
     ad.add_argument("action", choices=("list", "info", "delete"), nargs="?", default="list")
     ad.add_argument("name", nargs="?")
-    cfg = sub.add_parser("config", help="show the config in use, or the documented defaults")
+    cfg = sub.add_parser("config", help="show the config in use, or the documented defaults", parents=[common])
     cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
     return p
+
+
+def _global_options(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--config", metavar="PATH", default=default, help="config file (default: $SHAMMAH_HOME/config.toml)")
+    p.add_argument(
+        "--model", metavar="MODEL", default=default, help='override model.base ("embedded", a HF id, a dir, a .gguf)'
+    )
 
 
 def setup_logging(level: str, logs_dir) -> None:
@@ -117,14 +142,48 @@ def cmd_chat(args) -> int:
 
 def cmd_ask(args) -> int:
     import asyncio
+    import io
+    import json
 
+    from shammah.config import with_overrides
+
+    question = " ".join(args.question).strip() if args.question else sys.stdin.read().strip()
+    if not question:
+        raise ShammahError("no question: give it as arguments (shammah ask What is …) or on standard input")
     cfg, _, paths = _load(args)
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "max_new_tokens": args.max_tokens,
+    }
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if sampling:
+        cfg = with_overrides(cfg, model=sampling)
     session = _session(cfg, paths, interactive=False)
-    session.engine.start_loading()
+    if args.json:  # the streamed reply is not printed; the JSON object carries it
+        session.console._out = io.StringIO()
+    if args.system is not None:
+        session.system_prompt = args.system
     try:
-        asyncio.run(session.ask(" ".join(args.question)))
+        if args.adapter is not None:
+            asyncio.run(session.use_adapter(None if args.adapter == "none" else args.adapter))
+        asyncio.run(session.ask(question))
+        if session.last_turn_id is None:
+            return 1
+        turn = session.store.turn(session.last_turn_id)
     finally:
         session.store.close()
+    if args.json:
+        rec = {
+            "reply": turn.reply,
+            "turn_id": turn.id,
+            "model": turn.model,
+            "adapter": turn.adapter,
+            "finish_reason": turn.finish_reason,
+        }
+        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return 0
 
 

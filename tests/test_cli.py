@@ -132,3 +132,39 @@ def test_interactive_terminal_session(tiny_qwen2, shammah_home):
         os.close(fd)
     assert "/good" in (shammah_home / "history").read_text()
     assert oct(os.stat(shammah_home / "history").st_mode & 0o777) == "0o600"
+
+
+def test_ask_reads_stdin_takes_options_after_the_subcommand_and_prints_json(tiny_qwen2, shammah_home):
+    import json
+
+    from shammah.paths import Paths
+    from shammah.training.args import build
+    from shammah.training.data import parse_record
+    from shammah.training.trainer import TrainJob, train
+
+    paths = Paths(shammah_home).ensure()
+    train(
+        TrainJob(
+            base=str(tiny_qwen2),
+            cache_dir=paths.cache,
+            registry_root=paths.adapters,
+            checkpoints_root=paths.root / "checkpoints",
+            train=[parse_record({"prompt": "What is up?", "completion": "Zorblat zorblat zorblat."})] * 4,
+            args=build(("t", {"epochs": 8, "rank": 4, "learning_rate": 5e-2})),
+            name="mine",
+        )
+    )
+    args = ["ask", "--model", str(tiny_qwen2), "-s", "Be brief.", "-t", "1", "--seed", "7", "-n", "8", "--json"]
+    r = run(args + ["--adapter", "mine"], "What is up?\n", SHAMMAH_THREADS=1)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    store = Store(shammah_home / "shammah.db")
+    turn = store.turn(rec["turn_id"])
+    assert (rec["reply"], rec["adapter"]) == (turn.reply, "mine") and turn.prompt == "What is up?"
+    assert turn.messages[0] == {"role": "system", "content": "Be brief."}
+    assert store.get_state("active_adapter") in (None, ""), "--adapter is for this question only"
+    store.close()
+    base = json.loads(run(args, "What is up?\n", SHAMMAH_THREADS=1).stdout)
+    assert base["adapter"] is None and base["reply"] != rec["reply"], "same seed: only the adapter differs"
+    empty = run(["ask", "--model", str(tiny_qwen2)], "  \n")
+    assert empty.returncode == 2 and "no question" in empty.stderr

@@ -62,6 +62,20 @@ class ChatSession:
                 out[name[4:]] = inspect.getdoc(fn).splitlines()[0]
         return out
 
+    async def use_adapter(self, name: str | None) -> None:
+        """Answer with ``name`` (None = the base) in this session only: the saved active adapter
+        is neither restored nor changed (``shammah ask --adapter``)."""
+        await self.ensure_loaded_without_restore()
+        path = fp = None
+        if name is not None:
+            info = self.jobs.registry.get(name)
+            path, fp = info.path, info.get("base", "fingerprint")
+        self.engine.activate(name, path, fp)
+
+    async def ensure_loaded_without_restore(self) -> None:
+        self._restored = True
+        await self.ensure_loaded()
+
     def start(self) -> None:
         """At the start of a chat: recover from a chat that died mid-job, and train a buffer that
         is already over the threshold (it would otherwise wait for the next rating)."""
