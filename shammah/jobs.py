@@ -263,6 +263,12 @@ class JobManager:
         to_jsonl(examples_of(held, lc.note_only), d / "holdout.jsonl")
         replay_ids = [i for x in replay for i in x.feedback_ids]
         parent = self.engine.adapter
+        if parent is not None and not self.registry.exists(parent):  # deleted by another process
+            self.notify(
+                f"The active adapter {parent} was deleted from disk; this job starts a fresh adapter "
+                "(it still answers from memory until the swap)."
+            )
+            parent = None
         spec = {
             "base": self.cfg.model.base,
             "cache_dir": str(self.paths.cache),

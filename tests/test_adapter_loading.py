@@ -147,3 +147,26 @@ def test_a_damaged_adapter_is_listed_and_can_be_deleted(adapters, shammah_home):
     rc, out = cli("delete", "other")
     assert rc == 0 and "deleted adapter other" in out
     assert [x.name for x in Registry(root).list()] == ["good"]
+
+
+def test_a_swap_never_cuts_a_reply(engine, adapters):
+    """activate() from another thread while a reply streams returns only after its last chunk,
+    and the reply was written by the adapter that was active when it started, to the end."""
+    import threading
+    import time
+
+    _, a = adapters
+    _activate(engine, a["good"])
+    info: dict = {}
+    chunks = engine.stream(PROMPTS[0], engine.gen_params(max_new_tokens=200, temperature=1.0, seed=3), info=info)
+    arrived = [(time.perf_counter(), next(chunks))]
+    swapped: list[float] = []
+    t = threading.Thread(target=lambda: (_activate(engine, a["other"]), swapped.append(time.perf_counter())))
+    t.start()
+    for c in chunks:
+        arrived.append((time.perf_counter(), c))
+        assert not swapped, "the swap finished while the reply was still being written"
+    t.join(30)
+    assert len(arrived) > 8 and arrived[-1][1].finish_reason is not None
+    assert swapped and swapped[0] >= arrived[-1][0]
+    assert info["adapter"] == "good" and engine.adapter == "other"

@@ -1,4 +1,3 @@
-import dataclasses
 import subprocess
 import sys
 from dataclasses import fields
@@ -95,8 +94,5 @@ def test_cli_reports_config_errors_in_one_place_without_traceback(tmp_path):
     assert "model.top_p = 2 is out of range" in r.stderr
 
 
-def test_sections_are_frozen():
-    cfg = Config()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.model.base = "x"  # type: ignore[misc]
+def test_the_config_sections_are_the_documented_ones():
     assert [f.name for f in fields(Config)] == ["model", "chat", "feedback", "learning", "logging"]

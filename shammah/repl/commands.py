@@ -294,6 +294,14 @@ class ChatSession:
         """Show the model, device, active adapter and the training buffer."""
         info = self.engine.info()
         rows = [(k, v) for k, v in info.items()]
+        name = self.engine.adapter
+        if name is not None and not self.jobs.registry.exists(name):
+            rows = [
+                (k, f"{v} (deleted from disk: still answering from memory; /adapters load another or off)")
+                if k == "adapter"
+                else (k, v)
+                for k, v in rows
+            ]
         rows.append(("conversation", f"{len(self.history) // 2} turns"))
         rows.append(("feedback", str(self.buffer())))
         rows.append(("database", str(self.store.path)))
