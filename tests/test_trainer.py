@@ -284,3 +284,43 @@ def test_continual_training_starts_from_the_parent(tiny_qwen2, shammah_home):
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), "a tiny lr keeps the parent's weights"
     assert child.adapter.meta["parent"] == "gen1"
+
+
+def test_the_trainer_draws_by_weight_and_gives_anchors_their_share(tiny_qwen2, shammah_home, monkeypatch):
+    """Counted where the batches are built, in a real Trainer run: anchors get ``anchor_share`` of
+    the draws whatever the feedback weighs, and a weight-9 lesson is drawn ~9x a weight-1 one."""
+    from shammah.engine.fingerprint import fingerprint
+    from shammah.training import online
+
+    # The tiny random model answers nothing: give the anchor prompts cached base answers to hold.
+    cache = shammah_home / "anchor-cache"
+    cache.mkdir(parents=True)
+    prompts = list(online.ANCHOR_PROMPTS)
+    key = {"fingerprint": fingerprint(tiny_qwen2), "prompts": prompts, "max_new_tokens": 48}
+    answers = [f"Base answer number {i}." for i in range(len(prompts))]
+    (cache / "anchors.json").write_text(json.dumps({"key": key, "answers": answers}))
+    fed = []
+    real = methods.collate
+
+    def spy(features, pad_id):
+        for f in features:
+            fed.append("anchor" if f["kind"] == "distill" else f"lesson-{f['seqs'][0][0]}")
+        return real(features, pad_id)
+
+    monkeypatch.setattr(methods, "collate", spy)
+    records = [
+        {"prompt": "Light?", "completion": "Lightly weighted.", "weight": 1},
+        {"prompt": "Heavy?", "completion": "Heavily weighted.", "weight": 9},
+    ]
+    j = job(tiny_qwen2, shammah_home, records, name="spy", epochs=60, batch_size=2, learning_rate=1e-4)
+    j.anchors, j.anchor_cache, j.anchor_share = 4, cache, 0.6
+    res = train(j)
+    assert res.report["anchors"] == 4
+    n = len(fed)
+    assert n == 60 * 6, "every draw reaches a batch"
+    lessons = [x for x in fed if x != "anchor"]
+    share = 1 - len(lessons) / n
+    kinds = sorted(set(lessons))
+    counts = sorted(lessons.count(k) for k in kinds)
+    assert len(kinds) == 2 and 0.52 < share < 0.68, share
+    assert 5 < counts[1] / counts[0] < 16, counts
