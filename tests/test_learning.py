@@ -244,26 +244,40 @@ def test_feedback_show_prints_the_next_training_set(tiny_qwen2, shammah_home):
 
 
 def test_worker_is_paused_while_the_chat_replies(shammah_home, tiny_qwen2):
-    s, _ = make_session(tiny_qwen2, shammah_home)
+    """A real reply through the chat stops the real training worker (state T in /proc at every
+    chunk of the reply) and lets it run again after the reply."""
+    s, _ = make_session(tiny_qwen2, shammah_home, threshold=1, settle_seconds=0, epochs=100, gate=False)
+    seen: list[str] = []
+
+    def state(pid: int) -> str:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[0]
 
     async def scenario():
-        proc = await asyncio.create_subprocess_exec("sleep", "30")
-        from shammah.jobs import Job
+        await s.handle("Q?")
+        await s.handle("/fix A.")
+        for _ in range(600):
+            if s.jobs.current is not None and s.jobs.current.proc is not None:
+                break
+            await asyncio.sleep(0.1)
+        pid = s.jobs.current.proc.pid
+        real = s.engine.stream
 
-        s.jobs.current = Job("j", "t", [], [], proc=proc)
-        state = lambda: open(f"/proc/{proc.pid}/stat").read().split()[2]  # noqa: E731
-        s.jobs.pause()
-        await asyncio.sleep(0.1)
-        stopped = state()
-        s.jobs.resume()
-        await asyncio.sleep(0.1)
-        running = state()
-        proc.kill()
-        await proc.wait()
-        return stopped, running
+        def observed(*a, **kw):  # the real stream; the worker's state is read at each chunk
+            for chunk in real(*a, **kw):
+                seen.append(state(pid))
+                yield chunk
 
-    stopped, running = asyncio.run(scenario())
-    assert stopped == "T" and running in ("S", "R")
+        s.engine.stream = observed
+        await s.handle("Another question while it trains?")
+        s.engine.stream = real
+        await asyncio.sleep(0.2)
+        after = state(pid)
+        await s.jobs.cancel()
+        return after
+
+    after = asyncio.run(scenario())
+    assert seen and set(seen) == {"T"}, seen
+    assert after in ("R", "S", "D"), after
     s.store.close()
 
 
