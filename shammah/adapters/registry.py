@@ -189,10 +189,6 @@ class Registry:
         shutil.rmtree(trash, ignore_errors=True)
         return info
 
-    def update_meta(self, name: str, **changes: Any) -> AdapterInfo:
-        info = self.get(name)
-        atomic_write(info.path / META, json.dumps({**info.meta, **changes}, indent=2, ensure_ascii=False))
-        return self.get(name)
 
 
 def table(items: list[AdapterInfo], active: str | None) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:

@@ -84,9 +84,6 @@ class Console:
     def ok(self, text: str) -> None:
         self._line("ok", text)
 
-    def warn(self, text: str) -> None:
-        self._line("warn", text, self.err)
-
     def error(self, text: str) -> None:
         self._line("error", f"error: {text}", self.err)
 

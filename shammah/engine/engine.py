@@ -1,0 +1,284 @@
+"""The engine boundary: load a base model, stream replies, hot-swap adapters.
+
+Everything above this package talks to :class:`Engine` only and never learns
+which backend runs. Importing this module is cheap: torch and transformers are
+imported by the loader thread, so the chat prompt is usable while they load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from shammah.config import ModelConfig
+from shammah.engine.resolve import ModelSpec, resolve
+from shammah.errors import ModelError
+
+if TYPE_CHECKING:
+    from shammah.engine.generate import Chunk, GenParams
+    from shammah.engine.loader import Loaded
+
+log = logging.getLogger(__name__)
+
+# Sampling where neither the config nor the model's generation_config says. Measured on the embedded
+# SmolLM2-135M (shared/MEASURED.md): at 0.7 / top-p 0.9 / repetition penalty 1.1 it rambles (hashtags,
+# invented facts) and gets simple questions right one run and wrong the next; a low temperature and no
+# repetition penalty (which pushes it off the words of the question it should repeat) keep it on topic.
+FALLBACK_SAMPLING: dict[str, float | int] = {"temperature": 0.2, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0}
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, cache_dir, spec: ModelSpec | None = None):
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.spec = spec or resolve(cfg.base)
+        self._loaded: Loaded | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._gen_lock = threading.Lock()
+        self.adapter: str | None = None  # name of the active adapter (None = base model)
+        self._peft = None  # PeftModel wrapping the base once an adapter was loaded
+        self._slot_config: dict | None = None  # adapter_config.json of what sits in the slot
+        self._slot_name: str | None = None  # which adapter's weights are in the live slot
+        self._slot = "slot0"  # the live slot's PEFT adapter name
+        self._fingerprint: str | None = None
+        self.last_swap_seconds: float | None = None
+
+    # loading ---------------------------------------------------------------
+    def start_loading(self) -> None:
+        """Load in a background thread; :meth:`wait` or :meth:`load` to join it."""
+        if self._thread is None and not self._ready.is_set():
+            self._thread = threading.Thread(target=self._load, name="shammah-load", daemon=True)
+            self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            from shammah.engine import loader
+
+            c = self.cfg
+            self._loaded = loader.load(
+                self.spec, cache=self.cache_dir, device=c.device, dtype=c.dtype, threads=c.threads
+            )
+        except BaseException as e:  # kept and re-raised in the thread that waits
+            log.debug("load failed", exc_info=True)
+            self._error = e if isinstance(e, ModelError) else ModelError(f"could not load {self.spec.name}: {e}")
+        finally:
+            self._ready.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once loading finished (successfully or not) within ``timeout``."""
+        self.start_loading()
+        return self._ready.wait(timeout)
+
+    def load(self) -> Engine:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def loaded(self) -> Loaded:
+        self.load()
+        assert self._loaded is not None
+        return self._loaded
+
+    @property
+    def model(self):
+        return self._peft if self._peft is not None else self.loaded.model
+
+    # adapters --------------------------------------------------------------
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            from shammah.engine.fingerprint import fingerprint
+
+            self._fingerprint = fingerprint(self.loaded.path)
+        return self._fingerprint
+
+    def activate(self, name: str | None, path=None, base_fingerprint: str | None = None) -> float:
+        """Make adapter ``name`` (a PEFT LoRA directory at ``path``) answer from the next turn on;
+        ``None`` = the base model alone. Waits for a reply in progress, never cuts one; the base
+        model is never reloaded. A refused or failed load changes nothing: the adapter that was
+        answering still answers. Returns the seconds the chat was blocked."""
+        from pathlib import Path
+
+        cfg: dict = {}
+        if name is not None:
+            if base_fingerprint is not None and base_fingerprint != self.fingerprint():
+                raise ModelError(
+                    f"adapter {name!r} was trained on another base model than {self.spec.name}; "
+                    "it cannot be loaded here"
+                )
+            from shammah.adapters.registry import check_lora
+
+            cfg = check_lora(Path(path))
+        t0 = time.perf_counter()
+        with self._gen_lock:
+            if name is not None and self._slot_name != name:
+                self._load_into_slot(name, Path(path), cfg)
+            self.adapter = name
+        self.last_swap_seconds = time.perf_counter() - t0
+        return self.last_swap_seconds
+
+    def _load_into_slot(self, name: str, path, cfg: dict) -> None:
+        """Two slots: a new adapter is hot-swapped into the live one's weights when the shapes
+        match (~60 ms), else loaded into the spare slot, which goes live only once it loaded."""
+        from peft import PeftModel
+
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.loaded.model, str(path), adapter_name="slot0")
+                self._slot = "slot0"
+            elif not self._hotswap(path, cfg):
+                spare = "slot1" if self._slot == "slot0" else "slot0"
+                if spare in self._peft.peft_config:
+                    self._peft.delete_adapter(spare)
+                self._peft.load_adapter(str(path), adapter_name=spare)
+                self._peft.set_adapter(spare)
+                self._peft.delete_adapter(self._slot)
+                self._slot = spare
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelError(f"adapter {name!r} at {path} could not be loaded ({e}); the current one stays") from None
+        self._peft.eval()
+        self._slot_config = cfg
+        self._slot_name = name
+
+    def _hotswap(self, path, cfg: dict) -> bool:
+        same_shape = self._slot_config is not None and all(
+            cfg.get(k) == self._slot_config.get(k)
+            for k in ("r", "lora_alpha", "target_modules", "use_dora", "rank_pattern", "alpha_pattern")
+        )
+        if not same_shape or cfg.get("use_dora"):
+            return False
+        from peft.utils.hotswap import hotswap_adapter
+
+        try:  # peft checks the shapes of every tensor before it copies any
+            hotswap_adapter(self._peft, str(path), adapter_name=self._slot, torch_device=self.loaded.device)
+        except (ValueError, RuntimeError, KeyError):
+            log.debug("hotswap failed, loading into the spare slot", exc_info=True)
+            return False
+        return True
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def info(self) -> dict[str, str]:
+        out = {"model": self.spec.name, "adapter": self.adapter or "none (base model)"}
+        if self._loaded is not None:
+            out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
+            where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
+            out["sampling"] = ", ".join(f"{k} {v:g} ({where[src]})" for k, (v, src) in self.sampling().items())
+        elif self._error is not None:
+            out["state"] = f"failed to load: {self._error}"
+        else:
+            out["state"] = "loading…"
+        return out
+
+    # generation ------------------------------------------------------------
+    def context_window(self) -> int:
+        model_max = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        return min(self.cfg.context_window, model_max) if self.cfg.context_window else model_max
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def prepare(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], list[dict]]:
+        """Token ids for ``messages`` fitted to the context window: the oldest exchanges are dropped
+        first (the system prompt and the newest user message are kept)."""
+        budget = max(16, self.context_window() - max_new_tokens)
+        kept = list(messages)
+        ids = self.encode(kept)
+        while len(ids) > budget:
+            first = 1 if kept and kept[0]["role"] == "system" else 0
+            if len(kept) - first <= 1:  # only the newest message is left: keep its tail
+                ids = ids[-budget:]
+                break
+            del kept[first]
+            if len(kept) - first > 1 and kept[first]["role"] == "assistant":
+                del kept[first]
+            ids = self.encode(kept)
+        return ids, kept
+
+    def sampling(self) -> dict[str, tuple[float, str]]:
+        """The sampling settings in force and where each comes from: the config, the model's own
+        ``generation_config.json`` (Qwen ships tuned values), or shammah's fallback."""
+        import json
+        from pathlib import Path
+
+        model_says: dict = {}
+        f = Path(self.loaded.path) / "generation_config.json"
+        if f.is_file():
+            try:
+                model_says = json.loads(f.read_text())
+            except (OSError, ValueError):
+                log.warning("unreadable %s; using shammah's sampling defaults", f)
+            if model_says.get("do_sample") is False and "temperature" not in model_says:
+                model_says["temperature"] = 0.0
+        out = {}
+        for key, fallback in FALLBACK_SAMPLING.items():
+            value = getattr(self.cfg, key)
+            if value != "auto":
+                out[key] = (value, "config")
+            elif isinstance(model_says.get(key), int | float) and not isinstance(model_says.get(key), bool):
+                out[key] = (type(fallback)(model_says[key]), "model")
+            else:
+                out[key] = (fallback, "default")
+        return out
+
+    def gen_params(self, **overrides) -> GenParams:
+        from shammah.engine.generate import GenParams
+
+        c = self.cfg
+        base = {k: v for k, (v, _) in self.sampling().items()}
+        base.update(max_new_tokens=c.max_new_tokens, seed=c.seed)
+        base.update(overrides)
+        return GenParams(**base)
+
+    def stream(
+        self,
+        messages: list[dict],
+        params: GenParams | None = None,
+        stop: threading.Event | None = None,
+        info: dict | None = None,
+    ) -> Iterator[Chunk]:
+        """Stream a reply to ``messages`` (chat-template dicts). One generation at a time;
+        ``info["adapter"]`` is set to the adapter that actually answers."""
+        import contextlib
+
+        import torch
+
+        from shammah.engine.generate import stream_generate
+
+        params = params or self.gen_params()
+        ids, _ = self.prepare(messages, params.max_new_tokens)
+        input_ids = torch.tensor([ids], device=self.loaded.device)
+        with self._gen_lock:
+            if info is not None:
+                info["adapter"] = self.adapter
+            off = self._peft is not None and self.adapter is None
+            with self._peft.disable_adapter() if off else contextlib.nullcontext():
+                yield from stream_generate(self.model, self.tokenizer, input_ids, params, stop)
+
+    def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """Greedy replies to several chats at once, by the active adapter (evaluation, not chat:
+        batched decode costs about what one reply does)."""
+        import contextlib
+
+        from shammah.engine.generate import generate_batch
+
+        with self._gen_lock:
+            off = self._peft is not None and self.adapter is None
+            with self._peft.disable_adapter() if off else contextlib.nullcontext():
+                return generate_batch(self.model, self.tokenizer, chats, max_new_tokens)
+
+    def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
+        return "".join(c.text for c in self.stream(messages, params))
