@@ -57,7 +57,7 @@ def test_piped_chat_with_the_embedded_model(embedded, embedded_home, tmp_path):
         env=subprocess_env(SHAMMAH_HOME=home),
     )
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout and "Training buffer: 1 example" in r.stdout
+    assert "Paris" in r.stdout and "Training buffer: 1 example" in r.stderr and "Training" not in r.stdout
     assert "SmolLM2-135M-Instruct (embedded)" in r.stderr
     store = Store(home / "shammah.db")
     assert store.list_feedback()[-1].reply.count("Paris") >= 1

@@ -86,7 +86,7 @@ def test_a_handful_of_corrections_teach_a_fact_without_breaking_others(embedded_
             "/clear",
         ]
     r = chat(home, cfg, lines)
-    assert "Learned: now answering with learned-" in r.stdout, r.stdout[-3000:]
+    assert "Learned: now answering with learned-" in r.stderr, r.stderr[-3000:]
 
     held = ask_each(home, cfg, HELD_OUT)
     ctrl = ask_each(home, cfg, [q for q, _ in CONTROLS])
