@@ -344,7 +344,7 @@ class JobManager:
         self.current = job
         t0 = time.perf_counter()
         self.notify(f"Learning from {len(job.feedback_ids)} new feedback item(s) in the background ({job.id}).")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", SHAMMAH_PARENT_PID=str(os.getpid()))
         if self.cfg.learning.train_threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.cfg.learning.train_threads)
         self._limit_chat_threads(True)

@@ -196,7 +196,7 @@ def test_a_chat_killed_mid_job_is_marked_interrupted_and_retrains_at_start(tiny_
     assert _wait_for(lambda: _workers(shammah_home))
     p.kill()
     p.wait(10)
-    for w in _workers(shammah_home):  # the worker notices its parent only at its next write
+    for w in _workers(shammah_home):  # (its death with the chat is tested on its own below)
         os.kill(w, signal.SIGKILL)
     _slow_learning_config(shammah_home, epochs=1)
     r = run(["--model", str(tiny_qwen2)], "/train status\n", SHAMMAH_THREADS=1)
@@ -207,3 +207,30 @@ def test_a_chat_killed_mid_job_is_marked_interrupted_and_retrains_at_start(tiny_
     statuses = [r["status"] for r in store.db.execute("SELECT status FROM jobs ORDER BY created_at")]
     assert statuses == ["interrupted", "done"]
     store.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_with_its_chat_even_when_it_writes_nothing():
+    """A worker busy without writing (loading a big model, generating anchors, the gate) would
+    train on for minutes after its chat was SIGKILLed; the kernel now ends it with the chat."""
+    chat = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            "env = dict(os.environ, SHAMMAH_PARENT_PID=str(os.getpid()))\n"
+            "code = 'from shammah.training.worker import _die_with_the_chat as d; d(); import time; time.sleep(120)'\n"
+            "w = subprocess.Popen([sys.executable, '-c', code], env=env)\n"
+            "print(w.pid, flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        env=subprocess_env(),
+        text=True,
+    )
+    worker = int(chat.stdout.readline())
+    time.sleep(2)  # the worker has set itself up
+    assert not _zombie(worker), "the worker runs while its chat does"
+    chat.kill()
+    chat.wait(10)
+    assert _wait_for(lambda: _zombie(worker), 15), "the worker outlived its chat"

@@ -190,7 +190,6 @@ class Registry:
         return info
 
 
-
 def table(items: list[AdapterInfo], active: str | None) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """(header, rows) of the adapter table, the same in the chat and in `shammah adapters list`."""
     rows = []

@@ -6,6 +6,7 @@ reports progress as JSON lines on stdout; the last line is ``done`` or ``error``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -36,8 +37,27 @@ def job_from_spec(spec: dict):
     )
 
 
+def _die_with_the_chat() -> None:
+    """A worker whose chat is gone (SIGKILL, a crash) must not train on as an orphan: on Linux the
+    kernel sends it SIGTERM when its parent exits (prctl PR_SET_PDEATHSIG). Elsewhere the next
+    progress line it writes into the closed pipe ends it."""
+    import os
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    parent = os.environ.get("SHAMMAH_PARENT_PID")
+    if parent and os.getppid() != int(parent):  # the chat died before the line above ran
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _die_with_the_chat()
     from shammah.errors import ShammahError
     from shammah.training.progress import JsonLines
 
