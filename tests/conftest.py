@@ -43,3 +43,27 @@ def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def register_adapter(base, home, name, records=None, **settings):
+    """Train a small adapter for real (in-process) and register it in ``home``; its AdapterInfo.
+    ``records`` are data lines (default: one Q/A); ``settings`` are training settings."""
+    from shammah.adapters.registry import Registry
+    from shammah.paths import Paths
+    from shammah.training.args import build
+    from shammah.training.data import parse_record
+    from shammah.training.trainer import TrainJob, train
+
+    paths = Paths(home).ensure()
+    train(
+        TrainJob(
+            base=str(base),
+            cache_dir=paths.cache,
+            registry_root=paths.adapters,
+            checkpoints_root=paths.root / "checkpoints",
+            train=[parse_record(r) for r in records or [{"prompt": "Q", "completion": "A"}]],
+            args=build(("test", {"epochs": 1, "rank": 4, **settings})),
+            name=name,
+        )
+    )
+    return Registry(paths.adapters).get(name)

@@ -10,33 +10,21 @@ import re
 import shutil
 
 import pytest
+from conftest import register_adapter
 
 from shammah.adapters.registry import AdapterError, Registry
 from shammah.config import ModelConfig
 from shammah.engine import Engine
 from shammah.errors import ModelError
-from shammah.training.args import build
-from shammah.training.data import parse_record
-from shammah.training.trainer import TrainJob, train
 
 PROMPTS = [[{"role": "user", "content": f"Say something about {w}."}] for w in ("rain", "cats", "salt")]
 
 
 def _train(base, home, name, text, rank=8):
-    args = build(("t", {"epochs": 4, "learning_rate": 5e-2, "rank": rank, "alpha": 2 * rank, "dropout": 0.0}))
     recs = [{"prompt": f"Say something about {w}.", "completion": text} for w in ("rain", "cats", "salt", "wind")]
-    train(
-        TrainJob(
-            base=str(base),
-            cache_dir=home / "cache",
-            registry_root=home / "adapters",
-            checkpoints_root=home / "checkpoints",
-            train=[parse_record(r) for r in recs],
-            args=args,
-            name=name,
-        )
+    return register_adapter(
+        base, home, name, recs, epochs=4, learning_rate=5e-2, rank=rank, alpha=2 * rank, dropout=0.0
     )
-    return Registry(home / "adapters").get(name)
 
 
 @pytest.fixture(scope="module")

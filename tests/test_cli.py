@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import subprocess_env
+from conftest import register_adapter, subprocess_env
 
 from shammah.feedback.store import Store
 from shammah.repl.io import printable
@@ -137,22 +137,13 @@ def test_interactive_terminal_session(tiny_qwen2, shammah_home):
 def test_ask_reads_stdin_takes_options_after_the_subcommand_and_prints_json(tiny_qwen2, shammah_home):
     import json
 
-    from shammah.paths import Paths
-    from shammah.training.args import build
-    from shammah.training.data import parse_record
-    from shammah.training.trainer import TrainJob, train
-
-    paths = Paths(shammah_home).ensure()
-    train(
-        TrainJob(
-            base=str(tiny_qwen2),
-            cache_dir=paths.cache,
-            registry_root=paths.adapters,
-            checkpoints_root=paths.root / "checkpoints",
-            train=[parse_record({"prompt": "What is up?", "completion": "Zorblat zorblat zorblat."})] * 4,
-            args=build(("t", {"epochs": 8, "rank": 4, "learning_rate": 5e-2})),
-            name="mine",
-        )
+    register_adapter(
+        tiny_qwen2,
+        shammah_home,
+        "mine",
+        [{"prompt": "What is up?", "completion": "Zorblat zorblat zorblat."}] * 4,
+        epochs=8,
+        learning_rate=5e-2,
     )
     args = ["ask", "--model", str(tiny_qwen2), "-s", "Be brief.", "-t", "1", "--seed", "7", "-n", "8", "--json"]
     r = run(args + ["--adapter", "mine"], "What is up?\n", SHAMMAH_THREADS=1)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import register_adapter
 
 from shammah.config import Config, FeedbackConfig, LearningConfig, ModelConfig
 from shammah.engine import Engine
@@ -389,7 +390,8 @@ def test_a_rejected_adapter_falls_back_to_the_last_snapshot_that_passes(tiny_qwe
 def test_a_corrupt_active_adapter_at_restart_falls_back_to_the_base(tiny_qwen2, shammah_home):
     """The first question after a restart is answered (by the base, with a notice) and the saved
     state forgets the broken adapter, so the next start is clean."""
-    paths = _register(tiny_qwen2, shammah_home, "mine")
+    register_adapter(tiny_qwen2, shammah_home, "mine")
+    paths = Paths(shammah_home)
     s, out = make_session(tiny_qwen2, shammah_home)
     run_lines(s, "/adapters load mine\nHello?\n")
     assert s.store.turn(s.last_turn_id).adapter == "mine"
@@ -428,32 +430,12 @@ def test_held_out_turns_judge_one_job_and_are_trained_by_the_next(tiny_qwen2, sh
     s.store.close()
 
 
-def _register(base, home, name):
-    """A small adapter registered in ``home`` (trained for real, in-process)."""
-    from shammah.training.args import build
-    from shammah.training.data import parse_record
-    from shammah.training.trainer import TrainJob, train
-
-    paths = Paths(home).ensure()
-    train(
-        TrainJob(
-            base=str(base),
-            cache_dir=paths.cache,
-            registry_root=paths.adapters,
-            checkpoints_root=paths.root / "checkpoints",
-            train=[parse_record({"prompt": "Q", "completion": "A"})],
-            args=build(("t", {"epochs": 1, "rank": 4})),
-            name=name,
-        )
-    )
-    return paths
-
-
 def test_the_active_adapter_deleted_by_another_process(tiny_qwen2, shammah_home):
     """/status says so, and the next job starts a fresh adapter instead of failing on a missing parent."""
     from shammah.adapters.registry import Registry
 
-    paths = _register(tiny_qwen2, shammah_home, "mine")
+    register_adapter(tiny_qwen2, shammah_home, "mine")
+    paths = Paths(shammah_home)
     s, out = make_session(tiny_qwen2, shammah_home, gate=False)
     run_lines(s, "/adapters load mine\n")
     Registry(paths.adapters).delete("mine")  # e.g. `shammah adapters delete mine` in another terminal
