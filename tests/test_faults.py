@@ -150,18 +150,24 @@ def _wait_for(cond, timeout=120):
     return False
 
 
-def test_sigterm_ends_the_chat_like_exit_and_leaves_no_orphan(tiny_qwen2, shammah_home):
-    _slow_learning_config(shammah_home)
+def _chat_training(model, home) -> subprocess.Popen:
+    """A piped chat whose one /fix starts a long job; stdin stays open, like a script still talking."""
+    _slow_learning_config(home)
     p = subprocess.Popen(
-        [sys.executable, "-m", "shammah", "--model", str(tiny_qwen2)],
+        [sys.executable, "-m", "shammah", "--model", str(model)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         env=subprocess_env(SHAMMAH_THREADS=1),
     )
-    p.stdin.write(b"Q?\n/fix A.\n")  # stdin stays open, like a script that is still talking
+    p.stdin.write(b"Q?\n/fix A.\n")
     p.stdin.flush()
-    assert _wait_for(lambda: _workers(shammah_home)), "the job started"
+    assert _wait_for(lambda: _workers(home)), "the job started"
+    return p
+
+
+def test_sigterm_ends_the_chat_like_exit_and_leaves_no_orphan(tiny_qwen2, shammah_home):
+    p = _chat_training(tiny_qwen2, shammah_home)
     [worker] = _workers(shammah_home)
     p.send_signal(signal.SIGTERM)
     assert p.wait(60) == 0
@@ -183,17 +189,7 @@ def _zombie(pid: int) -> bool:
 def test_a_chat_killed_mid_job_is_marked_interrupted_and_retrains_at_start(tiny_qwen2, shammah_home):
     """SIGKILL (no handler can run): the next chat marks the job interrupted, removes its
     checkpoints, and — the buffer being over the threshold — trains again without new feedback."""
-    _slow_learning_config(shammah_home)
-    p = subprocess.Popen(
-        [sys.executable, "-m", "shammah", "--model", str(tiny_qwen2)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=subprocess_env(SHAMMAH_THREADS=1),
-    )
-    p.stdin.write(b"Q?\n/fix A.\n")
-    p.stdin.flush()
-    assert _wait_for(lambda: _workers(shammah_home))
+    p = _chat_training(tiny_qwen2, shammah_home)
     p.kill()
     p.wait(10)
     for w in _workers(shammah_home):  # (its death with the chat is tested on its own below)

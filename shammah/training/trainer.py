@@ -334,8 +334,7 @@ def teacher_answers(model, tok, examples: list[Example], max_new_tokens: int) ->
                 for i, text in zip(chunk, generate_batch(model, tok, chats, max_new_tokens), strict=True):
                     out[i] = dataclasses.replace(examples[i], responses=(text,))
     model.train(was_training)
-    dropped = [i for i in todo if not out[i].responses[0].strip()]
-    return [e for i, e in enumerate(out) if i not in dropped]
+    return [e for e in out if e.kind != "distill" or e.responses[0].strip()]  # an empty answer teaches nothing
 
 
 # --- the whole job -----------------------------------------------------------------------
