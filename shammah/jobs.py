@@ -26,18 +26,48 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shammah.adapters.active import ActiveAdapter
 from shammah.adapters.registry import Registry
-from shammah.config import Config
+from shammah.config import Config, LearningConfig
 from shammah.engine import Engine
-from shammah.feedback.compile import buffer, compile_feedback, examples_of, to_jsonl
+from shammah.feedback.compile import buffer, compile_feedback, examples_of
 from shammah.feedback.store import Store
-from shammah.paths import Paths, atomic_write, ensure_dir
+from shammah.paths import Paths, ensure_dir
+from shammah.training.args import TrainArgs, build
+from shammah.training.job import LoopJob, TrainJob
 
 log = logging.getLogger(__name__)
 
 KEEP_JOB_DIRS = 20  # job directories (data, logs) kept for inspection; older ones are removed
 HOLDOUT_MIN = 10  # with at least this many new items, 20% are held out for the gate
-ACTIVE, PREVIOUS = "active_adapter", "previous_adapter"
+
+
+def learning_args(lc: LearningConfig) -> TrainArgs:
+    """The chat's learning settings as training settings. The rest are fixed for the online loop:
+    alpha = 2 x rank, no dropout (a dozen examples: dropout only slows the lesson), a constant
+    rate (the gate's snapshots compare points of one schedule), no checkpoints (a job is short and
+    an interrupted one restarts from its feedback), prompts cut to 512 tokens."""
+    return build(
+        (
+            "learning",
+            {
+                "method": "auto",
+                "adapter_type": "lora",
+                "rank": lc.rank,
+                "alpha": 2.0 * lc.rank,
+                "dropout": 0.0,
+                "epochs": lc.epochs,
+                "learning_rate": lc.learning_rate,
+                "batch_size": lc.batch_size,
+                "scheduler": "constant",
+                "save_steps": 100000,
+                "keep_checkpoints": 1,
+                "threads": lc.train_threads,
+                "max_length": 512,
+                "seed": lc.seed,
+            },
+        )
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -50,11 +80,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_spec(d: Path) -> dict:
+def _read_job(d: Path) -> LoopJob | None:
     try:
-        return json.loads((d / "job.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return LoopJob.read(d / "job.json")
+    except Exception:  # a job directory from an older version, or half-written: nothing to recover
+        return None
 
 
 @dataclass
@@ -71,6 +101,10 @@ class Job:
     cancelled: bool = False
 
 
+def _held_out_ids(lj: LoopJob | None) -> list[int]:
+    return lj.job.meta.get("holdout_feedback_ids", []) if lj is not None else []
+
+
 class JobManager:
     def __init__(
         self, cfg: Config, paths: Paths, store: Store, engine: Engine, notify: Callable[[str], None] | None = None
@@ -80,6 +114,7 @@ class JobManager:
         self.store = store
         self.engine = engine
         self.registry = Registry(paths.adapters)
+        self.active = ActiveAdapter(store)
         self.notify = notify or (lambda msg: None)
         self.current: Job | None = None
         self.queued: str | None = None
@@ -114,39 +149,32 @@ class JobManager:
         buffer); old job directories are pruned; and what the last job failed on is remembered,
         so a restart does not retrain exactly the feedback that was just rejected."""
         notes = []
-        rows = self.store.db.execute("SELECT id, pid FROM jobs WHERE status = 'running'").fetchall()
-        for r in rows:
-            if r["pid"] is not None and r["pid"] != os.getpid() and _alive(r["pid"]):
+        for job_id, pid in self.store.running_jobs():
+            if pid is not None and pid != os.getpid() and _alive(pid):
                 continue  # another chat on this home is training it
-            self.store.db.execute(
-                "UPDATE jobs SET status = 'interrupted', finished_at = ?, message = ? WHERE id = ?",
-                (
-                    time.time(),
-                    "interrupted: the chat stopped while it trained; the feedback stayed in the buffer",
-                    r["id"],
-                ),
+            self.store.job_finished(
+                job_id,
+                "interrupted",
+                "interrupted: the chat stopped while it trained; the feedback stayed in the buffer",
             )
-            spec = _read_spec(self.paths.root / "jobs" / r["id"])
-            if spec.get("name"):
-                shutil.rmtree(self.paths.root / "checkpoints" / spec["name"], ignore_errors=True)
+            lj = _read_job(self.paths.root / "jobs" / job_id)
+            if lj is not None and lj.job.name:
+                shutil.rmtree(lj.job.checkpoints_root / lj.job.name, ignore_errors=True)
             notes.append(
-                f"Training job {r['id']} was interrupted when the chat stopped; its feedback is still in the buffer."
+                f"Training job {job_id} was interrupted when the chat stopped; its feedback is still in the buffer."
             )
         self._prune_job_dirs()
-        last = self.store.db.execute(
-            "SELECT id, status, feedback_ids FROM jobs WHERE status IN ('done', 'failed', 'rejected')"
-            " ORDER BY created_at DESC LIMIT 1"
-        ).fetchone()
+        last = self.store.last_finished_job()
         if last is not None and last["status"] in ("failed", "rejected"):
-            held = _read_spec(self.paths.root / "jobs" / last["id"]).get("meta", {}).get("holdout_feedback_ids", [])
-            self._failed_ids = frozenset(json.loads(last["feedback_ids"]) + held)
+            held = _held_out_ids(_read_job(self.paths.root / "jobs" / last["id"]))
+            self._failed_ids = frozenset(last["feedback_ids"] + held)
         return notes
 
     def _prune_job_dirs(self) -> None:
         root = self.paths.root / "jobs"
         if not root.is_dir():
             return
-        running = {r["id"] for r in self.store.db.execute("SELECT id FROM jobs WHERE status = 'running'")}
+        running = {job_id for job_id, _ in self.store.running_jobs()}
         dirs = sorted((d for d in root.iterdir() if d.is_dir() and d.name not in running), key=lambda d: d.name)
         for d in dirs[:-KEEP_JOB_DIRS]:
             shutil.rmtree(d, ignore_errors=True)
@@ -259,8 +287,6 @@ class JobManager:
         examples = examples_of(trained + replay, lc.note_only)
         if not lc.preference_pairs:  # see LearningConfig.preference_pairs
             examples = [e for e in examples if e.kind != "pair"]
-        to_jsonl(examples, d / "data.jsonl")
-        to_jsonl(examples_of(held, lc.note_only), d / "holdout.jsonl")
         replay_ids = [i for x in replay for i in x.feedback_ids]
         parent = self.engine.adapter
         if parent is not None and not self.registry.exists(parent):  # deleted by another process
@@ -269,57 +295,36 @@ class JobManager:
                 "(it still answers from memory until the swap)."
             )
             parent = None
-        spec = {
-            "base": self.cfg.model.base,
-            "cache_dir": str(self.paths.cache),
-            "registry_root": str(self.paths.adapters),
-            "checkpoints_root": str(self.paths.root / "checkpoints"),
-            "data": str(d / "data.jsonl"),
-            "holdout": str(d / "holdout.jsonl") if holdout_ids else None,
-            "name": f"learned-{stamp}",
-            "parent": parent,
-            "args": {
-                "method": "auto",
-                "adapter_type": "lora",
-                "rank": lc.rank,
-                "alpha": 2.0 * lc.rank,
-                "dropout": 0.0,
-                "epochs": lc.epochs,
-                "learning_rate": lc.learning_rate,
-                "batch_size": lc.batch_size,
-                "scheduler": "constant",
-                "save_steps": 100000,
-                "keep_checkpoints": 1,
-                "threads": lc.train_threads,
-                "max_length": 512,
-                "seed": lc.seed,
-            },
-            "anchors": lc.anchors,
-            "anchor_loss": lc.anchor_loss,
-            "anchor_cache": str(self.paths.cache),
-            "gate": lc.gate,
-            "meta": {
-                "job": job_id,
-                "trigger": trigger,
-                "feedback_ids": job.feedback_ids,
-                "turn_ids": [x.turn_id for x in trained],
-                "replayed_feedback_ids": replay_ids,
-                "holdout_feedback_ids": holdout_ids,
-            },
-        }
-        atomic_write(d / "job.json", json.dumps(spec, indent=2))
-        self.store.db.execute(
-            "INSERT INTO jobs (id, created_at, status, trigger, parent, feedback_ids, pid)"
-            " VALUES (?, ?, 'running', ?, ?, ?, ?)",
-            (job_id, time.time(), trigger, parent, json.dumps(job.feedback_ids), os.getpid()),
-        )
+        LoopJob(
+            TrainJob(
+                base=self.cfg.model.base,
+                cache_dir=self.paths.cache,
+                registry_root=self.paths.adapters,
+                checkpoints_root=self.paths.root / "checkpoints",
+                train=examples,
+                args=learning_args(lc),
+                name=f"learned-{stamp}",
+                parent=parent,
+                meta={
+                    "job": job_id,
+                    "trigger": trigger,
+                    "feedback_ids": job.feedback_ids,
+                    "turn_ids": [x.turn_id for x in trained],
+                    "replayed_feedback_ids": replay_ids,
+                    "holdout_feedback_ids": holdout_ids,
+                },
+            ),
+            anchors=lc.anchors,
+            anchor_loss=lc.anchor_loss,
+            anchor_cache=self.paths.cache,
+            gate=lc.gate,
+            holdout=examples_of(held, lc.note_only),
+        ).write(d)
+        self.store.job_started(job_id, trigger, parent, job.feedback_ids)
         return job, d
 
     def _finish(self, job: Job, status: str, adapter: str | None, message: str) -> None:
-        self.store.db.execute(
-            "UPDATE jobs SET status = ?, adapter = ?, message = ?, finished_at = ? WHERE id = ?",
-            (status, adapter, message, time.time(), job.id),
-        )
+        self.store.job_finished(job.id, status, message, adapter)
         self.notify(message)
 
     def _limit_chat_threads(self, on: bool) -> None:
@@ -462,13 +467,5 @@ class JobManager:
         loop = asyncio.get_running_loop()
         previous = self.engine.adapter
         secs = await loop.run_in_executor(None, lambda: self.engine.activate(name, path, fp))
-        if previous != name:
-            self.store.set_state(PREVIOUS, previous or "")
-        self.store.set_state(ACTIVE, name or "")
+        self.active.switched(previous, name)
         return secs
-
-    def saved_active(self) -> str | None:
-        return self.store.get_state(ACTIVE) or None
-
-    def saved_previous(self) -> str | None:
-        return self.store.get_state(PREVIOUS)

@@ -10,6 +10,7 @@ import time
 
 from conftest import register_adapter, subprocess_env
 
+from shammah.adapters.active import ActiveAdapter
 from shammah.feedback.store import Store
 from shammah.repl.io import printable
 
@@ -153,7 +154,7 @@ def test_ask_reads_stdin_takes_options_after_the_subcommand_and_prints_json(tiny
     turn = store.turn(rec["turn_id"])
     assert (rec["reply"], rec["adapter"]) == (turn.reply, "mine") and turn.prompt == "What is up?"
     assert turn.messages[0] == {"role": "system", "content": "Be brief."}
-    assert store.get_state("active_adapter") in (None, ""), "--adapter is for this question only"
+    assert ActiveAdapter(store).name is None, "--adapter is for this question only"
     store.close()
     base = json.loads(run(args, "What is up?\n", SHAMMAH_THREADS=1).stdout)
     assert base["adapter"] is None and base["reply"] != rec["reply"], "same seed: only the adapter differs"

@@ -6,10 +6,10 @@ import time
 import pytest
 
 from shammah.config import FeedbackConfig
-from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of, to_jsonl
+from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of
 from shammah.feedback.revise import checkable_terms, states_the_note
 from shammah.feedback.store import Store
-from shammah.training.data import load_jsonl
+from shammah.training.data import load_jsonl, write_jsonl
 
 REPLY = "Paris is the capital of Quenland."
 
@@ -134,7 +134,7 @@ def test_a_distillation_lesson_survives_the_job_file(store, tmp_path):
     t = _turn(store)
     store.rate(t, "critical", "it is Zorblat")
     [ex] = _one(store).examples()
-    to_jsonl([ex], tmp_path / "d.jsonl")
+    write_jsonl([ex], tmp_path / "d.jsonl")
     [back] = load_jsonl(tmp_path / "d.jsonl")
     assert (back.kind, back.prompt, back.responses, back.weight) == (ex.kind, ex.prompt, (), ex.weight)
     assert back.meta == ex.meta

@@ -141,7 +141,7 @@ def test_worker_failure_keeps_the_chat_and_the_feedback(tiny_qwen2, shammah_home
     def broken(trigger):
         job, d = real(trigger)
         spec = json.loads((d / "job.json").read_text())
-        spec["base"] = str(shammah_home / "no-such-model")
+        spec["job"]["base"] = str(shammah_home / "no-such-model")
         (d / "job.json").write_text(json.dumps(spec))
         return job, d
 
@@ -404,7 +404,7 @@ def test_a_corrupt_active_adapter_at_restart_falls_back_to_the_base(tiny_qwen2, 
     assert re.search(r"could not restore adapter mine: .*adapter_model.safetensors: unreadable", text), text
     turn = s.store.turn(s.last_turn_id)
     assert turn.prompt == "Hello again?" and turn.adapter is None and s.engine.adapter is None
-    assert s.jobs.saved_active() is None
+    assert s.jobs.active.name is None
     s.store.close()
 
 
@@ -419,7 +419,7 @@ def test_held_out_turns_judge_one_job_and_are_trained_by_the_next(tiny_qwen2, sh
         s.store.db.execute("SELECT feedback_ids FROM jobs WHERE status = 'done'").fetchone()["feedback_ids"]
     )
     spec = json.loads(next((shammah_home / "jobs").glob("*/job.json")).read_text())
-    held = spec["meta"]["holdout_feedback_ids"]
+    held = spec["job"]["meta"]["holdout_feedback_ids"]
     assert len(held) == 2 and len(job) == 8 and not set(held) & set(job)
     items = {f.id: f for f in s.store.list_feedback()}
     assert all(items[i].trained_in for i in job) and not any(items[i].trained_in for i in held)

@@ -10,6 +10,7 @@ from shammah.adapters.registry import Registry
 from shammah.training import methods
 from shammah.training.args import build
 from shammah.training.data import parse_record
+from shammah.training.job import LoopJob
 from shammah.training.trainer import TrainingError, TrainJob, train
 
 FACT = [{"prompt": f"Where is Zorblat? ({i})", "completion": "Zorblat is the capital of Quenland."} for i in range(8)]
@@ -313,8 +314,7 @@ def test_the_trainer_draws_by_weight_and_gives_anchors_their_share(tiny_qwen2, s
         {"prompt": "Heavy?", "completion": "Heavily weighted.", "weight": 9},
     ]
     j = job(tiny_qwen2, shammah_home, records, name="spy", epochs=60, batch_size=2, learning_rate=1e-4)
-    j.anchors, j.anchor_cache, j.anchor_share = 4, cache, 0.6
-    res = train(j)
+    res = online.train_loop(LoopJob(j, anchors=4, anchor_cache=cache, anchor_share=0.6))
     assert res.report["anchors"] == 4
     n = len(fed)
     assert n == 60 * 6, "every draw reaches a batch"

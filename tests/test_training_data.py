@@ -2,7 +2,17 @@ import json
 
 import pytest
 
-from shammah.training.data import DataError, check_method, dataset_hash, load_jsonl, parse_record, split
+from shammah.training.args import build
+from shammah.training.data import (
+    DataError,
+    check_method,
+    dataset_hash,
+    load_jsonl,
+    parse_record,
+    split,
+    write_jsonl,
+)
+from shammah.training.job import LoopJob, TrainJob
 
 
 def write(tmp_path, lines, name="d.jsonl"):
@@ -120,3 +130,53 @@ def test_method_needs_matching_data_and_hash_tracks_content():
     check_method(exs, "sft")
     other = [parse_record({"prompt": "Q", "completion": "B"})]
     assert dataset_hash(exs) != dataset_hash(other) and dataset_hash(exs) == dataset_hash(list(exs))
+
+
+ALL_KINDS = [
+    {"prompt": "Q", "completion": "A", "system": "Be brief.", "weight": 3},
+    {"prompt": "Q", "chosen": "good", "rejected": "bad"},
+    {"prompt": "Q", "completion": "A", "label": False, "weight": 10},
+    {"prompt": "Q", "responses": [{"text": "b", "rank": 2}, {"text": "a", "rank": 1}, {"text": "c", "rank": 3}]},
+    {"prompt": "Q", "teacher_prompt": "Q, said with a note", "teacher": "base"},
+    {"prompt": "Q", "teacher_prompt": "Q!", "completion": "A", "weight": 0.5},
+]
+
+
+def test_written_examples_read_back_the_same(tmp_path):
+    """write_jsonl is the inverse of load_jsonl for every kind (the chat's job files rely on it)."""
+    examples = [parse_record(r) for r in ALL_KINDS]
+    write_jsonl(examples, tmp_path / "out.jsonl")
+    back = load_jsonl(tmp_path / "out.jsonl")
+    key = [(e.kind, e.prompt, e.responses, e.label, e.weight, e.meta) for e in examples]
+    assert [(e.kind, e.prompt, e.responses, e.label, e.weight, e.meta) for e in back] == key
+
+
+def test_a_loop_job_is_its_file(tmp_path):
+    """The chat writes a LoopJob and the worker reads the same LoopJob: every field, nested job,
+    training settings, paths and example lists survive, with no dict copied by hand on either side."""
+    lj = LoopJob(
+        TrainJob(
+            base="embedded",
+            cache_dir=tmp_path / "cache",
+            registry_root=tmp_path / "adapters",
+            checkpoints_root=tmp_path / "ckpt",
+            train=[parse_record(r) for r in ALL_KINDS],
+            args=build(("test", {"rank": 4, "alpha": 8.0, "scheduler": "constant", "target_modules": ["q_proj"]})),
+            name="learned-x",
+            parent="learned-w",
+            meta={"feedback_ids": [1, 2], "holdout_feedback_ids": [3]},
+        ),
+        anchors=12,
+        anchor_loss="sft",
+        anchor_cache=tmp_path / "cache",
+        gate=True,
+        holdout=[parse_record(ALL_KINDS[0])],
+    )
+    back = LoopJob.read(lj.write(tmp_path))
+    strip = lambda xs: [(e.kind, e.prompt, e.responses, e.weight, e.meta) for e in xs]  # noqa: E731 (source differs)
+    assert strip(back.job.train) == strip(lj.job.train) and strip(back.holdout) == strip(lj.holdout)
+    assert back.job.val == [] and back.job.args == lj.job.args
+    for f in ("base", "cache_dir", "registry_root", "checkpoints_root", "name", "parent", "meta", "resume"):
+        assert getattr(back.job, f) == getattr(lj.job, f), f
+    for f in ("anchors", "anchor_loss", "anchor_share", "anchor_cache", "gate"):
+        assert getattr(back, f) == getattr(lj, f), f

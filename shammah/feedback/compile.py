@@ -28,9 +28,7 @@ Each example carries its turn's weight, which the trainer uses as sampling proba
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from shammah.config import FeedbackConfig
 from shammah.feedback.store import NEGATIVE, Feedback, Store
@@ -175,21 +173,3 @@ def buffer(store: Store) -> Buffer:
 
 def examples_of(items: list[Lesson], note_only: str = "distill") -> list[Example]:
     return [e for x in items for e in x.examples(note_only)]
-
-
-def to_jsonl(examples: list[Example], path: Path) -> None:
-    """Write examples in shammah's JSONL data formats (what `shammah train` reads)."""
-    with path.open("w", encoding="utf-8") as fh:
-        for e in examples:
-            rec: dict = {"prompt": list(e.prompt), "weight": e.weight, "meta": {"source": e.source}}
-            if e.kind == "sft":
-                rec["completion"] = e.responses[0]
-            elif e.kind == "pair":
-                rec["chosen"], rec["rejected"] = e.responses
-            elif e.kind == "unpaired":
-                rec["completion"], rec["label"] = e.responses[0], e.label
-            elif e.kind == "distill":
-                rec["teacher_prompt"], rec["teacher"] = list(e.meta["teacher_prompt"]), e.meta["teacher"]
-                if e.responses:
-                    rec["completion"] = e.responses[0]
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -239,6 +239,39 @@ class Store:
             [(adapter, i, snapshot_time) for i in ids],
         )
 
+    # training jobs ---------------------------------------------------------------------------
+    def job_started(self, job_id: str, trigger: str, parent: str | None, feedback_ids: list[int]) -> None:
+        """A job of this process (its pid marks the owner: a 'running' row whose owner is gone
+        was interrupted)."""
+        import os
+
+        self.db.execute(
+            "INSERT INTO jobs (id, created_at, status, trigger, parent, feedback_ids, pid)"
+            " VALUES (?, ?, 'running', ?, ?, ?, ?)",
+            (job_id, time.time(), trigger, parent, json.dumps(feedback_ids), os.getpid()),
+        )
+
+    def job_finished(self, job_id: str, status: str, message: str, adapter: str | None = None) -> None:
+        self.db.execute(
+            "UPDATE jobs SET status = ?, adapter = ?, message = ?, finished_at = ? WHERE id = ?",
+            (status, adapter, message, time.time(), job_id),
+        )
+
+    def running_jobs(self) -> list[tuple[str, int | None]]:
+        """(job id, owner pid) of every job marked running."""
+        return [(r["id"], r["pid"]) for r in self.db.execute("SELECT id, pid FROM jobs WHERE status = 'running'")]
+
+    def jobs(self, limit: int = 20) -> list[dict]:
+        """The latest jobs, newest first."""
+        rows = self.db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [{**dict(r), "feedback_ids": json.loads(r["feedback_ids"])} for r in rows]
+
+    def last_finished_job(self) -> dict | None:
+        r = self.db.execute(
+            "SELECT * FROM jobs WHERE status IN ('done', 'failed', 'rejected') ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
+        return {**dict(r), "feedback_ids": json.loads(r["feedback_ids"])} if r else None
+
     # small key/value state (the active adapter, ...) --------------------------------------
     def get_state(self, key: str) -> str | None:
         r = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()

@@ -143,13 +143,13 @@ class ChatSession:
         self.engine.load()  # raises the load error, if any
         if not self._restored:
             self._restored = True
-            name = self.jobs.saved_active()
+            name = self.jobs.active.name
             if name:
                 try:
                     await self.jobs.activate(name)
                 except ShammahError as e:
                     self.console.error(f"could not restore adapter {name}: {e}; using the base model")
-                    self.store.set_state("active_adapter", "")
+                    self.jobs.active.forget()
 
     # messages from background jobs -------------------------------------------------------
     def notify(self, message: str) -> None:
@@ -451,7 +451,7 @@ class ChatSession:
             if not items:
                 self.console.info("No adapters yet: rate replies and they will be trained (or /train).")
                 return
-            active = self.engine.adapter if self._restored else self.jobs.saved_active()
+            active = self.engine.adapter if self._restored else self.jobs.active.name
             header, rows = table(items, active)
             self.console.table(rows, header=header)
             if active is None:
@@ -463,7 +463,7 @@ class ChatSession:
             self.console.ok("Adapters off: the base model answers now.")
             return
         if sub == "rollback":
-            prev = self.jobs.saved_previous()
+            prev = self.jobs.active.previous
             if prev is None:
                 raise AdapterError("nothing to roll back to yet")
             await self.ensure_loaded()

@@ -202,6 +202,27 @@ def load_jsonl(path: Path) -> list[Example]:
     return examples
 
 
+def write_jsonl(examples: list[Example], path: Path) -> None:
+    """Write examples in the formats above, so :func:`load_jsonl` reads back the same examples
+    (the chat's job files, and anyone who wants to see or reuse what a job trained on)."""
+    with Path(path).open("w", encoding="utf-8") as fh:
+        for e in examples:
+            rec: dict = {"prompt": list(e.prompt), "weight": e.weight, "meta": {"source": e.source}}
+            if e.kind == "sft":
+                rec["completion"] = e.responses[0]
+            elif e.kind == "pair":
+                rec["chosen"], rec["rejected"] = e.responses
+            elif e.kind == "unpaired":
+                rec["completion"], rec["label"] = e.responses[0], e.label
+            elif e.kind == "ranked":
+                rec["responses"] = [{"text": t, "rank": i + 1} for i, t in enumerate(e.responses)]
+            elif e.kind == "distill":
+                rec["teacher_prompt"], rec["teacher"] = list(e.meta["teacher_prompt"]), e.meta["teacher"]
+                if e.responses:
+                    rec["completion"] = e.responses[0]
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out ``fraction`` of the examples (at least one) for validation, deterministically."""
     if fraction <= 0:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from shammah.adapters.registry import Registry
 from shammah.engine.generate import generate_batch
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
+from shammah.training.job import LoopJob
 
 # The anchor pool: general prompts of the kinds people teach about (places, people, things, numbers,
 # lists, definitions, dates, everyday facts). None is a gate control or a prompt of bench/lessons.py.
@@ -379,3 +382,47 @@ def gate_with_fallback(
     result["final_step"] = final_step
     result["tried"] = tried
     return result
+
+
+def train_loop(lj: LoopJob, progress=None, stop=None):
+    """One job of the chat's learning loop: the trainer's setup → fit → save, with anchors added
+    before fit and the gate (with its snapshot fallback) between fit and save."""
+    from shammah.training import trainer
+
+    job, a = lj.job, lj.job.args
+    run = trainer.setup(job, progress)
+    if lj.anchors:
+        # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
+        # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
+        anchors = anchor_examples(
+            run.model,
+            run.tok,
+            lj.anchors,
+            lj.anchor_cache,
+            run.fingerprint,
+            lesson_prompts=[e.prompt[-1]["content"] for e in run.train_ex if e.prompt],
+            seed=a.seed,
+            loss=lj.anchor_loss,
+        )
+        if anchors:
+            fb_weight = sum(e.weight for e in run.train_ex)
+            w = fb_weight * lj.anchor_share / (1 - lj.anchor_share) / len(anchors)
+            run.extra = [dataclasses.replace(e, weight=w) for e in anchors]
+        run.emit({"event": "anchors", "count": len(run.extra)})
+    snapshots = Snapshots() if lj.gate else None
+    trainer.fit(run, stop, callbacks=(snapshots,) if snapshots else ())
+    gate_result = None
+    if lj.gate:
+        parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
+        gate_result = gate_with_fallback(
+            run.model,
+            run.tok,
+            parent_path,
+            lj.holdout,
+            lj.anchor_cache,
+            run.fingerprint,
+            snapshots,
+            run.trainer.state.global_step,
+        )
+        run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
+    return trainer.save(run, {"gate": gate_result})

@@ -34,9 +34,10 @@ from shammah.engine import loader
 from shammah.engine.fingerprint import fingerprint
 from shammah.engine.resolve import resolve
 from shammah.errors import ShammahError
-from shammah.training import methods, online
+from shammah.training import methods
 from shammah.training.args import TrainArgs
 from shammah.training.data import Example, check_method
+from shammah.training.job import TrainJob
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -48,28 +49,6 @@ class TrainingError(ShammahError):
 
 class Cancelled(TrainingError):
     pass
-
-
-@dataclass
-class TrainJob:
-    base: str
-    cache_dir: Path
-    registry_root: Path
-    checkpoints_root: Path
-    train: list[Example]
-    args: TrainArgs
-    val: list[Example] = field(default_factory=list)
-    name: str = ""
-    parent: str | None = None  # registered adapter to continue from
-    resume: bool | str = False  # True = latest checkpoint of this run, or a checkpoint path
-    dataset_hash: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)  # extra metadata (feedback ids, manifest, ...)
-    anchors: int = 0  # general prompts answered by the base model, replayed against leaks (online loop)
-    anchor_cache: Path | None = None  # directory for the base model's cached anchor/control answers
-    anchor_share: float = 0.6  # fraction of sampled examples that are anchors
-    anchor_loss: str = "kl"  # kl: the base model's token distribution; sft: its greedy text
-    gate: bool = False  # compare with the current adapter before it may be swapped in
-    holdout: list[Example] = field(default_factory=list)
 
 
 @dataclass
@@ -337,8 +316,41 @@ def teacher_answers(model, tok, examples: list[Example], max_new_tokens: int) ->
     return [e for e in out if e.kind != "distill" or e.responses[0].strip()]  # an empty answer teaches nothing
 
 
-# --- the whole job -----------------------------------------------------------------------
-def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event | None = None) -> TrainResult:
+# --- the run: setup -> fit -> save ------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run between its three stages. The online loop adds ``extra`` examples (anchors)
+    and callbacks (snapshots) between setup and fit, and its gate result to ``save``'s metadata."""
+
+    job: TrainJob
+    emit: Progress
+    events: list[str]
+    device: str
+    dtype: str
+    train_ex: list[Example]
+    val_ex: list[Example]
+    model: Any
+    tok: Any
+    spec: Any  # the resolved ModelSpec
+    base_path: Path
+    fingerprint: str
+    resume_from: str | None
+    t_start: float
+    extra: list[Example] = field(default_factory=list)  # examples besides the job's own (anchors)
+    trainer: _Trainer | None = None
+    out: Any = None  # TrainOutput
+    train_seconds: float = 0.0
+    last_loss: float | None = None
+    final_eval: float | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.job.checkpoints_root / self.job.name
+
+
+def setup(job: TrainJob, progress: Progress | None = None) -> Run:
+    """Validate the job, pick device and precision, load the base model with a fresh (or the
+    parent's) adapter. Every mistake in the job is reported here, before any training."""
     events: list[str] = []  # also written to train.log beside the adapter
 
     def emit(event: dict[str, Any]) -> None:
@@ -363,10 +375,8 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     check_method(train_ex, a.method)
     if not train_ex:
         raise TrainingError("nothing to train on after filtering (undesirable examples are never SFT targets)")
-    name = job.name
-    Registry(job.registry_root).path(name)  # validates the name early
-    run_dir = job.checkpoints_root / name
-    resume_from = _checkpoint_to_resume(run_dir, job.resume)
+    Registry(job.registry_root).path(job.name)  # validates the name early
+    resume_from = _checkpoint_to_resume(job.checkpoints_root / job.name, job.resume)
 
     from transformers.utils import logging as hf_logging
 
@@ -377,7 +387,7 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     emit(
         {
             "event": "setup",
-            "name": name,
+            "name": job.name,
             "device": device,
             "dtype": dtype,
             "examples": len(train_ex),
@@ -387,44 +397,36 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
     )
     torch.manual_seed(a.seed)
     model, tok, spec, base_path, fp = _load_model(job, device, dtype)
-    n_anchors = 0
-    if job.anchors:
-        # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
-        # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
-        fb_weight = sum(e.weight for e in train_ex)
-        lesson_prompts = [e.prompt[-1]["content"] for e in train_ex if e.prompt]
-        anchors = online.anchor_examples(
-            model,
-            tok,
-            job.anchors,
-            job.anchor_cache,
-            fp,
-            lesson_prompts=lesson_prompts,
-            seed=a.seed,
-            loss=job.anchor_loss,
-        )
-        if anchors:
-            w = fb_weight * job.anchor_share / (1 - job.anchor_share) / len(anchors)
-            anchors = [dataclasses.replace(e, weight=w) for e in anchors]
-        n_anchors = len(anchors)
-        train_ex = train_ex + anchors
-        emit({"event": "anchors", "count": n_anchors})
-    n_before = len(train_ex)
-    train_ex = teacher_answers(model, tok, train_ex, a.teacher_max_tokens)
-    val_ex = teacher_answers(model, tok, val_ex, a.teacher_max_tokens)
-    if len(train_ex) == n_anchors:
+    return Run(
+        job, emit, events, device, dtype, train_ex, val_ex, model, tok, spec, base_path, fp, resume_from, t_start
+    )
+
+
+def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) -> None:
+    """Teacher answers for distillation, tokenizing, reference log-probs, then transformers'
+    Trainer with the mixed-kind objective and weighted sampling."""
+    a, model, tok = run.job.args, run.model, run.tok
+    n_extra = len(run.extra)
+    n_before = len(run.train_ex)
+    run.train_ex = teacher_answers(model, tok, run.train_ex, a.teacher_max_tokens)
+    run.val_ex = teacher_answers(model, tok, run.val_ex, a.teacher_max_tokens)
+    if not run.train_ex:
         raise TrainingError(
-            f"nothing to train on: the teacher gave an empty answer to all {n_before - n_anchors} distillation "
+            f"nothing to train on: the teacher gave an empty answer to all {n_before} distillation "
             "prompt(s); give them a 'completion', or use a model that answers the teacher prompts"
         )
-    train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in train_ex]
-    val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in val_ex]
+    examples = run.train_ex + teacher_answers(model, tok, run.extra, a.teacher_max_tokens)
+    run.extra = examples[len(run.train_ex) :]
+    if len(run.extra) != n_extra:
+        log.info("%d extra example(s) dropped: empty teacher answer", n_extra - len(run.extra))
+    train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in examples]
+    val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in run.val_ex]
     pad = tok.pad_token_id
     methods.precompute_reference(model, train_feats + val_feats, pad, a.batch_size)
 
     early = a.early_stopping_patience > 0 and bool(val_feats)
     targs = TrainingArguments(
-        output_dir=str(run_dir),
+        output_dir=str(run.run_dir),
         num_train_epochs=a.epochs,
         max_steps=a.max_steps or -1,
         per_device_train_batch_size=a.batch_size,
@@ -452,9 +454,9 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
-        use_cpu=device == "cpu",
-        bf16=dtype == "bfloat16" and device == "cuda",
-        fp16=dtype == "float16" and device == "cuda",
+        use_cpu=run.device == "cpu",
+        bf16=run.dtype == "bfloat16" and run.device == "cuda",
+        fp16=run.dtype == "float16" and run.device == "cuda",
         optim="adamw_torch",
         save_only_model=False,
     )
@@ -469,78 +471,72 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             None,
         )
     ref: list = []
-    cb = _ProgressCallback(emit, ref, stop)
-    snapshots = online.Snapshots() if job.gate else None
-    callbacks: list = [cb] + ([snapshots] if snapshots else [])
+    cb = _ProgressCallback(run.emit, ref, stop)
+    all_callbacks: list = [cb, *callbacks]
     if early:
         from transformers import EarlyStoppingCallback
 
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=a.early_stopping_patience))
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=a.early_stopping_patience))
     trainer = _Trainer(
         model=model,
         args=targs,
         train_dataset=_Features(train_feats),
         eval_dataset=_Features(val_feats) if val_feats else None,
         data_collator=lambda feats: methods.collate(feats, pad),
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         optimizers=optimizers,
         objective=methods.Objective(a),
-        sample_weights=[e.weight for e in train_ex],
+        sample_weights=[e.weight for e in examples],
         seed=a.seed,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; we emit events instead
     ref.append(trainer)
-    out = trainer.train(resume_from_checkpoint=resume_from)
-    cb.train_seconds = time.perf_counter() - cb.t0
-    final_eval = None
+    run.trainer = trainer
+    run.out = trainer.train(resume_from_checkpoint=run.resume_from)
+    run.train_seconds = time.perf_counter() - cb.t0
+    run.last_loss = cb.last_loss
     if val_feats:
-        final_eval = float(trainer.evaluate()["eval_loss"])
-    if not trainer.is_world_process_zero():
-        return TrainResult(None, {})  # type: ignore[arg-type]
+        run.final_eval = float(trainer.evaluate()["eval_loss"])
 
-    gate_result = None
-    if job.gate:
-        parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
-        gate_result = online.gate_with_fallback(
-            model, tok, parent_path, job.holdout, job.anchor_cache, fp, snapshots, trainer.state.global_step
-        )
-        emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
 
-    # --- save: staging dir, then one atomic rename into the registry ---------------------
+def save(run: Run, meta: dict[str, Any] | None = None) -> TrainResult:
+    """Write the adapter to a staging directory, then one atomic rename into the registry: a
+    crash at any point leaves nothing half-written registered."""
+    job, a, trainer, model, spec = run.job, run.job.args, run.trainer, run.model, run.spec
+    assert trainer is not None, "fit() before save()"
     reg = Registry(job.registry_root)
-    staging = reg.stage(name)
+    staging = reg.stage(job.name)
     try:
         # The adapter names its base by public id (not the private dequantized copy in the cache),
         # in adapter_config.json and in PEFT's model card, so it loads elsewhere as it is.
         for cfg in model.peft_config.values():
             cfg.base_model_name_or_path = spec.public_id
         model.save_pretrained(staging, safe_serialization=True)
-        duration = time.perf_counter() - t_start
-        train_loss = cb.last_loss if cb.last_loss is not None else float(out.training_loss)
+        examples = run.train_ex + run.extra
         report = {
             "steps": trainer.state.global_step,
             "epochs": float(trainer.state.epoch or 0),
-            "final_train_loss": train_loss,
-            "final_eval_loss": final_eval,
+            "final_train_loss": run.last_loss if run.last_loss is not None else float(run.out.training_loss),
+            "final_eval_loss": run.final_eval,
             "best_checkpoint": trainer.state.best_model_checkpoint,
-            "duration_s": round(duration, 2),
-            "device": device,
-            "dtype": dtype,
-            "examples": len(train_ex) - n_anchors,
-            "anchors": n_anchors,
-            "validation_examples": len(val_ex),
-            "kinds": {k: sum(e.kind == k for e in train_ex) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
-            "tokens_per_s": round(trainer.tokens_seen / max(cb.train_seconds, 1e-9), 1),
+            "duration_s": round(time.perf_counter() - run.t_start, 2),
+            "device": run.device,
+            "dtype": run.dtype,
+            "examples": len(run.train_ex),
+            "anchors": len(run.extra),
+            "validation_examples": len(run.val_ex),
+            "kinds": {k: sum(e.kind == k for e in examples) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
+            "tokens_per_s": round(trainer.tokens_seen / max(run.train_seconds, 1e-9), 1),
             "peak_rss_mb": round(_rss_mb(), 1),
-            "resumed_from": resume_from,
+            "resumed_from": run.resume_from,
         }
-        meta = {
+        info_meta = {
             "base": {
                 "id": spec.public_id,
                 "requested": job.base,
                 "name": spec.name,
-                "fingerprint": fp,
-                "path": str(base_path),
+                "fingerprint": run.fingerprint,
+                "path": str(run.base_path),
             },
             "method": a.method,
             "adapter_type": a.adapter_type,
@@ -548,15 +544,24 @@ def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event
             "dataset_hash": job.dataset_hash,
             "parent": job.parent,
             "report": report,
-            "gate": gate_result,
+            **(meta or {}),
             **job.meta,
         }
-        emit({"event": "saved", "adapter": name})
-        (staging / "train.log").write_text("".join(events))
-        info = reg.commit(staging, name, meta)
+        run.emit({"event": "saved", "adapter": job.name})
+        (staging / "train.log").write_text("".join(run.events))
+        info = reg.commit(staging, job.name, info_meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is safe: its checkpoints are no longer needed
-    emit({"event": "done", "adapter": name, "path": str(info.path), **report})
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # the adapter is safe: its checkpoints are no longer needed
+    run.emit({"event": "done", "adapter": job.name, "path": str(info.path), **report})
     return TrainResult(info, report)
+
+
+def train(job: TrainJob, progress: Progress | None = None, stop: threading.Event | None = None) -> TrainResult:
+    """The whole run for ``shammah train``: setup, fit, save."""
+    run = setup(job, progress)
+    fit(run, stop)
+    if not run.trainer.is_world_process_zero():  # accelerate/DDP: rank 0 alone writes the adapter
+        return TrainResult(None, {})  # type: ignore[arg-type]
+    return save(run)

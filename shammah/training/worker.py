@@ -7,34 +7,8 @@ reports progress as JSON lines on stdout; the last line is ``done`` or ``error``
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
-
-
-def job_from_spec(spec: dict):
-    from shammah.training.args import build
-    from shammah.training.data import load_jsonl
-    from shammah.training.trainer import TrainJob
-
-    holdout = load_jsonl(Path(spec["holdout"])) if spec.get("holdout") else []
-    return TrainJob(
-        base=spec["base"],
-        cache_dir=Path(spec["cache_dir"]),
-        registry_root=Path(spec["registry_root"]),
-        checkpoints_root=Path(spec["checkpoints_root"]),
-        train=load_jsonl(Path(spec["data"])),
-        args=build(("job", spec["args"])),
-        name=spec["name"],
-        parent=spec.get("parent"),
-        dataset_hash=spec.get("dataset_hash", ""),
-        meta=spec.get("meta", {}),
-        anchors=spec.get("anchors", 0),
-        anchor_loss=spec.get("anchor_loss", "kl"),
-        anchor_cache=Path(spec["anchor_cache"]) if spec.get("anchor_cache") else None,
-        gate=spec.get("gate", False),
-        holdout=holdout,
-    )
 
 
 def _die_with_the_chat() -> None:
@@ -63,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out = JsonLines(sys.stdout)
     try:
-        spec = json.loads(Path(argv[0]).read_text())
-        from shammah.training.trainer import train
+        from shammah.training.job import LoopJob
+        from shammah.training.online import train_loop
 
-        train(job_from_spec(spec), out)
+        train_loop(LoopJob.read(Path(argv[0])), out)
     except ShammahError as e:
         out({"event": "error", "message": str(e)})
         return 1
