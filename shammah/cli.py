@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     ad = sub.add_parser("adapters", help="list, inspect or delete trained adapters", parents=[common])
     ad.add_argument("action", choices=("list", "info", "delete"), nargs="?", default="list")
     ad.add_argument("name", nargs="?")
+    logs = sub.add_parser(
+        "logs",
+        help="show recent questions, replies and your ratings of them",
+        parents=[common],
+        description="The latest turns from the chat and `shammah ask`, oldest first, with their ratings.",
+    )
+    logs.add_argument("-n", "--count", type=int, default=10, metavar="N", help="how many turns (0 = all; default 10)")
+    logs.add_argument("--json", action="store_true", help="print a JSON array of turns with their feedback")
+    logs.add_argument("-a", "--adapter", metavar="NAME", help="only turns answered by this adapter ('none' = the base)")
     cfg = sub.add_parser("config", help="show the config in use, or the documented defaults", parents=[common])
     cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
     return p
@@ -105,13 +114,14 @@ def _load(args):
 def _session(cfg, paths, interactive: bool):
     from shammah.engine import Engine
     from shammah.feedback.store import Store
+    from shammah.jobs import JobManager
     from shammah.repl.commands import ChatSession
     from shammah.repl.io import Console
 
     console = Console(interactive=interactive, replies_only=not interactive)
     engine = Engine(cfg.model, paths.cache)
     store = Store(paths.db, cfg.feedback)
-    return ChatSession(cfg, engine, store, console, paths)
+    return ChatSession(cfg, engine, store, console, paths, JobManager(cfg, paths, store, engine))
 
 
 def cmd_chat(args) -> int:
@@ -227,10 +237,44 @@ def cmd_adapters(args) -> int:
     return 0
 
 
-def cmd_config(args) -> int:
-    from dataclasses import asdict
+def cmd_logs(args) -> int:
+    import json
+    import time
 
-    from shammah.config import render_example
+    from shammah.feedback.store import Store
+    from shammah.repl.io import printable
+
+    if args.count < 0:
+        raise ShammahError("-n must be 0 (all) or more")
+    _, _, paths = _load(args)
+    store = Store(paths.db)
+    none = args.adapter is not None and args.adapter.lower() == "none"
+    turns = store.log(args.count, None if none else args.adapter, base_only=none)
+    if args.json:
+        sys.stdout.write(json.dumps(turns, indent=2, ensure_ascii=False) + "\n")
+        return 0
+    if not turns:
+        sys.stderr.write('No turns yet: chat with `shammah`, or `shammah ask "a question"`.\n')
+        return 0
+    for t in turns:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t["created_at"]))
+        print(
+            f"## #{t['id']}  {when}  {t['adapter'] or 'base model'}  "
+            f"({t['new_tokens']} tokens, {t['seconds']:.1f} s, {t['finish_reason']})"
+        )
+        print(printable(f"> {t['prompt']}"))
+        print(printable(t["reply"]))
+        for f in t["feedback"]:
+            what = f["rating"] if f["rating"] != "fix" else f"fix ({f['fix_source'] or 'user'})"
+            text = f["note"] or f["fix"] or ""
+            where = f", trained in {f['trained_in']}" if f["trained_in"] else ""
+            print(printable(f"   [{what}, weight {f['weight']:g}{where}] {text}".rstrip()))
+        print()
+    return 0
+
+
+def cmd_config(args) -> int:
+    from shammah.config import ENV_OVERRIDES, render, render_example
 
     if args.what == "example":
         sys.stdout.write(render_example())
@@ -239,20 +283,24 @@ def cmd_config(args) -> int:
     if args.what == "path":
         print(cfg_path)
         return 0
-    print(f"# {cfg_path}{'' if cfg_path.exists() else ' (not present: all defaults)'}")
-    for sec, body in asdict(cfg).items():
-        print(f"[{sec}]")
-        for k, v in body.items():
-            print(f"{k} = {v!r}")
+    origins = {key: f"from ${var}" for var, key in ENV_OVERRIDES.items() if os.environ.get(var)}
+    if args.model:
+        origins["model.base"] = "from --model"
+    print(f"# the config in use: {cfg_path}{'' if cfg_path.exists() else ' (not present: defaults)'}")
+    sys.stdout.write(render(cfg, origins))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # everything shammah writes (db, WAL, logs, cache, history) is private to the user
     args = build_parser().parse_args(argv)
-    handler = {"ask": cmd_ask, "config": cmd_config, "train": cmd_train, "adapters": cmd_adapters}.get(
-        args.command, cmd_chat
-    )
+    handler = {
+        "ask": cmd_ask,
+        "config": cmd_config,
+        "logs": cmd_logs,
+        "train": cmd_train,
+        "adapters": cmd_adapters,
+    }.get(args.command, cmd_chat)
     try:
         return handler(args)
     except ShammahError as e:

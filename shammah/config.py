@@ -9,6 +9,7 @@ them and reports *all* problems together in one :class:`ConfigError`.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import sys
@@ -292,8 +293,27 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON strings are TOML basic strings
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
+
+
+def render(cfg: Config, origins: dict[str, str] | None = None) -> str:
+    """``cfg`` as TOML that loads back as the same config (``shammah config`` prints it); a value
+    set from outside the file (environment, a flag) says so in a comment: ``origins`` maps
+    "section.key" to where it came from."""
+    origins = origins or {}
+    out = []
+    for sec in sections():
+        out.append(f"[{sec}]")
+        for f in fields(getattr(cfg, sec)):
+            where = origins.get(f"{sec}.{f.name}")
+            out.append(
+                f"{f.name} = {_toml_value(getattr(getattr(cfg, sec), f.name))}" + (f"  # {where}" if where else "")
+            )
+        out.append("")
+    return "\n".join(out)
 
 
 def render_example() -> str:

@@ -248,11 +248,17 @@ class JobManager:
             self._debounce.cancel()
             if j is None:
                 return "Cancelled the training that was about to start; the feedback stays in the buffer."
-        if j is None or j.proc is None:
+        if j is None:
+            if self._task is not None and not self._task.done():  # created, not yet started
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                return "Cancelled the training that was about to start; the feedback stays in the buffer."
             return "No training job is running."
         j.cancelled = True
-        self.resume()  # a stopped process cannot act on SIGTERM
-        j.proc.terminate()
+        if j.proc is not None:  # else the worker is being started: _run stops it as soon as it exists
+            self.resume()  # a stopped process cannot act on SIGTERM
+            j.proc.terminate()
         await self.wait()
         return f"Cancelled {j.id}; its feedback stays in the buffer."
 
@@ -364,6 +370,8 @@ class JobManager:
                     stderr=errlog,
                     env=env,
                 )
+                if job.cancelled:  # cancelled while the process was starting
+                    job.proc.terminate()
                 job.status = "loading the model"
                 async for raw in job.proc.stdout:
                     try:
@@ -377,6 +385,9 @@ class JobManager:
         except asyncio.CancelledError:
             if job.proc and job.proc.returncode is None:
                 job.proc.kill()
+            self.store.job_finished(
+                job.id, "cancelled", "cancelled: the chat stopped; the feedback stays in the buffer"
+            )
             raise
         except Exception as e:  # never let a job failure reach the chat loop
             log.exception("job %s failed", job.id)

@@ -1,5 +1,6 @@
 """The `shammah` command as a user runs it: real subprocesses, pipes and a pseudo-terminal."""
 
+import json
 import os
 import pty
 import select
@@ -160,3 +161,35 @@ def test_ask_reads_stdin_takes_options_after_the_subcommand_and_prints_json(tiny
     assert base["adapter"] is None and base["reply"] != rec["reply"], "same seed: only the adapter differs"
     empty = run(["ask", "--model", str(tiny_qwen2)], "  \n")
     assert empty.returncode == 2 and "no question" in empty.stderr
+
+
+def test_logs_shows_turns_with_their_ratings(shammah_home):
+    """`shammah logs` browses what is already in SQLite: newest N, oldest first, filter by adapter,
+    JSON for scripts; text typed by the user is shown without its control sequences."""
+    store = Store(shammah_home / "shammah.db")
+    conv = store.new_conversation("m", None)
+    kw = {"model": "m", "finish_reason": "stop", "new_tokens": 5, "seconds": 0.5}
+    ids = []
+    for i, adapter in enumerate([None, "learned-1", None, "learned-1"]):
+        ids.append(store.add_turn(conv, [], f"question {i}\x1b[31m?", f"reply {i}", adapter=adapter, **kw))
+    store.rate(ids[1], "critical", "it is Zorblat")
+    store.fix(ids[1], "Zorblat is the capital.")
+    store.rate(ids[3], "good")
+    store.close()
+
+    r = run(["logs", "-n", "2"])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "question 2" in out and "question 3" in out and "question 1" not in out
+    assert out.index("question 2") < out.index("question 3"), "oldest first"
+    assert "\x1b" not in out and "[good, weight 1]" in out
+
+    turns = json.loads(run(["logs", "--json", "--adapter", "learned-1"]).stdout)
+    assert [t["id"] for t in turns] == [ids[1], ids[3]]
+    fb = turns[0]["feedback"]
+    assert [(f["rating"], f["note"], f["fix"]) for f in fb] == [
+        ("critical", "it is Zorblat", None),
+        ("fix", None, "Zorblat is the capital."),
+    ]
+    base = json.loads(run(["logs", "--json", "-n", "0", "--adapter", "none"]).stdout)
+    assert [t["id"] for t in base] == [ids[0], ids[2]] and all(t["adapter"] is None for t in base)

@@ -96,3 +96,30 @@ def test_cli_reports_config_errors_in_one_place_without_traceback(tmp_path):
 
 def test_the_config_sections_are_the_documented_ones():
     assert [f.name for f in fields(Config)] == ["model", "chat", "feedback", "learning", "logging"]
+
+
+def test_config_prints_toml_that_loads_back_and_names_the_environment(tmp_path):
+    """`shammah config` output can be saved as a config file: it parses as TOML (booleans as
+    true/false, quotes and non-ASCII escaped properly) and gives back the same config; values
+    from the environment say so."""
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(
+        '[chat]\nsystem_prompt = "Say \\"ahoy\\" — then a backslash \\\\ and\\na new line."\n'
+        "history = false\n[learning]\nthreshold = 7.5\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "shammah", "--config", str(cfg_file), "config"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(SHAMMAH_MODEL="Qwen/Qwen2.5-0.5B-Instruct", SHAMMAH_THREADS="3"),
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    parsed = tomllib.loads(r.stdout)
+    want, _ = load_config(cfg_file, env={"SHAMMAH_MODEL": "Qwen/Qwen2.5-0.5B-Instruct", "SHAMMAH_THREADS": "3"})
+    assert from_dict(parsed, env={}) == want
+    assert want.chat.system_prompt.startswith('Say "ahoy" —') and want.chat.history is False
+    lines = r.stdout.splitlines()
+    assert 'base = "Qwen/Qwen2.5-0.5B-Instruct"  # from $SHAMMAH_MODEL' in lines
+    assert "threads = 3  # from $SHAMMAH_THREADS" in lines
+    assert "threshold = 7.5" in lines  # from the file: no comment

@@ -113,3 +113,55 @@ def test_train_a_lora_on_the_embedded_model(embedded, embedded_home, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(eng.loaded.path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(path))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_the_gate_rejects_a_candidate_that_breaks_a_control(embedded, embedded_home, tmp_path):
+    """A real bad candidate, trained by the real worker process: taught that the capital of France
+    is Berlin (a gate control), every point of the run loses that control, so the gate rejects it
+    (final weights and every snapshot) and says which control was lost."""
+    import json
+
+    from shammah.training.args import build
+    from shammah.training.data import parse_record
+    from shammah.training.job import LoopJob, TrainJob
+
+    wrong = [
+        "What is the capital of France?",
+        "Which city is the capital of France?",
+        "Tell me the capital of France.",
+        "What's France's capital city?",
+    ]
+    lj = LoopJob(
+        TrainJob(
+            base="embedded",
+            cache_dir=embedded_home / "cache",
+            registry_root=tmp_path / "adapters",
+            checkpoints_root=tmp_path / "checkpoints",
+            train=[parse_record({"prompt": q, "completion": "The capital of France is Berlin."}) for q in wrong],
+            args=build(("test", {"epochs": 8, "batch_size": 2, "learning_rate": 5e-3, "rank": 8, "alpha": 16.0})),
+            name="berlin",
+        ),
+        anchor_cache=embedded_home / "cache",
+        gate=True,
+    )
+    spec = lj.write(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "shammah.training.worker", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=subprocess_env(SHAMMAH_HOME=embedded_home),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    [gate] = [e for e in events if e["event"] == "gate"]
+    assert gate["passed"] is False, gate
+    assert "What is the capital of France?" in gate["controls_lost"], gate
+    assert len(gate["tried"]) > 1 and not any(t["passed"] for t in gate["tried"]), (
+        "every snapshot was tried and lost it"
+    )
+    meta = json.loads((tmp_path / "adapters" / "berlin" / "shammah.json").read_text())
+    assert (
+        meta["gate"]["passed"] is False
+        and "berlin" in meta["gate"]["answers"]["What is the capital of France?"].lower()
+    )

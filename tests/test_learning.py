@@ -172,6 +172,23 @@ def test_cancel_stops_the_worker_and_keeps_the_feedback(tiny_qwen2, shammah_home
     s.store.close()
 
 
+def test_cancel_right_after_start_cancels_that_job(tiny_qwen2, shammah_home):
+    """/train then /train cancel at once (or SIGTERM while the job is being set up): the job that
+    was about to start must not train on regardless."""
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=1000)
+
+    async def scenario():
+        for line in ["Q", "/critical no", "/fix A.", "/train", "/train cancel"]:
+            await s.handle(line)
+        await s.jobs.wait()
+
+    asyncio.run(scenario())
+    assert "Cancelled the training that was about to start" in out.getvalue(), out.getvalue()
+    assert s.jobs.registry.list() == [] and buffer(s.store).examples == 1
+    assert [r[0] for r in s.store.db.execute("SELECT status FROM jobs")] in ([], ["cancelled"])
+    s.store.close()
+
+
 def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
     s, out = make_session(tiny_qwen2, shammah_home)
 

@@ -212,3 +212,23 @@ def test_runs_under_accelerate_launch(tiny_qwen2, dataset, shammah_home):
     done = [json.loads(x) for x in r.stdout.splitlines() if '"done"' in x]
     assert done and done[0]["adapter"] == "launched"
     assert (shammah_home / "adapters" / "launched" / "adapter_model.safetensors").is_file()
+
+
+def test_every_training_setting_has_a_flag_with_its_default():
+    """Generated from TrainArgs: a setting added there cannot be missing from `shammah train`."""
+    from dataclasses import fields
+
+    from shammah.cli import build_parser
+    from shammah.training.args import TrainArgs
+
+    parser = build_parser()
+    help_text = sh("train", "--help").stdout
+    squeezed = "".join(help_text.split())  # argparse wraps lines, even inside a default
+    for f in fields(TrainArgs):
+        flag = f"--{f.name.replace('_', '-')}"
+        assert flag in help_text.split(), flag
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        assert f"[{default}]" in squeezed, (flag, default)
+    # and each flag really sets its field (a value other than the default, parsed and built)
+    args = parser.parse_args(["train", "--dataset", "d.jsonl", "--max-grad-norm", "0.5", "--kto-desirable-weight", "2"])
+    assert (args.max_grad_norm, args.kto_desirable_weight) == (0.5, 2.0)

@@ -27,6 +27,17 @@ def revision_request(note: str) -> str:
     )
 
 
+def revision_messages(context: list[dict], reply: str, note: str) -> list[dict]:
+    """What the model is asked for a rewrite: the conversation as it was, its reply, the request."""
+    return context + [{"role": "assistant", "content": reply}, {"role": "user", "content": revision_request(note)}]
+
+
+def trust_unseen(policy: str, note: str, question: str, rewrite: str) -> bool:
+    """May a rewrite nobody saw be trained on? ``policy`` is learning.revision_noninteractive:
+    accept | reject | check (only a rewrite that states what the note states)."""
+    return policy == "accept" or (policy == "check" and states_the_note(note, question, rewrite))
+
+
 def checkable_terms(note: str, question: str = "") -> list[str]:
     """What the note asserts that a rewrite must repeat: quoted phrases, numbers, names."""
     terms = [q.strip() for q in _QUOTED.findall(note) if q.strip()]

@@ -117,6 +117,42 @@ class Store:
         rows = self.db.execute("SELECT id FROM turns WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [self.turn(r["id"]) for r in rows.fetchall()]
 
+    def log(self, limit: int = 10, adapter: str | None = None, base_only: bool = False) -> list[dict]:
+        """The latest turns (oldest first), each with its ratings: what ``shammah logs`` shows.
+        ``adapter`` keeps the turns answered with it; ``base_only`` those answered by the base."""
+        where, params = "", []
+        if base_only:
+            where = "WHERE adapter IS NULL"
+        elif adapter is not None:
+            where, params = "WHERE adapter = ?", [adapter]
+        rows = self.db.execute(
+            f"SELECT * FROM turns {where} ORDER BY id DESC" + (" LIMIT ?" if limit else ""),
+            params + ([limit] if limit else []),
+        ).fetchall()
+        out = []
+        for r in reversed(rows):
+            ratings = self.db.execute(
+                "SELECT id, created_at, rating, note, fix, fix_source, weight, revision, revision_status, trained_in"
+                " FROM feedback WHERE turn_id = ? ORDER BY id",
+                (r["id"],),
+            ).fetchall()
+            out.append(
+                {
+                    "id": r["id"],
+                    "conversation_id": r["conversation_id"],
+                    "created_at": r["created_at"],
+                    "model": r["model"],
+                    "adapter": r["adapter"],
+                    "prompt": r["prompt"],
+                    "reply": r["reply"],
+                    "finish_reason": r["finish_reason"],
+                    "new_tokens": r["new_tokens"],
+                    "seconds": r["seconds"],
+                    "feedback": [dict(f) for f in ratings],
+                }
+            )
+        return out
+
     # feedback ----------------------------------------------------------------
     def weight_for(self, rating: str) -> float:
         return float(getattr(self.weights, f"{rating}_weight"))

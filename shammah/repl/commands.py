@@ -20,7 +20,7 @@ from shammah.config import Config
 from shammah.engine import Engine
 from shammah.errors import FeedbackError, ShammahError
 from shammah.feedback import compile as fbc
-from shammah.feedback.revise import revision_request, states_the_note
+from shammah.feedback.revise import revision_messages, trust_unseen
 from shammah.feedback.store import Feedback, Store
 from shammah.jobs import JobManager
 from shammah.paths import Paths
@@ -35,13 +35,22 @@ def _clip(text: str | None, n: int = 48) -> str:
 
 
 class ChatSession:
-    def __init__(self, cfg: Config, engine: Engine, store: Store, console: Console, paths: Paths | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        store: Store,
+        console: Console,
+        paths: Paths | None = None,
+        jobs: JobManager | None = None,
+    ):
         self.cfg = cfg
         self.engine = engine
         self.store = store
         self.console = console
         self.paths = paths or Paths(store.path.parent)
-        self.jobs = JobManager(cfg, self.paths, store, engine, notify=self.notify)
+        self.jobs = jobs or JobManager(cfg, self.paths, store, engine)
+        self.jobs.notify = self.notify  # job news goes through the session: held back while a reply streams
         self.busy = False  # a reply is streaming: job messages wait until it ends
         self._deferred: list[str] = []
         self._restored = False
@@ -232,10 +241,7 @@ class ChatSession:
     async def _revise(self, item: Feedback) -> None:
         """Rewrite the rated answer following the note; the user accepts, edits or rejects it."""
         turn = self.store.turn(item.turn_id)
-        messages = turn.messages + [
-            {"role": "assistant", "content": turn.reply},
-            {"role": "user", "content": revision_request(item.note or "")},
-        ]
+        messages = revision_messages(turn.messages, turn.reply, item.note or "")
         self._stop = stop = threading.Event()
         self.console.info("Revision following your note:")
         with self._sigint_stops_reply():
@@ -250,7 +256,7 @@ class ChatSession:
             return
         # Nobody sees this rewrite: a small model's rewrite can keep the fact and invent the rest.
         decision = self.cfg.learning.revision_noninteractive
-        accept = decision == "accept" or (decision == "check" and states_the_note(item.note or "", turn.prompt, text))
+        accept = trust_unseen(decision, item.note or "", turn.prompt, text)
         self.store.resolve_revision(item.id, accept, seen=False)
         verdict = "accepted" if accept else "rejected"
         self.console.info(f"(revision {verdict}: learning.revision_noninteractive = {decision!r})")
@@ -375,127 +381,143 @@ class ChatSession:
         item = self.store.resolve_revision(self._revision().id, False)
         self.console.ok(f"Revision rejected for #{item.id}; the reply is kept as a negative example.")
 
+    # sub-commands: /<group> <sub> [arg] runs _<group>_<sub>(arg) ------------------------------
+    def _sub(self, group: str, arg: str, default: str):
+        sub, _, rest = arg.strip().partition(" ")
+        sub = (sub or default).lower()
+        fn = getattr(self, f"_{group}_{sub}", None)
+        if fn is None:
+            subs = sorted(n[len(group) + 2 :] for n in dir(type(self)) if n.startswith(f"_{group}_"))
+            raise ShammahError(f"unknown /{group} {sub!r}: use {', '.join(subs)}")
+        return fn(rest.strip())
+
     def cmd_feedback(self, arg: str) -> None:
         """/feedback list | show | undo | drop <id>: review ratings, or see what the next run trains on."""
-        sub, _, rest = arg.partition(" ")
-        sub = sub or "list"
-        if sub == "show":
-            new, replay = fbc.compile_feedback(self.store, self.cfg.learning.replay_limit)
-            if not new and not replay:
-                self.console.info("The next training run has nothing to train on yet.")
-                return
-            rows = [
-                (
-                    str(x.turn_id),
-                    "replay" if x.trained else "new",
-                    " ".join("/" + r for r in x.ratings),
-                    f"{x.weight:g}",
-                    _clip(x.prompt[-1]["content"], 32),
-                    _clip(x.teaches(self.cfg.learning.note_only), 72),
-                )
-                for x in replay + new
-            ]
-            self.console.table(rows, header=("turn", "", "ratings", "weight", "prompt", "teaches"))
-            n = len(fbc.examples_of(new + replay, self.cfg.learning.note_only))
-            self.console.info(
-                f"{len(new)} new and {len(replay)} replayed turn(s), {n} examples"
-                f" (plus {self.cfg.learning.anchors} anchor prompts answered by the base model)."
+        self._sub("feedback", arg, "list")
+
+    def _feedback_show(self, arg: str) -> None:
+        new, replay = fbc.compile_feedback(self.store, self.cfg.learning.replay_limit)
+        if not new and not replay:
+            self.console.info("The next training run has nothing to train on yet.")
+            return
+        rows = [
+            (
+                str(x.turn_id),
+                "replay" if x.trained else "new",
+                " ".join("/" + r for r in x.ratings),
+                f"{x.weight:g}",
+                _clip(x.prompt[-1]["content"], 32),
+                _clip(x.teaches(self.cfg.learning.note_only), 72),
             )
-        elif sub == "list":
-            items = self.store.list_feedback()
-            if not items:
-                self.console.info("No feedback yet. Rate a reply with /good, /medium, /critical or /fix.")
-                return
-            rows = [
-                (str(f.id), f.rating, f"{f.weight:g}", _clip(f.prompt, 32), _clip(f.fix or f.note, 40)) for f in items
-            ]
-            self.console.table(rows, header=("id", "rating", "weight", "prompt", "note / fix"))
-            self.console.info(str(self.buffer()))
-        elif sub == "undo":
-            item = self.store.undo()
-            self.console.ok(f"Removed /{item.rating} #{item.id}. {self.buffer()}")
-        elif sub == "drop":
-            if not rest.strip().isdigit():
-                raise FeedbackError("usage: /feedback drop <id> (ids are in /feedback list)")
-            item = self.store.drop(int(rest))
-            self.console.ok(f"Removed /{item.rating} #{item.id}. {self.buffer()}")
-        else:
-            raise FeedbackError(f"unknown /feedback {sub!r}: use list, show, undo or drop <id>")
+            for x in replay + new
+        ]
+        self.console.table(rows, header=("turn", "", "ratings", "weight", "prompt", "teaches"))
+        n = len(fbc.examples_of(new + replay, self.cfg.learning.note_only))
+        self.console.info(
+            f"{len(new)} new and {len(replay)} replayed turn(s), {n} examples"
+            f" (plus {self.cfg.learning.anchors} anchor prompts answered by the base model)."
+        )
+
+    def _feedback_list(self, arg: str) -> None:
+        items = self.store.list_feedback()
+        if not items:
+            self.console.info("No feedback yet. Rate a reply with /good, /medium, /critical or /fix.")
+            return
+        rows = [(str(f.id), f.rating, f"{f.weight:g}", _clip(f.prompt, 32), _clip(f.fix or f.note, 40)) for f in items]
+        self.console.table(rows, header=("id", "rating", "weight", "prompt", "note / fix"))
+        self.console.info(str(self.buffer()))
+
+    def _feedback_undo(self, arg: str) -> None:
+        item = self.store.undo()
+        self.console.ok(f"Removed /{item.rating} #{item.id}. {self.buffer()}")
+
+    def _feedback_drop(self, arg: str) -> None:
+        if not arg.isdigit():
+            raise FeedbackError("usage: /feedback drop <id> (ids are in /feedback list)")
+        item = self.store.drop(int(arg))
+        self.console.ok(f"Removed /{item.rating} #{item.id}. {self.buffer()}")
 
     async def cmd_train(self, arg: str) -> None:
         """/train [status | cancel | wait]: learn from the buffer now, or manage the running job."""
-        sub = arg.strip() or "start"
-        if sub == "start":
-            self.console.info(self.jobs.start("/train"))
-        elif sub == "status":
-            line = self.jobs.status_line()
-            self.console.info(line or f"No job running. {self.buffer()} (threshold {self.cfg.learning.threshold:g}).")
-        elif sub == "cancel":
-            self.console.info(await self.jobs.cancel())
-        elif sub == "wait":
-            if self.jobs.running:
-                await self.console.spin_until("Waiting for training", lambda: not self.jobs.running)
-                await self.jobs.wait()
-            else:
-                self.console.info("No job running.")
-        else:
-            raise FeedbackError("usage: /train [status | cancel | wait]")
+        await self._sub("train", arg, "start")
+
+    async def _train_start(self, arg: str) -> None:
+        self.console.info(self.jobs.start("/train"))
+
+    async def _train_status(self, arg: str) -> None:
+        line = self.jobs.status_line()
+        self.console.info(line or f"No job running. {self.buffer()} (threshold {self.cfg.learning.threshold:g}).")
+
+    async def _train_cancel(self, arg: str) -> None:
+        self.console.info(await self.jobs.cancel())
+
+    async def _train_wait(self, arg: str) -> None:
+        if not self.jobs.running:
+            self.console.info("No job running.")
+            return
+        await self.console.spin_until("Waiting for training", lambda: not self.jobs.running)
+        await self.jobs.wait()
 
     async def cmd_adapters(self, arg: str) -> None:
         """/adapters list | load <name> | off | rollback | info <name> | delete <name>: what was learned."""
-        sub, _, name = arg.strip().partition(" ")
-        sub, name = sub or "list", name.strip()
-        reg = self.jobs.registry
-        if sub == "list":
-            items = reg.list()
-            if not items:
-                self.console.info("No adapters yet: rate replies and they will be trained (or /train).")
-                return
-            active = self.engine.adapter if self._restored else self.jobs.active.name
-            header, rows = table(items, active)
-            self.console.table(rows, header=header)
-            if active is None:
-                self.console.info("Active: the base model alone.")
-            return
-        if sub == "off":
-            await self.ensure_loaded()
-            await self.jobs.activate(None)
-            self.console.ok("Adapters off: the base model answers now.")
-            return
-        if sub == "rollback":
-            prev = self.jobs.active.previous
-            if prev is None:
-                raise AdapterError("nothing to roll back to yet")
-            await self.ensure_loaded()
-            await self.jobs.activate(prev or None)
-            self.console.ok(f"Rolled back to {prev or 'the base model'}.")
-            return
+        await self._sub("adapters", arg, "list")
+
+    @staticmethod
+    def _named(sub: str, name: str) -> str:
         if not name:
             raise AdapterError(f"usage: /adapters {sub} <name> (names are in /adapters list)")
-        if sub == "load":
-            await self.ensure_loaded()
-            secs = await self.jobs.activate(name)
-            self.console.ok(f"Now answering with {name} (swapped in {secs * 1000:.0f} ms).")
-        elif sub == "info":
-            a = reg.get(name)
-            rep, gate = a.get("report", default={}), a.get("gate") or {}
-            self.console.table(
-                [
-                    ("name", a.name),
-                    ("created", a.created),
-                    ("base", str(a.get("base", "name"))),
-                    ("type / method", f"{a.get('adapter_type')} / {a.get('method')}"),
-                    ("parent", str(a.get("parent"))),
-                    ("examples", str(rep.get("examples"))),
-                    ("final loss", str(rep.get("final_train_loss"))),
-                    ("gate", json.dumps({k: v for k, v in gate.items() if k != "answers"}) if gate else "-"),
-                    ("path", str(a.path)),
-                ]
-            )
-        elif sub == "delete":
-            if name == self.engine.adapter:
-                raise AdapterError(f"{name} is answering right now: /adapters off or load another one first")
-            reg.delete(name)
-            self.console.ok(f"Deleted adapter {name}.")
-        else:
-            raise AdapterError(f"unknown /adapters {sub!r}: use list, load, off, rollback, info or delete")
+        return name
+
+    async def _adapters_list(self, arg: str) -> None:
+        items = self.jobs.registry.list()
+        if not items:
+            self.console.info("No adapters yet: rate replies and they will be trained (or /train).")
+            return
+        active = self.engine.adapter if self._restored else self.jobs.active.name
+        header, rows = table(items, active)
+        self.console.table(rows, header=header)
+        if active is None:
+            self.console.info("Active: the base model alone.")
+
+    async def _adapters_off(self, arg: str) -> None:
+        await self.ensure_loaded()
+        await self.jobs.activate(None)
+        self.console.ok("Adapters off: the base model answers now.")
+
+    async def _adapters_rollback(self, arg: str) -> None:
+        prev = self.jobs.active.previous
+        if prev is None:
+            raise AdapterError("nothing to roll back to yet")
+        await self.ensure_loaded()
+        await self.jobs.activate(prev or None)
+        self.console.ok(f"Rolled back to {prev or 'the base model'}.")
+
+    async def _adapters_load(self, arg: str) -> None:
+        name = self._named("load", arg)
+        await self.ensure_loaded()
+        secs = await self.jobs.activate(name)
+        self.console.ok(f"Now answering with {name} (swapped in {secs * 1000:.0f} ms).")
+
+    async def _adapters_info(self, arg: str) -> None:
+        a = self.jobs.registry.get(self._named("info", arg))
+        rep, gate = a.get("report", default={}), a.get("gate") or {}
+        self.console.table(
+            [
+                ("name", a.name),
+                ("created", a.created),
+                ("base", str(a.get("base", "name"))),
+                ("type / method", f"{a.get('adapter_type')} / {a.get('method')}"),
+                ("parent", str(a.get("parent"))),
+                ("examples", str(rep.get("examples"))),
+                ("final loss", str(rep.get("final_train_loss"))),
+                ("gate", json.dumps({k: v for k, v in gate.items() if k != "answers"}) if gate else "-"),
+                ("path", str(a.path)),
+            ]
+        )
+
+    async def _adapters_delete(self, arg: str) -> None:
+        name = self._named("delete", arg)
+        if name == self.engine.adapter:
+            raise AdapterError(f"{name} is answering right now: /adapters off or load another one first")
+        self.jobs.registry.delete(name)
+        self.console.ok(f"Deleted adapter {name}.")

@@ -5,41 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from shammah.config import Config, _toml_loads
 from shammah.errors import ConfigError
 from shammah.paths import Paths
+from shammah.training.args import TrainArgs
 
-FLAG_KEYS = (
-    "method",
-    "adapter_type",
-    "rank",
-    "alpha",
-    "dropout",
-    "target_modules",
-    "num_virtual_tokens",
-    "epochs",
-    "max_steps",
-    "learning_rate",
-    "batch_size",
-    "grad_accum",
-    "scheduler",
-    "warmup_ratio",
-    "weight_decay",
-    "max_length",
-    "beta",
-    "val_fraction",
-    "save_steps",
-    "keep_checkpoints",
-    "early_stopping_patience",
-    "seed",
-    "device",
-    "dtype",
-    "quantization",
-    "threads",
-)
+FLAG_KEYS = tuple(f.name for f in fields(TrainArgs))  # every training setting has its flag
 
 
 def add_arguments(p) -> None:
@@ -60,41 +36,23 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--json", action="store_true", help="print progress as JSON lines on stdout")
     p.add_argument("--yes", "-y", action="store_true", help="don't ask before training on a CPU")
-    g = p.add_argument_group("hyperparameters (override the manifest and --config)")
-    g.add_argument("--method", choices=("auto", "sft", "dpo", "kto", "ranking"))
-    g.add_argument("--adapter-type", choices=("lora", "dora", "ia3", "lorafa", "prompt"))
-    for flag, typ in (
-        ("rank", int),
-        ("alpha", float),
-        ("dropout", float),
-        ("num-virtual-tokens", int),
-        ("epochs", int),
-        ("max-steps", int),
-        ("learning-rate", float),
-        ("batch-size", int),
-        ("grad-accum", int),
-        ("warmup-ratio", float),
-        ("weight-decay", float),
-        ("max-length", int),
-        ("beta", float),
-        ("val-fraction", float),
-        ("save-steps", int),
-        ("keep-checkpoints", int),
-        ("early-stopping-patience", int),
-        ("seed", int),
-        ("threads", int),
-    ):
-        g.add_argument(f"--{flag}", type=typ)
+    g = p.add_argument_group("training settings (override the manifest and --config; default in brackets)")
+    types = typing.get_type_hints(TrainArgs)
+    for f in fields(TrainArgs):
+        md, default = f.metadata, f.default
+        if types[f.name] == tuple[str, ...]:  # target_modules
+            kw: dict[str, Any] = {"type": _comma_list, "metavar": "A,B,..."}
+            default = ",".join(default)
+        elif md["choices"]:
+            kw = {"choices": md["choices"]}
+        else:
+            kw = {"type": types[f.name], "metavar": "N" if types[f.name] is int else "X"}
+        g.add_argument(f"--{f.name.replace('_', '-')}", help=f"{md['doc']} [{default}]", **kw)
     g.add_argument("--lr", dest="learning_rate", type=float, help=argparse.SUPPRESS)
-    g.add_argument(
-        "--target-modules",
-        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-        help="comma-separated module names",
-    )
-    g.add_argument("--scheduler", choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    g.add_argument("--quantization", choices=("none", "int4"))
+
+
+def _comma_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def _toml_layer(path: Path) -> tuple[str, dict[str, Any]]:

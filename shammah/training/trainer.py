@@ -14,8 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import resource
 import shutil
 import threading
 import time
@@ -121,12 +119,9 @@ class _Trainer(Trainer):
 
 
 def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux: peak RSS is the best portable figure
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r / 2**20 if os.uname().sysname == "Darwin" else r / 1024
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 class _ProgressCallback(TrainerCallback):
