@@ -47,6 +47,27 @@ def test_a_database_that_is_not_one(shammah_home, damage):
         assert len(db.read_bytes()) == 4096, "the user's file is left alone"
 
 
+def _chattr(path, flag: str) -> bool:
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def test_an_immutable_database(shammah_home):
+    """chattr +i: not even root may write it; one line naming the file, and the file is intact."""
+    assert run(["logs"]).returncode == 0  # creates the database
+    db = shammah_home / "shammah.db"
+    before = db.read_bytes()
+    if not _chattr(db, "+i"):
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        _one_line_error(run(["ask", "hi"]), str(db), "writable")
+        assert db.read_bytes() == before
+    finally:
+        _chattr(db, "-i")
+
+
 def test_a_log_file_that_cannot_be_written(shammah_home):
     (shammah_home / "logs" / "shammah.log").mkdir(parents=True)
     r = run(["adapters", "list"])
