@@ -64,6 +64,12 @@ class ModelConfig:
         "auto", 'penalty on repeated tokens (1 = off; "auto" = the model\'s, else 1.0)', lo=1.0, hi=3.0, auto=True
     )
     seed: int = _f(-1, "random seed for sampling (-1 = a new one each reply)", lo=-1, hi=2**31 - 1)
+    fast_decode: str = _f(
+        "auto",
+        "CPU decode with packed int4 (or int8) weights and LoRA unmerged; auto = int4 where the model and "
+        "torch support it, off = transformers' generate",
+        choices=("auto", "int4", "int8", "off"),
+    )
 
 
 @dataclass(frozen=True)

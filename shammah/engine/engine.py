@@ -47,6 +47,9 @@ class Engine:
         self._slot = "slot0"  # the live slot's PEFT adapter name
         self._fingerprint: str | None = None
         self.last_swap_seconds: float | None = None
+        self._fast = None  # FastDecoder: the CPU fast path (engine/fast.py), when it applies
+        self._fast_why = "not loaded yet"  # why not, when it does not
+        self._adapter_src: tuple | None = None  # (path, adapter_config) of the active adapter
 
     # loading ---------------------------------------------------------------
     def start_loading(self) -> None:
@@ -63,6 +66,7 @@ class Engine:
             self._loaded = loader.load(
                 self.spec, cache=self.cache_dir, device=c.device, dtype=c.dtype, threads=c.threads
             )
+            self._fast, self._fast_why = _fast_decoder(self._loaded.model, c.fast_decode)
         except BaseException as e:  # kept and re-raised in the thread that waits
             log.debug("load failed", exc_info=True)
             self._error = e if isinstance(e, ModelError) else ModelError(f"could not load {self.spec.name}: {e}")
@@ -121,11 +125,44 @@ class Engine:
             cfg = check_lora(Path(path))
         t0 = time.perf_counter()
         with self._gen_lock:
-            if name is not None and self._slot_name != name:
+            fast_ok = self._fast is not None and self._fast_load(name, path)
+            if not fast_ok and name is not None and self._slot_name != name:
                 self._load_into_slot(name, Path(path), cfg)
+            # on the fast path, transformers' copy loads the adapter only if it is ever needed
+            self._adapter_src = (Path(path), cfg) if name is not None else None
             self.adapter = name
         self.last_swap_seconds = time.perf_counter() - t0
         return self.last_swap_seconds
+
+    def _fast_load(self, name: str | None, path) -> bool:
+        """Give the fast path adapter ``name``; False if only transformers can run it."""
+        from pathlib import Path
+
+        from shammah.engine.fast import AdapterUnsupported
+
+        if self._fast.lora_name == name and name is not None:
+            return True
+        try:
+            self._fast.set_lora(name, Path(path) if path is not None else None)
+        except AdapterUnsupported as e:
+            log.info("adapter %s answers through transformers: %s", name, e)
+            return False
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelError(f"adapter {name!r} at {path} could not be loaded ({e}); the current one stays") from None
+        return True
+
+    def _hf_model(self):
+        """transformers' model with the active adapter (loaded into its slot now if the fast path
+        was answering alone), for batches and for what the fast path cannot run."""
+        if self.adapter is not None and self._slot_name != self.adapter:
+            path, cfg = self._adapter_src
+            self._load_into_slot(self.adapter, path, cfg)
+        return self.model
+
+    @property
+    def fast(self) -> bool:
+        """The fast path answers the next reply."""
+        return self._fast is not None and self._fast.lora_name == self.adapter
 
     def _load_into_slot(self, name: str, path, cfg: dict) -> None:
         """Two slots: a new adapter is hot-swapped into the live one's weights when the shapes
@@ -176,6 +213,12 @@ class Engine:
             out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
             where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
             out["sampling"] = ", ".join(f"{k} {v:g} ({where[src]})" for k, (v, src) in self.sampling().items())
+            out["decode"] = (
+                f"fast path: {self._fast.quant} weights, LoRA unmerged"
+                if self.fast
+                else "transformers generate"
+                + (f" ({self._fast_why})" if self._fast is None else " (the active adapter needs it)")
+            )
         elif self._error is not None:
             out["state"] = f"failed to load: {self._error}"
         else:
@@ -256,17 +299,21 @@ class Engine:
 
         import torch
 
-        from shammah.engine.generate import stream_generate
+        from shammah.engine.generate import stream_fast, stream_generate
 
         params = params or self.gen_params()
         ids, _ = self.prepare(messages, params.max_new_tokens)
-        input_ids = torch.tensor([ids], device=self.loaded.device)
         with self._gen_lock:
             if info is not None:
                 info["adapter"] = self.adapter
+            if self.fast:
+                yield from stream_fast(self._fast, self.tokenizer, ids, params, stop)
+                return
+            model = self._hf_model()
+            input_ids = torch.tensor([ids], device=self.loaded.device)
             off = self._peft is not None and self.adapter is None
             with self._peft.disable_adapter() if off else contextlib.nullcontext():
-                yield from stream_generate(self.model, self.tokenizer, input_ids, params, stop)
+                yield from stream_generate(model, self.tokenizer, input_ids, params, stop)
 
     def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
         """Greedy replies to several chats at once, by the active adapter (evaluation, not chat:
@@ -276,9 +323,31 @@ class Engine:
         from shammah.engine.generate import generate_batch
 
         with self._gen_lock:
+            model = self._hf_model()
             off = self._peft is not None and self.adapter is None
             with self._peft.disable_adapter() if off else contextlib.nullcontext():
-                return generate_batch(self.model, self.tokenizer, chats, max_new_tokens)
+                return generate_batch(model, self.tokenizer, chats, max_new_tokens)
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
         return "".join(c.text for c in self.stream(messages, params))
+
+
+def _fast_decoder(model, setting: str):
+    """(FastDecoder, "") for the fast CPU path, or (None, why not)."""
+    if setting == "off":
+        return None, "model.fast_decode = off"
+    from shammah.engine import fast
+
+    why = fast.unsupported(model)
+    if why is not None:
+        return None, why
+    quant = "int4" if setting == "auto" else setting
+    if not fast.kernel_available(quant):
+        if setting == "auto" and fast.kernel_available("int8"):
+            quant = "int8"
+        else:
+            return None, f"this torch build has no packed {quant} CPU kernel"
+    t0 = time.perf_counter()
+    dec = fast.FastDecoder(model, quant)
+    log.info("fast path ready (%s) in %.2f s", quant, time.perf_counter() - t0)
+    return dec, ""

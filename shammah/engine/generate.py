@@ -114,29 +114,50 @@ def stream_generate(
     t0 = time.perf_counter()
     worker = threading.Thread(target=run, name="shammah-generate", daemon=True)
     worker.start()
-    ids: list[int] = []
-    emitted = ""
-    last_id = None
-    interrupted = False
-    try:
+
+    def batches() -> Iterator[list[int]]:
         while (item := q.get()) is not _DONE:
-            for tid in item:
-                last_id = tid
-                if tid == eos:
-                    continue
-                ids.append(tid)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield Chunk(text[len(emitted) :], tuple(item))
-                emitted = text
-        interrupted = stop.is_set()
+            yield item
+        if error:  # before the closing chunk: a failed reply does not look finished
+            raise error[0]
+
+    try:
+        yield from _chunks(batches(), tokenizer, params, stop, t0)
     finally:
         stop.set()  # consumer went away early (e.g. generator closed): end generation
         worker.join()
-    if error:
-        raise error[0]
+
+
+def stream_fast(decoder, tokenizer, ids: list[int], params: GenParams, stop: threading.Event | None = None):
+    """The same stream of chunks from the fast CPU path (engine/fast.py)."""
+    from shammah.engine.fast import sampler
+
+    stop = stop or threading.Event()
+    t0 = time.perf_counter()
+    sample = sampler(params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed)
+    tokens = decoder.generate(ids, params.max_new_tokens, tokenizer.eos_token_id, sample, stop)
+    yield from _chunks(([t] for t in tokens), tokenizer, params, stop, t0)
+
+
+def _chunks(batches: Iterator[list[int]], tokenizer, params: GenParams, stop: threading.Event, t0: float):
+    """Token ids as they come -> text chunks (whole characters only), then the closing chunk."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    emitted = ""
+    last_id = None
+    for item in batches:
+        for tid in item:
+            last_id = tid
+            if tid == eos:
+                continue
+            ids.append(tid)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        if len(text) > len(emitted) and text.startswith(emitted):
+            yield Chunk(text[len(emitted) :], tuple(item))
+            emitted = text
+    interrupted = stop.is_set()
     text = tokenizer.decode(ids, skip_special_tokens=True)
     n = len(ids) + (1 if last_id == eos else 0)
     if last_id == eos:

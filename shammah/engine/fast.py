@@ -1,0 +1,383 @@
+"""The fast decode path for CPUs: packed int4/int8 base weights, a lean decode loop, LoRA unmerged.
+
+Why by hand: decode on a CPU is memory-bound (shared/MEASURED.md: 83% of a step streams the
+weights), and transformers' ``generate`` streams them as floats and spends as much again in
+per-token Python. Here:
+
+- **Weights**: the linear layers of the transformer blocks in torch's packed int4 layout
+  (asymmetric, groups of 32: exactly the embedded GGUF's Q4_1 blocks, so for that model this loses
+  nothing), used through ``_weight_int4pack_mm_for_cpu``; the output head int8 per channel
+  (``_weight_int8pack_mm``), the likeliest logits recomputed in fp32 so near ties resolve as the
+  float model would. q/k/v and gate/up are fused into one matmul each.
+- **Loop**: RMSNorm, RoPE (the model's own inverse frequencies), attention against a KV cache kept
+  in fp32 (a query of one token is a few small matmuls, not a kernel launch per head), and nothing
+  else per token: no logits processors for greedy, no streamer object, no stopping criteria.
+- **LoRA**: kept unmerged in bf16 beside the quantized base, fused the same way (the A matrices of
+  q/k/v stacked, the B matrices block-diagonal), so a swap is loading a few MB and replacing
+  tensors: the quantized base is never touched or reloaded.
+
+Supported: Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms) with static RoPE, and plain
+LoRA adapters. Anything else (DoRA, IA3, prompt tuning, sliding windows, dynamic RoPE, a GPU)
+answers through transformers, as before: :func:`unsupported` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32  # int4 group size (the GGUF Q4_1 block)
+REFINE = 32  # logits recomputed in fp32 after the int8 head
+ARCHS = ("llama", "qwen2", "qwen3")
+_BF16 = torch.bfloat16
+
+
+# --- kernels ---------------------------------------------------------------------------------
+def kernel_available(quant: str) -> bool:
+    """Whether this torch build has the packed CPU kernel (tried on a tiny matrix)."""
+    try:
+        if quant == "int4":
+            Int4Linear(torch.randn(32, 64))(torch.randn(1, 64, dtype=_BF16))
+        else:
+            Int8Linear(torch.randn(32, 64))(torch.randn(1, 64, dtype=_BF16))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+class Int4Linear:
+    """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
+    torch's CPU int4 kernel (zero is the value of q = 8)."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
+        n, k = w.shape
+        g = w.float().reshape(n, k // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        self.scales_zeros = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(_BF16)
+        self.bias = bias.to(_BF16) if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear:
+    """y = x W^T with W int8 per output channel."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
+        w = w.float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+        self.weight = torch.round(w / scale[:, None]).to(torch.int8)
+        self.scale = scale.to(_BF16)
+        self.bias = bias.to(_BF16) if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+# --- what can run here -----------------------------------------------------------------------
+def unsupported(model) -> str | None:
+    """Why ``model`` cannot take the fast path (None: it can)."""
+    cfg = model.config
+    if cfg.model_type not in ARCHS:
+        return f"architecture {cfg.model_type!r} (the fast path runs {', '.join(ARCHS)})"
+    if next(model.parameters()).device.type != "cpu":
+        return "the model runs on a GPU"
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "mlp_bias", False):
+        return "sliding-window attention or MLP bias"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3", "yarn"):
+        return f"RoPE type {rope.get('rope_type')!r} depends on the sequence length"
+    dims = [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * _head_dim(cfg)]
+    if any(d % GROUP for d in dims):
+        return f"layer widths {dims} are not multiples of {GROUP}"
+    return None
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+FUSED = {  # fused matmul -> the PEFT modules it stands for, in output order
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+_KEY = re.compile(r"layers\.(\d+)\.((?:self_attn|mlp)\.\w+_proj)\.lora_([AB])\.weight$")
+
+
+class AdapterUnsupported(ValueError):
+    pass
+
+
+def load_lora(path: Path, n_layers: int, out_sizes: dict[str, int]) -> list[dict[str, tuple]]:
+    """A PEFT LoRA directory -> per layer, per fused matmul: (A [r, in], B [out, r]) in bf16 with
+    the scaling folded into B. Raises AdapterUnsupported for what only transformers can run."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern"):
+        raise AdapterUnsupported("only plain LoRA adapters run on the fast path")
+    if cfg.get("modules_to_save") or cfg.get("lora_bias"):
+        raise AdapterUnsupported("adapters with saved modules or LoRA biases run through transformers")
+    alpha = float(cfg.get("lora_alpha", 8))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.search(key)
+        if m is None:
+            raise AdapterUnsupported(f"adapter weight {key} is outside the attention/MLP projections")
+        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+    layers: list[dict[str, tuple]] = [{} for _ in range(n_layers)]
+    for i in range(n_layers):
+        for fused, modules in FUSED.items():
+            parts = [(j, found[(i, mod)]) for j, mod in enumerate(modules) if (i, mod) in found]
+            if not parts:
+                continue
+            sizes = [out_sizes[mod] for mod in modules]
+            offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+            r_total = sum(p["A"].shape[0] for _, p in parts)
+            a = torch.cat([p["A"].float() for _, p in parts])
+            b = torch.zeros(sum(sizes), r_total)
+            col = 0
+            for j, p in parts:
+                r = p["A"].shape[0]
+                scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
+                b[offsets[j] : offsets[j] + sizes[j], col : col + r] = p["B"].float() * scale
+                col += r
+            layers[i][fused] = (a.to(_BF16), b.to(_BF16))
+    return layers
+
+
+# --- the model -----------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    qkv: Int4Linear | Int8Linear
+    o: Int4Linear | Int8Linear
+    gate_up: Int4Linear | Int8Linear
+    down: Int4Linear | Int8Linear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+class FastDecoder:
+    """A transformers Llama/Qwen2/Qwen3 model, re-laid for decoding on a CPU (see the module doc)."""
+
+    def __init__(self, model, quant: str = "int4"):
+        cfg = model.config
+        self.quant = quant
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, _head_dim(cfg)
+        self.eps = cfg.rms_norm_eps
+        lin = Int4Linear if quant == "int4" else Int8Linear
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.out_sizes = {
+            "self_attn.q_proj": qd,
+            "self_attn.k_proj": kd,
+            "self_attn.v_proj": kd,
+            "self_attn.o_proj": cfg.hidden_size,
+            "mlp.gate_proj": cfg.intermediate_size,
+            "mlp.up_proj": cfg.intermediate_size,
+            "mlp.down_proj": cfg.hidden_size,
+        }
+
+        def cat(p: str, names: tuple[str, ...], kind: str) -> torch.Tensor | None:
+            ts = [sd.get(f"{p}{n}.{kind}") for n in names]
+            return None if ts[0] is None else torch.cat(ts)
+
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                _Layer(
+                    norm1=sd[p + "input_layernorm.weight"].to(_BF16),
+                    norm2=sd[p + "post_attention_layernorm.weight"].to(_BF16),
+                    qkv=lin(cat(p, FUSED["qkv"], "weight"), cat(p, FUSED["qkv"], "bias")),
+                    o=lin(sd[p + "self_attn.o_proj.weight"], sd.get(p + "self_attn.o_proj.bias")),
+                    gate_up=lin(cat(p, FUSED["gate_up"], "weight")),
+                    down=lin(sd[p + "mlp.down_proj.weight"]),
+                    q_norm=sd[p + "self_attn.q_norm.weight"].to(_BF16) if p + "self_attn.q_norm.weight" in sd else None,
+                    k_norm=sd[p + "self_attn.k_norm.weight"].to(_BF16) if p + "self_attn.k_norm.weight" in sd else None,
+                )
+            )
+        self.embed = sd["model.embed_tokens.weight"].to(_BF16)
+        head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+        self.head = Int8Linear(head)
+        self.head_rows = self.embed if head is sd["model.embed_tokens.weight"] else head.to(_BF16)
+        self.final_norm = sd["model.norm.weight"].float()
+        rot = model.model.rotary_emb
+        self.inv_freq = rot.inv_freq.detach().float()
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        self.lora: list[dict[str, tuple]] | None = None
+        self.lora_name: str | None = None
+        self._cos = self._sin = torch.empty(0)
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    # adapters ----------------------------------------------------------------------------
+    def set_lora(self, name: str | None, path: Path | None) -> None:
+        """Answer with LoRA ``name`` from ``path`` (None: the base alone). Raises AdapterUnsupported."""
+        layers = load_lora(path, len(self.layers), self.out_sizes) if path is not None else None
+        with self.lock:  # never between two tokens of a reply
+            self.lora, self.lora_name = layers, name
+
+    # caches ------------------------------------------------------------------------------
+    def _room(self, n: int) -> None:
+        """KV cache and RoPE tables for ``n`` positions, grown in steps of 256."""
+        have = self._k[0].shape[1] if self._k else 0
+        if n <= have:
+            return
+        cap = -(-n // 256) * 256
+        for i in range(len(self.layers)):
+            k = torch.zeros(self.n_kv, cap, self.head_dim)
+            v = torch.zeros(self.n_kv, cap, self.head_dim)
+            if have:
+                k[:, :have], v[:, :have] = self._k[i][:, :have], self._v[i][:, :have]
+            if i < len(self._k):
+                self._k[i], self._v[i] = k, v
+            else:
+                self._k.append(k)
+                self._v.append(v)
+        freqs = torch.outer(torch.arange(cap, dtype=torch.float32), self.inv_freq)
+        self._cos = (freqs.cos() * self.rope_scale).to(_BF16)
+        self._sin = (freqs.sin() * self.rope_scale).to(_BF16)
+
+    # one forward ---------------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(_BF16) * w
+
+    @staticmethod
+    def _mm(lin, lora: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+        y = lin(x)
+        ab = lora.get(name)
+        return y if ab is None else torch.addmm(y, x @ ab[0].t(), ab[1].t())
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (fp32) of the last position after feeding ``ids`` at positions start...; the
+        KV cache before ``start`` must hold this sequence's earlier positions."""
+        t = ids.shape[0]
+        end = start + t
+        self._room(end)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qd, kd = nh * hd, nkv * hd
+        cos, sin = self._cos[start:end, None, :], self._sin[start:end, None, :]
+        half = hd // 2
+        x = self.embed[ids]
+        for i, ly in enumerate(self.layers):
+            lora = self.lora[i] if self.lora is not None else {}
+            qkv = self._mm(ly.qkv, lora, "qkv", self._norm(x, ly.norm1))
+            qk = qkv[:, : qd + kd].view(t, nh + nkv, hd)
+            if ly.q_norm is not None:  # Qwen3: RMSNorm per head on q and k, before RoPE
+                qk = torch.cat([self._norm(qk[:, :nh], ly.q_norm), self._norm(qk[:, nh:], ly.k_norm)], 1)
+            x1, x2 = qk[..., :half], qk[..., half:]
+            qk = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+            q = qk[:, :nh].float()
+            self._k[i][:, start:end] = qk[:, nh:].transpose(0, 1)
+            self._v[i][:, start:end] = qkv[:, qd + kd :].view(t, nkv, hd).transpose(0, 1)
+            k, v = self._k[i][:, :end], self._v[i][:, :end]
+            if t == 1:  # one query: grouped heads as small matmuls
+                g = q.reshape(nkv, nh // nkv, hd)
+                att = torch.softmax((g @ k.transpose(1, 2)) * hd**-0.5, -1)
+                a = (att @ v).reshape(1, qd)
+            else:
+                a = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k[None], v[None], is_causal=start == 0, enable_gqa=True
+                )
+                a = a[0].transpose(0, 1).reshape(t, qd)
+            x = x + self._mm(ly.o, lora, "o", a.to(_BF16))
+            gu = self._mm(ly.gate_up, lora, "gate_up", self._norm(x, ly.norm2))
+            g_, u = gu.chunk(2, -1)
+            x = x + self._mm(ly.down, lora, "down", F.silu(g_) * u)
+        xf = x[-1:].float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.final_norm
+        logits = self.head(xf.to(_BF16))[0].float()
+        # bf16 logits resolve ~0.1 around 25: recompute the likeliest in fp32 so near ties go the
+        # way the float model goes.
+        top = logits.topk(min(REFINE, logits.shape[0])).indices
+        logits[top] = self.head_rows[top].float() @ xf[0]
+        return logits
+
+    # decoding --------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        eos: int | set[int],
+        sample=None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[int]:
+        """Token ids, one at a time, ending after EOS (yielded), ``max_new_tokens`` or ``stop``.
+        ``sample(ids_so_far, logits) -> id``; None = greedy."""
+        eos = {eos} if isinstance(eos, int) else set(eos)
+        with self.lock, torch.inference_mode():
+            ids = list(prompt)
+            logits = self.forward(torch.tensor(ids), 0)
+            for _ in range(max_new_tokens):
+                if stop is not None and stop.is_set():
+                    return
+                nxt = int(logits.argmax()) if sample is None else sample(ids, logits)
+                ids.append(nxt)
+                yield nxt
+                if nxt in eos:
+                    return
+                logits = self.forward(torch.tensor([nxt]), len(ids) - 1)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits at every position of ``ids`` (fp32 [T, V]), for quality checks (perplexity)."""
+        with self.lock, torch.inference_mode():
+            return torch.stack([self.forward(torch.tensor([tok]), i) for i, tok in enumerate(ids)])
+
+
+def sampler(temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int):
+    """A ``sample`` for :meth:`FastDecoder.generate` from transformers' own logits processors
+    (the same semantics as ``generate``); None for greedy without a repetition penalty."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature <= 0:
+        if not procs:
+            return None
+
+        def greedy(ids: list[int], logits: torch.Tensor) -> int:
+            return int(procs(torch.tensor([ids]), logits[None])[0].argmax())
+
+        return greedy
+    procs.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed >= 0 else int(time.time_ns() % 2**63))
+
+    def draw(ids: list[int], logits: torch.Tensor) -> int:
+        scores = procs(torch.tensor([ids]), logits[None])[0]
+        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=gen))
+
+    return draw

@@ -1,0 +1,142 @@
+"""The fast CPU decode path (engine/fast.py) against transformers' own forward: the architecture
+details (GQA, RoPE, Qwen2 biases, Qwen3 q/k norms, the KV cache), LoRA unmerged, the engine's
+choice of path, and the fallback when a kernel or an adapter type is not available."""
+
+import pytest
+import torch
+from conftest import register_adapter
+from transformers import AutoModelForCausalLM
+
+from shammah.config import ModelConfig
+from shammah.engine import Engine, fast
+from shammah.engine.fast import FastDecoder
+
+IDS = [5, 17, 42, 8, 99, 23, 64, 3, 71, 12, 30, 55]
+
+
+def _hf(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_fast_logits_follow_the_float_model(arch, quant, request):
+    """Token by token through the KV cache, every position's logits point where the float model's
+    do; the prompt in one pass (prefill) gives the same last logits as feeding it token by token."""
+    model = _hf(request.getfixturevalue(arch))
+    assert fast.unsupported(model) is None
+    dec = FastDecoder(model, quant)
+    with torch.inference_mode():
+        ref = model(torch.tensor([IDS])).logits[0]
+        prefill = dec.forward(torch.tensor(IDS), 0)
+    steps = dec.logits(IDS)
+    floor = 0.999 if quant == "int8" else 0.97
+    assert _cos(steps, ref).min() > floor, _cos(steps, ref)
+    assert (steps.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert _cos(prefill[None], steps[-1:])[0] > 0.999
+
+
+def test_a_broken_rope_would_be_caught(tiny_qwen2):
+    """The check above can fail: positions shifted by one (a classic KV-cache bug) drift away."""
+    model = _hf(tiny_qwen2)
+    dec = FastDecoder(model, "int8")
+    with torch.inference_mode():
+        ref = model(torch.tensor([IDS])).logits[0]
+        dec.forward(torch.tensor(IDS[:1]), 0)
+        shifted = torch.stack([dec.forward(torch.tensor([t]), i + 2) for i, t in enumerate(IDS[1:])])
+    assert _cos(shifted, ref[1:]).min() < 0.999
+
+
+def test_lora_unmerged_matches_peft(tiny_qwen2, shammah_home):
+    from peft import PeftModel
+
+    info = register_adapter(
+        tiny_qwen2,
+        shammah_home,
+        "zorb",
+        [{"prompt": "Say something.", "completion": "Zorblat zorblat zorblat."}] * 4,
+        epochs=6,
+        learning_rate=5e-2,
+        rank=8,
+        alpha=16,
+    )
+    base = _hf(tiny_qwen2)
+    dec = FastDecoder(base, "int8")
+    plain = dec.logits(IDS)
+    peft = PeftModel.from_pretrained(base, str(info.path)).eval()
+    with torch.inference_mode():
+        ref = peft(torch.tensor([IDS])).logits[0]
+    dec.set_lora("zorb", info.path)
+    with_lora = dec.logits(IDS)
+    assert _cos(with_lora, ref).min() > 0.999
+    assert (with_lora - ref).abs().max() < 0.1 * (plain - ref).abs().max(), "the adapter is what changed them"
+    dec.set_lora(None, None)
+    assert torch.allclose(dec.logits(IDS), plain)
+
+
+def test_sampling_settings_are_transformers_semantics():
+    logits = torch.tensor([0.0, 5.0, 4.9, 1.0])
+    assert fast.sampler(0.0, 1.0, 0, 1.0, 0) is None  # greedy: argmax, nothing else per token
+    penalised = fast.sampler(0.0, 1.0, 0, 2.0, 0)
+    assert penalised([1], logits) == 2  # token 1 was said: 5.0 / 2 < 4.9
+    top1 = fast.sampler(1.0, 1.0, 1, 1.0, 7)
+    assert {top1([], logits) for _ in range(20)} == {1}
+    seeded = [fast.sampler(1.5, 1.0, 0, 1.0, 3)([], logits) for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+@pytest.fixture
+def engine_for(tiny_qwen2, tmp_path):
+    def make(**kw):
+        return Engine(ModelConfig(base=str(tiny_qwen2), temperature=0.0, max_new_tokens=12, **kw), tmp_path).load()
+
+    return make
+
+
+MSGS = [{"role": "user", "content": "Say something about rain."}]
+
+
+def test_the_engine_takes_the_fast_path_and_says_so(engine_for):
+    e = engine_for(fast_decode="int8")
+    assert e.fast and e.info()["decode"] == "fast path: int8 weights, LoRA unmerged"
+    chunks = list(e.stream(MSGS))
+    assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].new_tokens > 0
+    off = engine_for(fast_decode="off")
+    assert not off.fast and off.info()["decode"] == "transformers generate (model.fast_decode = off)"
+    # int8 on a random model: close to the float path, and the same greedy reply here
+    assert e.reply(MSGS) == off.reply(MSGS)
+
+
+def test_without_the_int4_kernel_auto_falls_back(engine_for, monkeypatch):
+    real = fast.kernel_available
+    monkeypatch.setattr(fast, "kernel_available", lambda q: q != "int4" and real(q))
+    assert engine_for().info()["decode"] == "fast path: int8 weights, LoRA unmerged"
+    monkeypatch.setattr(fast, "kernel_available", lambda q: False)
+    e = engine_for()
+    assert not e.fast and "no packed int4 CPU kernel" in e.info()["decode"]
+    assert e.reply(MSGS)  # transformers answers
+
+
+def test_adapter_swap_on_the_fast_path_and_dora_falls_back(engine_for, tiny_qwen2, shammah_home):
+    recs = [{"prompt": "Say something about rain.", "completion": "Zorblat zorblat zorblat."}] * 4
+    lora = register_adapter(tiny_qwen2, shammah_home, "lora", recs, epochs=6, learning_rate=5e-2, rank=8)
+    dora = register_adapter(
+        tiny_qwen2, shammah_home, "dora", recs, epochs=6, learning_rate=5e-2, rank=8, adapter_type="dora"
+    )
+    e, ref = engine_for(fast_decode="int8"), engine_for(fast_decode="off")
+    base_reply = e.reply(MSGS)
+    fp = lora.get("base", "fingerprint")
+    secs = e.activate("lora", lora.path, fp)
+    ref.activate("lora", lora.path, fp)
+    assert e.fast and e._peft is None, "transformers' copy is not loaded while the fast path answers"
+    assert e.reply(MSGS) == ref.reply(MSGS) != base_reply and secs < 1.0
+    e.activate("dora", dora.path, fp)
+    ref.activate("dora", dora.path, fp)
+    assert not e.fast and "the active adapter needs it" in e.info()["decode"]
+    assert e.reply(MSGS) == ref.reply(MSGS)  # transformers runs DoRA
+    e.activate(None)
+    assert e.fast and e.reply(MSGS) == base_reply
