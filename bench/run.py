@@ -6,7 +6,8 @@
    `python -c pass` and vs `python -c "import torch, transformers"` (what the prompt would
    cost if the model stack were imported first).
 2. embedded model load: cold (GGUF dequantize + cache write) vs from the safetensors cache.
-3. decode speed: shammah's engine with its auto dtype vs plain fp32 `model.generate`.
+3. decode speed (bench/decode.py): the fast path and transformers' generate, with and without a
+   LoRA, beside llama.cpp on the same GGUF; hot-swap latency; quality vs the float model.
 4. training: `shammah train` (a fresh worker process) vs a hand-written transformers Trainer +
    PEFT script on the same model and data: start-up to the first step, and tokens/s.
 5. the online loop (bench/learn.py): feedback -> swapped adapter, hot-swap latency, and chat
@@ -98,44 +99,11 @@ def bench_load(cache: Path, reps: int) -> None:
     print(f"  cached safetensors                   {warm:6.1f} s   cold/cached = {cold / warm:.1f}x")
 
 
-def bench_decode(cache: Path, tokens: int, reps: int) -> None:
-    import torch
+def bench_decode(tokens: int, reps: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import decode  # bench/decode.py: the fast path and transformers beside llama.cpp
 
-    from shammah.config import ModelConfig
-    from shammah.engine import Engine
-
-    msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-    eng = Engine(
-        ModelConfig(base="embedded", temperature=0.0, max_new_tokens=tokens, repetition_penalty=1.0), cache
-    ).load()
-    params = eng.gen_params()
-    rates = []
-    for _ in range(reps):
-        last = list(eng.stream(msgs, params))[-1]
-        rates.append(last.new_tokens / last.seconds)
-    ours = statistics.median(rates)
-
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(eng.loaded.path, dtype=torch.float32).eval()
-    ids = torch.tensor([eng.encode(msgs)])
-    base_rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = base.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=eng.tokenizer.pad_token_id,
-                min_new_tokens=tokens,
-            )
-        base_rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
-    b = statistics.median(base_rates)
-    print(f"decode, embedded model, {tokens} new tokens, greedy, {torch.get_num_threads()} threads (median of {reps})")
-    print(f"  shammah engine ({eng.loaded.dtype}, streamed)   {ours:6.1f} tok/s")
-    print(f"  baseline: fp32 model.generate      {b:6.1f} tok/s   ratio {ours / b:.2f}x")
+    decode.run(tokens, reps)
 
 
 TRAIN_TOPICS = [
@@ -260,7 +228,7 @@ def main() -> None:
         if args.only in (None, "load"):
             bench_load(cache, max(2, reps // 2))
         if args.only in (None, "decode"):
-            bench_decode(cache, 128, max(2, reps // 2))
+            bench_decode(128, max(2, reps // 2))
         if args.only in (None, "train"):
             bench_train(home, 10, 2 if args.quick else 3)
         if args.only in (None, "learn"):

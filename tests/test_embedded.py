@@ -165,3 +165,38 @@ def test_the_gate_rejects_a_candidate_that_breaks_a_control(embedded, embedded_h
         meta["gate"]["passed"] is False
         and "berlin" in meta["gate"]["answers"]["What is the capital of France?"].lower()
     )
+
+
+QUALITY_TEXT = (
+    "The water cycle describes how water moves on Earth. Water evaporates from oceans and lakes, "
+    "rises as vapour, cools and condenses into clouds, and falls again as rain or snow. Rivers carry "
+    "it back to the sea, and plants return some of it to the air through their leaves."
+)
+
+
+def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
+    """int4 weights on the fast path: perplexity on a fixed text within 2% of the float model
+    (transformers, fp32), and the same greedy opening on a simple question."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shammah.engine.fast import FastDecoder
+
+    eng, _ = embedded
+    assert eng.fast and "int4" in eng.info()["decode"]
+    ref = AutoModelForCausalLM.from_pretrained(eng.loaded.path, dtype=torch.float32).eval()
+    ids = eng.tokenizer(QUALITY_TEXT)["input_ids"]
+    target = torch.tensor(ids[1:])
+    with torch.inference_mode():
+        ref_logits = ref(torch.tensor([ids])).logits[0, :-1].float()
+    fast_logits = FastDecoder(ref, "int4").logits(ids)[:-1]
+
+    def ppl(logits):
+        return math.exp(torch.nn.functional.cross_entropy(logits, target).item())
+
+    p_ref, p_fast = ppl(ref_logits), ppl(fast_logits)
+    assert abs(p_fast / p_ref - 1) < 0.02, (p_ref, p_fast)
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in eng.reply(q)

@@ -1,0 +1,207 @@
+"""Decode speed as a user sees it, beside llama.cpp on the same GGUF, in one run.
+
+    .venv/bin/python bench/decode.py [--tokens 128] [--reps 3] [--install-llama-cpp]
+
+For each setup: time to first token and decode tokens/s after it (wall time of the stream, the
+way the chat prints it), median of ``--reps``, with a random LoRA r=16 on all linear layers
+active (what a user who taught it runs) and without:
+
+- shammah's fast path (engine/fast.py: packed int4, LoRA unmerged) and transformers' generate
+  (``model.fast_decode = off``), both through ``Engine.stream``;
+- llama.cpp (llama-cpp-python) on the embedded GGUF itself, same thread count, greedy. It lives in
+  its own cached environment (``~/.cache/shammah-bench/llama-venv``), never in shammah's: building
+  it from source takes ~10 min on 2 cores, so it is built only with ``--install-llama-cpp``.
+
+Then quality (fast path vs the float model): perplexity on a fixed text, and how many greedy
+tokens match the fp32 transformers reference on 5 prompts; and hot-swap latency on the fast path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CACHE = Path.home() / ".cache" / "shammah-bench"
+LLAMA_VENV = CACHE / "llama-venv"
+PROMPT = "Write a short story about a lighthouse keeper."
+PROMPTS = [
+    PROMPT,
+    "What is the capital of France?",
+    "Explain photosynthesis in two sentences.",
+    "List three fruits.",
+    "How do I sort a list in Python?",
+]
+TEXT = (
+    "The water cycle describes how water moves on Earth. Water evaporates from oceans and lakes, "
+    "rises as vapour, cools and condenses into clouds, and falls again as rain or snow. Rivers carry "
+    "it back to the sea, and plants return some of it to the air through their leaves."
+)
+
+LLAMA_SNIPPET = r"""
+import json, sys, time
+from llama_cpp import Llama
+gguf, ids, n, reps, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+out = []
+for _ in range(reps + 1):
+    llm.reset()
+    t0 = time.perf_counter(); first = None; k = 0
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        k += 1
+        if first is None: first = time.perf_counter()
+        if tok == llm.token_eos() or k >= n: break
+    out.append((first - t0, (k - 1) / (time.perf_counter() - first), k))
+print(json.dumps(out[1:]))
+"""
+
+
+def install_llama_cpp() -> None:
+    print("building llama-cpp-python 0.3.36 into", LLAMA_VENV, "(~10 min on 2 cores)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
+    subprocess.run([str(LLAMA_VENV / "bin" / "pip"), "install", "-q", "llama-cpp-python==0.3.36"], check=True)
+
+
+def llama_cpp(gguf: Path, ids: list[int], tokens: int, reps: int, threads: int) -> list | None:
+    py = LLAMA_VENV / "bin" / "python"
+    if not py.exists():
+        return None
+    r = subprocess.run(
+        [str(py), "-c", LLAMA_SNIPPET, str(gguf), json.dumps(ids), str(tokens), str(reps), str(threads)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        print("  llama.cpp failed:", r.stderr.strip().splitlines()[-1:] or r.returncode)
+        return None
+    return json.loads(r.stdout)
+
+
+def stream_once(eng, msgs, params) -> tuple[float, float, int]:
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for c in eng.stream(msgs, params):
+        if first is None and c.text:
+            first = time.perf_counter()
+        if c.finish_reason:
+            n = c.new_tokens
+    return first - t0, (n - 1) / (time.perf_counter() - first), n
+
+
+def random_lora(model_path: str, out: Path, rank: int = 16) -> Path:
+    """A LoRA on every linear layer with random (non-zero) B, so it really costs what one costs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    m = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.002)
+    m.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--install-llama-cpp", action="store_true", help="build the llama.cpp baseline first")
+    args = ap.parse_args()
+    run(args.tokens, args.reps, args.install_llama_cpp)
+
+
+def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
+    import torch
+
+    from shammah.config import ModelConfig
+    from shammah.engine import Engine
+    from shammah.engine.fast import FastDecoder
+    from shammah.engine.resolve import embedded_gguf
+
+    if install and not (LLAMA_VENV / "bin" / "python").exists():
+        install_llama_cpp()
+    threads = torch.get_num_threads()
+    msgs = [{"role": "user", "content": PROMPT}]
+    engines = {}
+    for mode in ("auto", "off"):
+        cfg = ModelConfig(base="embedded", temperature=0.0, max_new_tokens=tokens, fast_decode=mode)
+        engines[mode] = Engine(cfg, CACHE).load()
+    fast, hf = engines["auto"], engines["off"]
+    params = fast.gen_params(repetition_penalty=1.0)
+    tmp = Path(tempfile.mkdtemp())
+    lora = random_lora(fast.loaded.path, tmp / "lora")
+    lora2 = random_lora(fast.loaded.path, tmp / "lora2")
+
+    rows = {}
+    for label, eng in (("shammah fast path", fast), ("transformers generate", hf)):
+        for with_lora in (False, True):
+            eng.activate("bench" if with_lora else None, lora if with_lora else None)
+            stream_once(eng, msgs, params)  # warm-up
+            runs = [stream_once(eng, msgs, params) for _ in range(reps)]
+            rows[(label, with_lora)] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+    ids = fast.encode(msgs)
+    llama = llama_cpp(embedded_gguf(), ids, tokens, reps, threads)
+
+    print(f"decode, embedded SmolLM2-135M, {tokens} new tokens, greedy, {threads} threads, median of {reps}")
+    base = None
+    if llama:
+        base = (statistics.median(r[0] for r in llama), statistics.median(r[1] for r in llama))
+        print(
+            f"  {'llama.cpp (same GGUF)':32} first token {base[0] * 1000:5.0f} ms   {base[1]:6.1f} tok/s   (baseline)"
+        )
+    else:
+        print("  llama.cpp baseline not installed: run with --install-llama-cpp (builds it once, ~10 min)")
+    for (label, with_lora), (ttft, rate) in rows.items():
+        name = f"{label}{' + LoRA r16' if with_lora else ''}"
+        ratio = f"   {rate / base[1]:.2f}x llama.cpp, first token {ttft / base[0]:.2f}x" if base else ""
+        print(f"  {name:32} first token {ttft * 1000:5.0f} ms   {rate:6.1f} tok/s{ratio}")
+    f, h = rows[("shammah fast path", True)][1], rows[("transformers generate", True)][1]
+    print(f"  fast path vs transformers, LoRA active: {f / h:.1f}x")
+
+    # hot-swap on the fast path: two different LoRAs of the same shape
+    swaps = []
+    for i in range(6):
+        swaps.append(fast.activate(f"s{i}", lora if i % 2 else lora2))
+    print(f"hot-swap on the fast path: median {statistics.median(swaps) * 1000:.0f} ms (goal < 100 ms)")
+
+    # quality against the float model
+    from transformers import AutoModelForCausalLM
+
+    fast.activate(None)
+    ref = AutoModelForCausalLM.from_pretrained(fast.loaded.path, dtype=torch.float32).eval()
+    dec = FastDecoder(ref, "int4")
+    tok = fast.tokenizer
+    text_ids = tok(TEXT)["input_ids"]
+    target = torch.tensor(text_ids[1:])
+    with torch.inference_mode():
+        ref_logits = ref(torch.tensor([text_ids])).logits[0, :-1]
+
+    def ppl(logits) -> float:
+        return math.exp(torch.nn.functional.cross_entropy(logits.float(), target).item())
+
+    p_ref, p_fast = ppl(ref_logits), ppl(dec.logits(text_ids)[:-1])
+    print(f"quality: perplexity on a fixed text {p_fast:.3f} vs {p_ref:.3f} fp32 ({(p_fast / p_ref - 1) * 100:+.2f}%)")
+    same = []
+    for p in PROMPTS:
+        pids = fast.encode([{"role": "user", "content": p}])
+        with torch.inference_mode():
+            r = ref.generate(torch.tensor([pids]), max_new_tokens=32, do_sample=False)[0, len(pids) :].tolist()
+        g = list(dec.generate(pids, 32, tok.eos_token_id))
+        same.append(next((i for i, (a, b) in enumerate(zip(r, g, strict=False)) if a != b), min(len(r), len(g))))
+    print(f"  greedy tokens identical to fp32 transformers, of 32, on 5 prompts: {same}")
+
+
+if __name__ == "__main__":
+    main()
