@@ -118,8 +118,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--install-llama-cpp", action="store_true", help="build the llama.cpp baseline first")
+    ap.add_argument("--qwen", action="store_true", help="also random-weight models of real Qwen sizes")
     args = ap.parse_args()
     run(args.tokens, args.reps, args.install_llama_cpp)
+    if args.qwen:
+        qwen_sizes(args.tokens, args.reps)
 
 
 def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
@@ -205,3 +208,104 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# The real configs (config.json on the Hub) of the models shammah is designed to serve. Speed does not
+# depend on weight values, so random weights of the same shapes measure what the real models cost.
+QWEN = {
+    "Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+        tie_word_embeddings=True, rms_norm_eps=1e-6,
+    ),
+    "Qwen3-0.6B": dict(
+        model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    ),
+}  # fmt: skip
+
+
+def qwen_sizes(tokens: int, reps: int) -> None:
+    """Decode (fast path vs transformers, with a LoRA r16) and a LoRA training step at real sizes."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shammah.engine.fast import FastDecoder
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = list(range(1000, 1040))
+    print(f"random-weight models of real Qwen sizes, {tokens} new tokens, greedy, median of {reps}")
+    for name, kw in QWEN.items():
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model(**kw)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        tmp = Path(tempfile.mkdtemp())
+        lora_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        with torch.no_grad():
+            for n, p in lora_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.002)
+        lora_model.save_pretrained(tmp / "lora")
+        model = lora_model.unload()
+        dec = FastDecoder(model, "int4")
+
+        def fast_rate(dec) -> float:
+            list(dec.generate(ids, 4, -1))
+            rates = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                list(dec.generate(ids, tokens, -1))
+                rates.append(tokens / (time.perf_counter() - t0))
+            return statistics.median(rates)
+
+        def hf_rate(m) -> float:
+            x = torch.tensor([ids])
+            rates = []
+            for _ in range(max(1, reps - 1)):
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    m.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                rates.append(tokens / (time.perf_counter() - t0))
+            return statistics.median(rates)
+
+        f_base = fast_rate(dec)
+        dec.set_lora("r16", tmp / "lora")
+        f_lora = fast_rate(dec)
+        h_base = hf_rate(model)
+        peft = PeftModel.from_pretrained(model, str(tmp / "lora")).eval()
+        h_lora = hf_rate(peft)
+        model = peft.unload()
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+        fast_mb = (
+            sum(
+                sum(x.numel() * x.element_size() for x in (getattr(lin, a) for a in vars(lin)) if torch.is_tensor(x))
+                for ly in dec.layers
+                for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)
+            )
+            / 2**20
+            + (dec.embed.numel() * 2 + dec.head.weight.numel()) / 2**20
+        )
+        print(
+            f"  {name}: fast path {f_base:5.1f} tok/s ({f_lora:5.1f} with LoRA r16), transformers bf16 {h_base:5.1f}"
+            f" ({h_lora:5.1f}) -> {f_lora / h_lora:.1f}x with LoRA; weights {fast_mb:.0f} MB vs {weights:.0f} MB bf16"
+        )
+        # one LoRA training step as the worker takes it: fp32, batch 4 x 96 tokens, AdamW
+        train = get_peft_model(model.float(), LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        opt = torch.optim.AdamW([p for p in train.parameters() if p.requires_grad], lr=1e-3)
+        batch = torch.randint(0, 49152, (4, 96))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            loss = train(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t0)
+        step = statistics.median(times[1:])
+        print(
+            f"    LoRA r16 training step (fp32, batch 4 x 96 tokens): {step:.1f} s; a chat job of 21 steps "
+            f"(5 lessons + 20 anchors) trains for ~{21 * step:.0f} s"
+        )
+        del train, opt, model, dec, peft

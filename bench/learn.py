@@ -38,8 +38,8 @@ def feedback_to_swap(home: Path, place: str, capital: str) -> float:
     p = subprocess.Popen(
         [PY, "-m", "shammah", "--config", str(cfg)],
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # replies; acknowledgements and job news come on stderr
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
@@ -47,18 +47,24 @@ def feedback_to_swap(home: Path, place: str, capital: str) -> float:
     for q in questions:
         p.stdin.write(f"{q}\n/critical wrong: it is {capital}\n")
         p.stdin.flush()
-        while "Saved /critical" not in p.stdout.readline():
-            pass
+        while "Saved /critical" not in (line := p.stderr.readline()):
+            if not line:
+                raise RuntimeError("the chat ended before acknowledging /critical")
         t0 = time.perf_counter()  # the last one is the /fix below that crosses the threshold
         p.stdin.write(f"/fix The capital of {place} is {capital}.\n/clear\n")
         p.stdin.flush()
     p.stdin.close()
-    for line in p.stdout:
+    elapsed = float("nan")
+    for line in p.stderr:
         if "Learned:" in line or "kept the current adapter" in line or "Training failed" in line:
             elapsed = time.perf_counter() - t0
             print(f"  {line.strip()[:160]}")
             break
     p.wait()
+    from shammah.adapters.registry import Registry
+
+    report = Registry(home / "adapters").list()[-1].get("report", default={})
+    print(f"  worker peak RSS {report.get('peak_rss_mb', 0) / 1024:.2f} GB (goal <= 2 GB)")
     return elapsed
 
 

@@ -45,8 +45,8 @@ HOLDOUT_MIN = 10  # with at least this many new items, 20% are held out for the 
 def learning_args(lc: LearningConfig) -> TrainArgs:
     """The chat's learning settings as training settings. The rest are fixed for the online loop:
     alpha = 2 x rank, no dropout (a dozen examples: dropout only slows the lesson), a constant
-    rate (the gate's snapshots compare points of one schedule), no checkpoints (a job is short and
-    an interrupted one restarts from its feedback), prompts cut to 512 tokens."""
+    rate (the gate's snapshots compare points of one schedule), no checkpoints (a job is short, an
+    interrupted one restarts from its feedback, and writing them cost seconds per job), prompts cut to 512 tokens."""
     return build(
         (
             "learning",
@@ -60,8 +60,7 @@ def learning_args(lc: LearningConfig) -> TrainArgs:
                 "learning_rate": lc.learning_rate,
                 "batch_size": lc.batch_size,
                 "scheduler": "constant",
-                "save_steps": 100000,
-                "keep_checkpoints": 1,
+                "save_steps": 0,
                 "threads": lc.train_threads,
                 "max_length": 512,
                 "seed": lc.seed,

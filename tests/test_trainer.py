@@ -324,3 +324,14 @@ def test_the_trainer_draws_by_weight_and_gives_anchors_their_share(tiny_qwen2, s
     counts = sorted(lessons.count(k) for k in kinds)
     assert len(kinds) == 2 and 0.52 < share < 0.68, share
     assert 5 < counts[1] / counts[0] < 16, counts
+
+
+def test_save_steps_zero_writes_no_checkpoints(tiny_qwen2, shammah_home):
+    """The chat's jobs keep no checkpoints (they restart from the feedback): none is written, not
+    even at an epoch end, and a run that needs one (resume, early stopping) is refused up front."""
+    events = []
+    res = train(job(tiny_qwen2, shammah_home, FACT, name="nock", save_steps=0, epochs=2), events.append)
+    assert res.adapter.name == "nock" and not [e for e in events if e["event"] == "checkpoint"]
+    assert not (shammah_home / "checkpoints" / "nock").exists()
+    with pytest.raises(TrainingError, match="save_steps = 0 keeps no checkpoints"):
+        train(job(tiny_qwen2, shammah_home, FACT, name="nock2", save_steps=0, early_stopping_patience=2))

@@ -50,7 +50,9 @@ class TrainArgs:
         128, "longest teacher answer generated for distillation examples without a completion", lo=1, hi=8192
     )
     val_fraction: float = _f(0.0, "share of the data held out for validation (0 = none)", lo=0.0, hi=0.5)
-    save_steps: int = _f(50, "checkpoint every N optimizer steps (and at each epoch end)", lo=1, hi=10_000_000)
+    save_steps: int = _f(
+        50, "checkpoint every N optimizer steps and at each epoch end (0 = no checkpoints)", lo=0, hi=10_000_000
+    )
     keep_checkpoints: int = _f(3, "most recent checkpoints kept", lo=1, hi=1000)
     early_stopping_patience: int = _f(
         0, "stop after N evaluations without a better validation loss (0 = off)", lo=0, hi=1000

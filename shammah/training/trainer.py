@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -124,6 +125,19 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """The most this process has held resident so far."""
+    try:
+        import resource
+    except ImportError:  # Windows: psutil knows the peak working set
+        import psutil
+
+        mi = psutil.Process().memory_info()
+        return getattr(mi, "peak_wset", mi.rss) / 2**20
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
 class _ProgressCallback(TrainerCallback):
     def __init__(self, emit: Progress, trainer_ref: list, stop: threading.Event | None):
         self.emit = emit
@@ -177,7 +191,7 @@ class _ProgressCallback(TrainerCallback):
             self.emit({"event": "eval", "step": state.global_step, "eval_loss": self.last_eval})
 
     def on_epoch_end(self, args, state, control, **kw):
-        control.should_save = True  # a checkpoint at every epoch end, besides every save_steps
+        control.should_save = args.save_strategy != "no"  # at every epoch end, besides every save_steps
         if self.ref[0].eval_dataset is not None:
             control.should_evaluate = True
 
@@ -371,6 +385,11 @@ def setup(job: TrainJob, progress: Progress | None = None) -> Run:
     if not train_ex:
         raise TrainingError("nothing to train on after filtering (undesirable examples are never SFT targets)")
     Registry(job.registry_root).path(job.name)  # validates the name early
+    if a.save_steps == 0 and (job.resume or a.early_stopping_patience):
+        raise TrainingError(
+            "save_steps = 0 keeps no checkpoints, so there is nothing to resume or to pick the best from: "
+            "set save_steps, or drop --resume / early_stopping_patience"
+        )
     resume_from = _checkpoint_to_resume(job.checkpoints_root / job.name, job.resume)
 
     from transformers.utils import logging as hf_logging
@@ -434,11 +453,11 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
         max_grad_norm=a.max_grad_norm,
         logging_strategy="steps",
         logging_steps=1,
-        save_strategy="steps",
-        save_steps=a.save_steps,
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 1,
         save_total_limit=a.keep_checkpoints,
-        eval_strategy="steps" if val_feats else "no",
-        eval_steps=a.save_steps if val_feats else None,
+        eval_strategy=("steps" if a.save_steps else "epoch") if val_feats else "no",
+        eval_steps=a.save_steps if val_feats and a.save_steps else None,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
@@ -522,7 +541,7 @@ def save(run: Run, meta: dict[str, Any] | None = None) -> TrainResult:
             "validation_examples": len(run.val_ex),
             "kinds": {k: sum(e.kind == k for e in examples) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
             "tokens_per_s": round(trainer.tokens_seen / max(run.train_seconds, 1e-9), 1),
-            "peak_rss_mb": round(_rss_mb(), 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
             "resumed_from": run.resume_from,
         }
         info_meta = {
