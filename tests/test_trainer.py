@@ -222,10 +222,10 @@ def test_nan_loss_stops_with_the_step_and_advice(tiny_qwen2, shammah_home, monke
     real = methods._forward
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *a):
         calls["n"] += 1
-        logp, n, logits = real(model, batch)
-        return (logp * float("nan"), n, logits) if calls["n"] >= 3 else (logp, n, logits)
+        logp, n, logits, keep = real(model, batch, *a)
+        return (logp * float("nan") if calls["n"] >= 3 else logp), n, logits, keep
 
     monkeypatch.setattr(methods, "_forward", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3: .*Lower the learning rate \(now 0.01\)"):

@@ -126,3 +126,50 @@ def test_sft_method_never_trains_undesirable_completions():
     ]
     out = methods.as_sft(exs)
     assert [(e.kind, e.responses) for e in out] == [("sft", ("good",))]
+
+
+def test_the_head_on_loss_positions_only_gives_the_same_losses(tiny_qwen2, tok):
+    """The output head runs only where some row has a loss: every kind's loss and its gradient
+    equal those computed from the logits of every position."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from shammah.training.args import build
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    recs = [
+        {"system": "A long system prompt that makes this row's prompt longer.", "prompt": "Q1?", "completion": "A."},
+        {"prompt": "Q2?", "chosen": "Good answer.", "rejected": "Bad."},
+        {"prompt": "Q3?", "teacher_prompt": "Q3, kindly?", "completion": "Taught text here.", "teacher": "base"},
+        {"prompt": "Q4?", "completion": "Meh.", "label": False},
+    ]
+    feats = [methods.tokenize_example(tok, parse_record(r), 128) for r in recs]
+    methods.precompute_reference(model, feats, tok.pad_token_id, 4)
+    batch = methods.collate(feats, tok.pad_token_id)
+    kept = methods._forward(model, batch)
+    full = methods._forward(model, batch, all_positions=True)
+    assert kept[3] is not None and len(kept[3]) < batch["input_ids"].shape[1], "prompt positions are skipped"
+    assert torch.allclose(kept[0], full[0], atol=1e-5) and torch.equal(kept[1], full[1])
+    assert torch.allclose(
+        methods.distill_loss(kept[2], batch, kept[3]), methods.distill_loss(full[2], batch), atol=1e-6
+    )
+    loss, parts = methods.Objective(build(("t", {})))(model, batch)
+    assert set(parts) == {"sft", "dpo", "distill", "kto"}
+    loss.backward()
+    g_kept = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    logp, n, logits, _ = full
+    ref = -(logp[0] / n[0])  # the sft row alone, from every position's logits
+    ref.backward()
+    g_sft = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    methods._forward(model, batch)[0][0].neg().div(n[0]).backward()
+    assert all(
+        torch.allclose(a, p.grad, atol=1e-6)
+        for a, p in zip(g_sft, [p for p in model.parameters() if p.requires_grad], strict=True)
+    )
+    assert any(g.abs().sum() > 0 for g in g_kept)

@@ -155,14 +155,17 @@ def _teacher_topk(model, chunk: list[dict], pad_id: int) -> None:
         f["topk"] = (top.indices.cpu(), top.values.cpu())
 
 
-def distill_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-row mean forward KL(teacher || student) over the teacher's top-k plus a tail bucket."""
-    m = batch["kl_mask"]
-    if logits.shape[1] > m.shape[1]:  # prompt tuning prepends virtual tokens
+def distill_loss(logits: torch.Tensor, batch: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row mean forward KL(teacher || student) over the teacher's top-k plus a tail bucket.
+    ``keep``: the positions ``logits`` are for (None: all of them)."""
+    m, idx, lp = batch["kl_mask"], batch["kl_idx"], batch["kl_logp"]
+    if keep is not None:
+        m, idx, lp = m[:, keep], idx[:, keep], lp[:, keep]
+    elif logits.shape[1] > m.shape[1]:  # prompt tuning prepends virtual tokens
         logits = logits[:, -m.shape[1] :]
     sel = logits[m].float()  # [N, V]: only positions with a teacher
-    logq = sel.gather(-1, batch["kl_idx"][m]) - sel.logsumexp(-1, keepdim=True)
-    logp = batch["kl_logp"][m]
+    logq = sel.gather(-1, idx[m]) - sel.logsumexp(-1, keepdim=True)
+    logp = lp[m]
     p, q = logp.exp(), logq.exp()
     p_tail = (1 - p.sum(-1)).clamp(min=1e-8)
     q_tail = (1 - q.sum(-1)).clamp(min=1e-8)
@@ -173,23 +176,39 @@ def distill_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target-token log-probs per row, number of target tokens per row)."""
-    logp, n, _ = _forward(model, batch)
+    logp, n, _, _ = _forward(model, batch)
     return logp, n
 
 
-def _forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits
-    L = batch["input_ids"].shape[1]
-    if logits.shape[1] > L:  # prompt tuning prepends virtual tokens
-        logits = logits[:, -L:]
-    # Shift the labels, not the logits: slicing [B, L, V] logits would copy them (~100 MB a batch here).
+def _forward(
+    model, batch: dict, all_positions: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(target log-prob sums, target counts, logits, the positions the logits are for).
+
+    The output head runs only at positions where some row has a loss (``logits_to_keep``): a
+    49k-vocab head over every prompt token was most of a step's memory and a good part of its time,
+    and those logits were thrown away. Prompt tuning prepends virtual tokens: all positions there."""
+    # Shift the labels, not the logits: slicing [B, L, V] logits would copy them.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    L = labels.shape[1]
+    cfg = getattr(model, "active_peft_config", None)
+    keep = None
+    if not all_positions and not getattr(cfg, "is_prompt_learning", False):
+        has = labels != IGNORE
+        if "kl_mask" in batch:
+            has = has | batch["kl_mask"]
+        keep = has.any(0).nonzero().squeeze(-1)
+    kw = {} if keep is None else {"logits_to_keep": keep}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
+    if keep is not None:
+        labels = labels[:, keep]
+    elif logits.shape[1] > L:  # prompt tuning prepends virtual tokens
+        logits = logits[:, -L:]
     nll = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(labels.shape)
     mask = labels != IGNORE
-    return -(nll * mask).sum(-1), mask.sum(-1), logits
+    return -(nll * mask).sum(-1), mask.sum(-1), logits, keep
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float) -> torch.Tensor:
@@ -222,7 +241,7 @@ class Objective:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         layout = batch["layout"]
-        logp, ntok, logits = _forward(model, batch)
+        logp, ntok, logits, keep = _forward(model, batch)
         needs_ref = any(kind in ("pair", "unpaired") for kind, _, _ in layout)
         ref = batch.get("ref_logps")
         if needs_ref and ref is None:
@@ -247,7 +266,7 @@ class Objective:
             parts["kto"] = (loss.mean(), len(rows))
         if "distill" in by_kind:
             rows = [r[0] for r, _ in by_kind["distill"]]
-            parts["distill"] = (distill_loss(logits, batch)[rows].mean(), len(rows))
+            parts["distill"] = (distill_loss(logits, batch, keep)[rows].mean(), len(rows))
         if "ranked" in by_kind:
             losses = []
             for rows, _ in by_kind["ranked"]:
