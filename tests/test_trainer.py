@@ -335,3 +335,13 @@ def test_save_steps_zero_writes_no_checkpoints(tiny_qwen2, shammah_home):
     assert not (shammah_home / "checkpoints" / "nock").exists()
     with pytest.raises(TrainingError, match="save_steps = 0 keeps no checkpoints"):
         train(job(tiny_qwen2, shammah_home, FACT, name="nock2", save_steps=0, early_stopping_patience=2))
+
+
+def test_gradient_checkpointing_trains_the_same(tiny_qwen2, shammah_home):
+    """Recomputing activations changes memory, not the result: the same losses step by step."""
+    runs = {}
+    for mode in ("off", "on"):
+        events = []
+        train(job(tiny_qwen2, shammah_home, FACT, name=f"gc-{mode}", gradient_checkpointing=mode), events.append)
+        runs[mode] = losses(events)
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-4)

@@ -173,3 +173,12 @@ def test_the_head_on_loss_positions_only_gives_the_same_losses(tiny_qwen2, tok):
         for a, p in zip(g_sft, [p for p in model.parameters() if p.requires_grad], strict=True)
     )
     assert any(g.abs().sum() > 0 for g in g_kept)
+
+
+def test_reference_passes_go_by_tokens():
+    """Short examples four at a time, long ones alone: a batch of long replies' full-vocabulary
+    logits must never be materialised at once."""
+    short = {"seqs": [([1] * 50, None)]}
+    long = {"seqs": [([1] * 600, None), ([1] * 600, None)]}  # a pair of long replies
+    sizes = [len(c) for c in methods._by_tokens([short] * 6 + [long, long, short], 4)]
+    assert sizes == [4, 2, 1, 1, 1]

@@ -42,6 +42,12 @@ class TrainArgs:
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0, hi=1.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", lo=0.0, hi=1000.0)
     max_length: int = _f(1024, "longest tokenized example; prompts are cut from the left", lo=16, hi=1_048_576)
+    gradient_checkpointing: str = _f(
+        "auto",
+        "recompute activations in the backward pass (less memory, ~30% more time); "
+        "auto = when a batch holds more than 1024 tokens",
+        choices=("auto", "on", "off"),
+    )
     beta: float = _f(0.1, "DPO/KTO temperature", lo=0.001, hi=10.0)
     kto_desirable_weight: float = _f(1.0, "KTO weight of desirable examples", lo=0.0, hi=100.0)
     kto_undesirable_weight: float = _f(1.0, "KTO weight of undesirable examples", lo=0.0, hi=100.0)

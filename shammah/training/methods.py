@@ -123,8 +123,7 @@ def precompute_reference(model, features: list[dict], pad_id: int, batch_size: i
     was_training = model.training
     model.eval()
     with torch.no_grad(), model.disable_adapter():
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
+        for chunk in _by_tokens(todo, batch_size):
             b = collate([{k: v for k, v in f.items() if k != "ref"} for f in chunk], pad_id)
             b = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in b.items()}
             ref, _ = token_logps(model, b)
@@ -134,9 +133,27 @@ def precompute_reference(model, features: list[dict], pad_id: int, batch_size: i
         todo = [f for f in features if f["kind"] == "distill" and f["teacher"]["who"] == who]
         ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            for i in range(0, len(todo), batch_size):
-                _teacher_topk(model, todo[i : i + batch_size], pad_id)
+            for chunk in _by_tokens(todo, batch_size, key=lambda f: len(f["teacher"]["ids"])):
+                _teacher_topk(model, chunk, pad_id)
     model.train(was_training)
+
+
+REFERENCE_TOKENS = 1024  # tokens per no-grad forward of the reference/teacher pass
+
+
+def _by_tokens(features: list[dict], most: int, key=None):
+    """Consecutive chunks of at most ``most`` features and (beyond the first) ``REFERENCE_TOKENS``
+    tokens: short lessons go four at a time, long replies one at a time (a batch of long replies'
+    full-vocabulary logits was gigabytes)."""
+    key = key or (lambda f: sum(len(ids) for ids, _ in f["seqs"]))
+    chunk: list[dict] = []
+    for f in features:
+        if chunk and (len(chunk) == most or (len(chunk) + 1) * max(map(key, [*chunk, f])) > REFERENCE_TOKENS):
+            yield chunk
+            chunk = []
+        chunk.append(f)
+    if chunk:
+        yield chunk
 
 
 def _teacher_topk(model, chunk: list[dict], pad_id: int) -> None:

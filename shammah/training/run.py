@@ -47,7 +47,8 @@ def add_arguments(p) -> None:
             kw = {"choices": md["choices"]}
         else:
             kw = {"type": types[f.name], "metavar": "N" if types[f.name] is int else "X"}
-        g.add_argument(f"--{f.name.replace('_', '-')}", help=f"{md['doc']} [{default}]", **kw)
+        help_text = f"{md['doc']} [{default}]".replace("%", "%%")  # argparse formats help with %
+        g.add_argument(f"--{f.name.replace('_', '-')}", help=help_text, **kw)
     g.add_argument("--lr", dest="learning_rate", type=float, help=argparse.SUPPRESS)
 
 

@@ -40,6 +40,7 @@ from shammah.training.job import TrainJob
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
+CHECKPOINTING_TOKENS = 1024  # gradient_checkpointing = "auto": on above this many tokens a batch
 
 
 class TrainingError(ShammahError):
@@ -439,6 +440,12 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
     methods.precompute_reference(model, train_feats + val_feats, pad, a.batch_size)
 
     early = a.early_stopping_patience > 0 and bool(val_feats)
+    # Long replies (a rated 2.5k-character answer, a DPO pair of them) made a 135M model's worker
+    # hold ~9 GB of activations; recomputing them in the backward pass keeps a job within a laptop.
+    longest = max(sum(len(ids) for ids, _ in f["seqs"]) for f in train_feats)
+    checkpointing = a.gradient_checkpointing == "on" or (
+        a.gradient_checkpointing == "auto" and longest * a.batch_size > CHECKPOINTING_TOKENS
+    )
     targs = TrainingArguments(
         output_dir=str(run.run_dir),
         num_train_epochs=a.epochs,
@@ -473,6 +480,8 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
         fp16=run.dtype == "float16" and run.device == "cuda",
         optim="adamw_torch",
         save_only_model=False,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
     optimizers = (None, None)
     if a.adapter_type == "lorafa":
