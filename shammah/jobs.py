@@ -46,7 +46,8 @@ def learning_args(lc: LearningConfig) -> TrainArgs:
     """The chat's learning settings as training settings. The rest are fixed for the online loop:
     alpha = 2 x rank, no dropout (a dozen examples: dropout only slows the lesson), a constant
     rate (the gate's snapshots compare points of one schedule), no checkpoints (a job is short, an
-    interrupted one restarts from its feedback, and writing them cost seconds per job), prompts cut to 512 tokens."""
+    interrupted one restarts from its feedback, and writing them cost seconds per job), prompts
+    cut to 512 tokens."""
     return build(
         (
             "learning",

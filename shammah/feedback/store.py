@@ -297,11 +297,6 @@ class Store:
         """(job id, owner pid) of every job marked running."""
         return [(r["id"], r["pid"]) for r in self.db.execute("SELECT id, pid FROM jobs WHERE status = 'running'")]
 
-    def jobs(self, limit: int = 20) -> list[dict]:
-        """The latest jobs, newest first."""
-        rows = self.db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
-        return [{**dict(r), "feedback_ids": json.loads(r["feedback_ids"])} for r in rows]
-
     def last_finished_job(self) -> dict | None:
         r = self.db.execute(
             "SELECT * FROM jobs WHERE status IN ('done', 'failed', 'rejected') ORDER BY created_at DESC LIMIT 1"

@@ -421,7 +421,6 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
     """Teacher answers for distillation, tokenizing, reference log-probs, then transformers'
     Trainer with the mixed-kind objective and weighted sampling."""
     a, model, tok = run.job.args, run.model, run.tok
-    n_extra = len(run.extra)
     n_before = len(run.train_ex)
     run.train_ex = teacher_answers(model, tok, run.train_ex, a.teacher_max_tokens)
     run.val_ex = teacher_answers(model, tok, run.val_ex, a.teacher_max_tokens)
@@ -430,10 +429,7 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
             f"nothing to train on: the teacher gave an empty answer to all {n_before} distillation "
             "prompt(s); give them a 'completion', or use a model that answers the teacher prompts"
         )
-    examples = run.train_ex + teacher_answers(model, tok, run.extra, a.teacher_max_tokens)
-    run.extra = examples[len(run.train_ex) :]
-    if len(run.extra) != n_extra:
-        log.info("%d extra example(s) dropped: empty teacher answer", n_extra - len(run.extra))
+    examples = run.train_ex + run.extra  # extra examples (anchors) come with their targets
     train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in examples]
     val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in run.val_ex]
     pad = tok.pad_token_id
