@@ -91,10 +91,27 @@ def _m003_job_owner(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN pid INTEGER")
 
 
+def _m004_serve(db: sqlite3.Connection) -> None:
+    # turns.completion_id: the API's chat completion id (shammah serve); jobs.kind: feedback | dataset;
+    # jobs.spec: a dataset job's request (JSON), to run it after a restart; jobs.report: the finished
+    # job's training report (JSON). (No SQL comments on ALTER lines: SQLite keeps them in the schema.)
+    _exec_script(
+        db,
+        """
+        ALTER TABLE turns ADD COLUMN completion_id TEXT;
+        CREATE UNIQUE INDEX turns_completion ON turns(completion_id);
+        ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'feedback';
+        ALTER TABLE jobs ADD COLUMN spec TEXT;
+        ALTER TABLE jobs ADD COLUMN report TEXT
+        """,
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
     ("002_learning", _m002_learning),
     ("003_job_owner", _m003_job_owner),
+    ("004_serve", _m004_serve),
 ]
 
 

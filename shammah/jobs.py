@@ -101,6 +101,21 @@ class Job:
     cancelled: bool = False
 
 
+_last_id = ""
+
+
+def _new_id() -> str:
+    """job-<date>-<time>-<ms>, unique in this process (its adapter is learned-<the same stamp>)."""
+    global _last_id
+    while True:
+        t = time.time()
+        job_id = f"job-{time.strftime('%Y%m%d-%H%M%S', time.localtime(t))}-{int(t * 1000) % 1000:03d}"
+        if job_id != _last_id:
+            _last_id = job_id
+            return job_id
+        time.sleep(0.001)
+
+
 def _held_out_ids(lj: LoopJob | None) -> list[int]:
     return lj.job.meta.get("holdout_feedback_ids", []) if lj is not None else []
 
@@ -116,8 +131,12 @@ class JobManager:
         self.registry = Registry(paths.adapters)
         self.active = ActiveAdapter(store)
         self.notify = notify or (lambda msg: None)
+        # every progress event of a job, and its end: (job id, event) (the server streams them)
+        self.events: Callable[[str, dict], None] = lambda job_id, ev: None
+        # held while a job trains: a server shares it with its dataset jobs (one job at a time)
+        self.slot: asyncio.Lock | None = None
         self.current: Job | None = None
-        self.queued: str | None = None
+        self.queued: tuple[str, str] | None = None  # (trigger, job id) of the run after this one
         self._task: asyncio.Task | None = None
         self._failed_ids: frozenset[int] = frozenset()
         self._debounce: asyncio.Task | None = None
@@ -149,9 +168,13 @@ class JobManager:
         buffer); old job directories are pruned; and what the last job failed on is remembered,
         so a restart does not retrain exactly the feedback that was just rejected."""
         notes = []
+        for row in self.store.queued_jobs("feedback"):  # queued behind a job when the chat stopped
+            self.store.job_finished(row["id"], "cancelled", "not run: the chat stopped; the feedback stayed in the buffer")
         for job_id, pid in self.store.running_jobs():
             if pid is not None and pid != os.getpid() and _alive(pid):
                 continue  # another chat on this home is training it
+            if (self.store.job(job_id) or {}).get("kind") == "dataset":
+                continue  # the server's dataset jobs recover themselves (shammah.serve.queue)
             self.store.job_finished(
                 job_id,
                 "interrupted",
@@ -206,13 +229,27 @@ class JobManager:
         self.notify(self.start("threshold"))
 
     def start(self, trigger: str) -> str:
+        return self.submit(trigger)[1]
+
+    def submit(self, trigger: str) -> tuple[str | None, str]:
+        """Train the feedback buffer now, or after the running job: (the job's id, what to tell the
+        user); no id when there is nothing new to learn."""
         if self._task is not None and not self._task.done():
-            self.queued = trigger
-            return "A training job is running; another run is queued and starts when it ends."
+            if self.queued is None:
+                self.queued = (trigger, _new_id())
+                self.store.job_queued(self.queued[1], "feedback", trigger)
+            return self.queued[1], "A training job is running; another run is queued and starts when it ends."
         if not examples_of(compile_feedback(self.store, 0)[0]):
-            return "Nothing new to learn: rate some replies first (/good, /critical <note>, /fix <answer>)."
-        self._task = asyncio.get_running_loop().create_task(self._run(trigger))
-        return "Training started in the background; keep chatting. /train status, /train cancel, /train wait."
+            return None, "Nothing new to learn: rate some replies first (/good, /critical <note>, /fix <answer>)."
+        job_id = _new_id()
+        self._task = asyncio.get_running_loop().create_task(self._run(trigger, job_id))
+        return job_id, "Training started in the background; keep chatting. /train status, /train cancel, /train wait."
+
+    def _drop_queued(self, why: str) -> None:
+        if self.queued is not None:
+            self.store.job_finished(self.queued[1], "cancelled", why)
+            self.events(self.queued[1], {"event": "finished", "status": "cancelled", "message": why})
+            self.queued = None
 
     def pause(self) -> None:
         """Stop the worker while the chat writes a reply (see the module docstring)."""
@@ -243,7 +280,7 @@ class JobManager:
 
     async def cancel(self) -> str:
         j = self.current
-        self.queued = None
+        self._drop_queued("cancelled before it started; the feedback stays in the buffer")
         if self._debounce is not None and not self._debounce.done():
             self._debounce.cancel()
             if j is None:
@@ -274,7 +311,7 @@ class JobManager:
     def _pending_ids(self) -> frozenset[int]:
         return frozenset(i for x in compile_feedback(self.store, 0)[0] for i in x.feedback_ids)
 
-    def _snapshot(self, trigger: str) -> tuple[Job, Path]:
+    def _snapshot(self, trigger: str, job_id: str) -> tuple[Job, Path]:
         lc = self.cfg.learning
         snapshot_time = time.time()
         new, replay = compile_feedback(self.store, lc.replay_limit)
@@ -282,10 +319,7 @@ class JobManager:
         if len(new) >= HOLDOUT_MIN:  # whole turns are held out, so the gate sees questions it never trained on
             held = random.Random(len(new)).sample(new, max(1, len(new) // 5))
         trained = [x for x in new if x not in held]
-        stamp = (
-            f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(snapshot_time))}-{int(snapshot_time * 1000) % 1000:03d}"
-        )
-        job_id = f"job-{stamp}"
+        stamp = job_id.removeprefix("job-")
         ids = [i for x in trained for i in x.feedback_ids]
         holdout_ids = [i for x in held for i in x.feedback_ids]
         job = Job(job_id, trigger, ids, holdout_ids, snapshot_time)
@@ -330,7 +364,8 @@ class JobManager:
         return job, d
 
     def _finish(self, job: Job, status: str, adapter: str | None, message: str) -> None:
-        self.store.job_finished(job.id, status, message, adapter)
+        self.store.job_finished(job.id, status, message, adapter, (job.result or {}).get("done"))
+        self.events(job.id, {"event": "finished", "status": status, "adapter": adapter, "message": message})
         self.notify(message)
 
     def _limit_chat_threads(self, on: bool) -> None:
@@ -345,12 +380,25 @@ class JobManager:
         elif self._saved_threads:
             torch.set_num_threads(self._saved_threads)
 
-    async def _run(self, trigger: str) -> None:
+    async def _run(self, trigger: str, job_id: str) -> None:
+        if self.slot is None:
+            await self._run_job(trigger, job_id)
+            return
+        async with self.slot:  # another kind of job (a server's dataset job) may hold it
+            await self._run_job(trigger, job_id)
+
+    async def _run_job(self, trigger: str, job_id: str) -> None:
         try:
-            job, d = self._snapshot(trigger)
+            job, d = self._snapshot(trigger, job_id)
         except Exception as e:  # e.g. a full disk: say so, keep the chat and the feedback
             log.exception("could not prepare a training job")
-            self.notify(f"Could not start training ({type(e).__name__}: {e}); the feedback stays in the buffer.")
+            why = f"Could not start training ({type(e).__name__}: {e}); the feedback stays in the buffer."
+            with contextlib.suppress(Exception):
+                self.store.job_queued(job_id, "feedback", trigger)
+            with contextlib.suppress(Exception):
+                self.store.job_finished(job_id, "failed", why)
+            self.events(job_id, {"event": "finished", "status": "failed", "message": why})
+            self.notify(why)
             return
         self.current = job
         t0 = time.perf_counter()
@@ -385,9 +433,9 @@ class JobManager:
         except asyncio.CancelledError:
             if job.proc and job.proc.returncode is None:
                 job.proc.kill()
-            self.store.job_finished(
-                job.id, "cancelled", "cancelled: the chat stopped; the feedback stays in the buffer"
-            )
+            why = "cancelled: the chat stopped; the feedback stays in the buffer"
+            self.store.job_finished(job.id, "cancelled", why)
+            self.events(job.id, {"event": "finished", "status": "cancelled", "message": why})
             raise
         except Exception as e:  # never let a job failure reach the chat loop
             log.exception("job %s failed", job.id)
@@ -398,12 +446,15 @@ class JobManager:
             self._limit_chat_threads(False)
             self.current = None
             if self.queued:
-                trig, self.queued = self.queued, None
                 trainable = bool(examples_of(compile_feedback(self.store, 0)[0]))
                 if trainable and self._pending_ids() != self._failed_ids:  # never rerun exactly what just failed
-                    self._task = asyncio.get_running_loop().create_task(self._run(trig))
+                    (trig, queued_id), self.queued = self.queued, None
+                    self._task = asyncio.get_running_loop().create_task(self._run(trig, queued_id))
+                else:
+                    self._drop_queued("not run: nothing new to learn since the last job")
 
     def _on_event(self, job: Job, ev: dict) -> None:
+        self.events(job.id, ev)
         kind = ev.get("event")
         if kind in ("step", "eval"):
             job.status = "training"

@@ -138,8 +138,8 @@ def test_worker_failure_keeps_the_chat_and_the_feedback(tiny_qwen2, shammah_home
     s, out = make_session(tiny_qwen2, shammah_home)
     real = s.jobs._snapshot
 
-    def broken(trigger):
-        job, d = real(trigger)
+    def broken(trigger, job_id):
+        job, d = real(trigger, job_id)
         spec = json.loads((d / "job.json").read_text())
         spec["job"]["base"] = str(shammah_home / "no-such-model")
         (d / "job.json").write_text(json.dumps(spec))
@@ -195,7 +195,7 @@ def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
     async def scenario():
         for line in ["Q", "/critical no"]:
             await s.handle(line)
-        job, d = s.jobs._snapshot("test")
+        job, d = s.jobs._snapshot("test", "job-test")
         job.result = {
             "done": {"adapter": "cand", "examples": 1, "anchors": 0, "final_train_loss": 0.1},
             "gate": {

@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shammah.config import ModelConfig
@@ -28,6 +30,16 @@ log = logging.getLogger(__name__)
 # invented facts) and gets simple questions right one run and wrong the next; a low temperature and no
 # repetition penalty (which pushes it off the words of the question it should repeat) keep it on topic.
 FALLBACK_SAMPLING: dict[str, float | int] = {"temperature": 0.2, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter to answer one request with (``shammah serve``): its registry name, directory and
+    the fingerprint of the base it was trained on. ``name=None`` is the base model alone."""
+
+    name: str | None
+    path: Path | None = None
+    fingerprint: str | None = None
 
 
 class Engine:
@@ -111,33 +123,36 @@ class Engine:
         ``None`` = the base model alone. Waits for a reply in progress, never cuts one; the base
         model is never reloaded. A refused or failed load changes nothing: the adapter that was
         answering still answers. Returns the seconds the chat was blocked."""
-        from pathlib import Path
-
-        cfg: dict = {}
-        if name is not None:
-            if base_fingerprint is not None and base_fingerprint != self.fingerprint():
-                raise ModelError(
-                    f"adapter {name!r} was trained on another base model than {self.spec.name}; "
-                    "it cannot be loaded here"
-                )
-            from shammah.adapters.registry import check_lora
-
-            cfg = check_lora(Path(path))
+        cfg = self._check(name, path, base_fingerprint)
         t0 = time.perf_counter()
         with self._gen_lock:
-            fast_ok = self._fast is not None and self._fast_load(name, path)
-            if not fast_ok and name is not None and self._slot_name != name:
-                self._load_into_slot(name, Path(path), cfg)
-            # on the fast path, transformers' copy loads the adapter only if it is ever needed
-            self._adapter_src = (Path(path), cfg) if name is not None else None
-            self.adapter = name
+            self._switch(name, path, cfg)
         self.last_swap_seconds = time.perf_counter() - t0
         return self.last_swap_seconds
 
+    def _check(self, name: str | None, path, base_fingerprint: str | None) -> dict:
+        """The adapter's config, once it is known to fit this base (ModelError / AdapterError if not)."""
+        if name is None:
+            return {}
+        if base_fingerprint is not None and base_fingerprint != self.fingerprint():
+            raise ModelError(
+                f"adapter {name!r} was trained on another base model than {self.spec.name}; it cannot be loaded here"
+            )
+        from shammah.adapters.registry import check_lora
+
+        return check_lora(Path(path))
+
+    def _switch(self, name: str | None, path, cfg: dict) -> None:
+        """Make ``name`` answer (the generation lock is held)."""
+        fast_ok = self._fast is not None and self._fast_load(name, path)
+        if not fast_ok and name is not None and self._slot_name != name:
+            self._load_into_slot(name, Path(path), cfg)
+        # on the fast path, transformers' copy loads the adapter only if it is ever needed
+        self._adapter_src = (Path(path), cfg) if name is not None else None
+        self.adapter = name
+
     def _fast_load(self, name: str | None, path) -> bool:
         """Give the fast path adapter ``name``; False if only transformers can run it."""
-        from pathlib import Path
-
         from shammah.engine.fast import AdapterUnsupported
 
         if self._fast.lora_name == name and name is not None:
@@ -292,9 +307,11 @@ class Engine:
         params: GenParams | None = None,
         stop: threading.Event | None = None,
         info: dict | None = None,
+        adapter: AdapterRef | None = None,
     ) -> Iterator[Chunk]:
         """Stream a reply to ``messages`` (chat-template dicts). One generation at a time;
-        ``info["adapter"]`` is set to the adapter that actually answers."""
+        ``info["adapter"]`` is set to the adapter that actually answers: ``adapter`` when given
+        (it stays loaded afterwards: the server names one per request), else the active one."""
         import contextlib
 
         import torch
@@ -303,7 +320,10 @@ class Engine:
 
         params = params or self.gen_params()
         ids, _ = self.prepare(messages, params.max_new_tokens)
+        cfg = self._check(adapter.name, adapter.path, adapter.fingerprint) if adapter is not None else None
         with self._gen_lock:
+            if adapter is not None and adapter.name != self.adapter:
+                self._switch(adapter.name, adapter.path, cfg)
             if info is not None:
                 info["adapter"] = self.adapter
             if self.fast:

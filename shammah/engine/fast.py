@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 GROUP = 32  # int4 group size (the GGUF Q4_1 block)
 REFINE = 32  # logits recomputed in fp32 after the int8 head
+RESIDENT = 4  # LoRA adapters kept loaded for per-request switching (a few MB each at r16 on 135M)
 ARCHS = ("llama", "qwen2", "qwen3")
 _BF16 = torch.bfloat16
 
@@ -227,6 +228,7 @@ class FastDecoder:
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
         self.lora: list[dict[str, tuple]] | None = None
         self.lora_name: str | None = None
+        self._resident: dict[tuple, list] = {}  # (name, path, mtime) -> loaded LoRA, oldest first
         self._cos = self._sin = torch.empty(0)
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
@@ -234,8 +236,19 @@ class FastDecoder:
 
     # adapters ----------------------------------------------------------------------------
     def set_lora(self, name: str | None, path: Path | None) -> None:
-        """Answer with LoRA ``name`` from ``path`` (None: the base alone). Raises AdapterUnsupported."""
-        layers = load_lora(path, len(self.layers), self.out_sizes) if path is not None else None
+        """Answer with LoRA ``name`` from ``path`` (None: the base alone). Raises AdapterUnsupported.
+        The last RESIDENT adapters stay in memory (a server alternating between adapters per
+        request swaps a pointer); an adapter rewritten on disk is read again."""
+        layers = None
+        if path is not None:
+            f = Path(path) / "adapter_model.safetensors"
+            key = (name, str(path), f.stat().st_mtime_ns if f.exists() else 0)
+            layers = self._resident.pop(key, None)
+            if layers is None:
+                layers = load_lora(path, len(self.layers), self.out_sizes)
+            self._resident[key] = layers
+            while len(self._resident) > RESIDENT:
+                self._resident.pop(next(iter(self._resident)))
         with self.lock:  # never between two tokens of a reply
             self.lora, self.lora_name = layers, name
 

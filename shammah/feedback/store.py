@@ -79,10 +79,11 @@ class Store:
         finish_reason: str,
         new_tokens: int,
         seconds: float,
+        completion_id: str | None = None,
     ) -> int:
         cur = self.db.execute(
             "INSERT INTO turns (conversation_id, created_at, messages, prompt, reply, model, adapter,"
-            " finish_reason, new_tokens, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " finish_reason, new_tokens, seconds, completion_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 conversation_id,
                 time.time(),
@@ -94,9 +95,15 @@ class Store:
                 finish_reason,
                 new_tokens,
                 seconds,
+                completion_id,
             ),
         )
         return int(cur.lastrowid)
+
+    def turn_of_completion(self, completion_id: str) -> int | None:
+        """The turn an API chat completion was stored as."""
+        r = self.db.execute("SELECT id FROM turns WHERE completion_id = ?", (completion_id,)).fetchone()
+        return int(r[0]) if r else None
 
     def turn(self, turn_id: int) -> Turn:
         r = self.db.execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone()
@@ -276,22 +283,47 @@ class Store:
         )
 
     # training jobs ---------------------------------------------------------------------------
+    def job_queued(self, job_id: str, kind: str, trigger: str, spec: dict | None = None) -> None:
+        """A job accepted but not started (a dataset job's ``spec`` lets it run after a restart)."""
+        self.db.execute(
+            "INSERT INTO jobs (id, created_at, status, trigger, feedback_ids, kind, spec)"
+            " VALUES (?, ?, 'queued', ?, '[]', ?, ?)",
+            (job_id, time.time(), trigger, kind, json.dumps(spec) if spec is not None else None),
+        )
+
     def job_started(self, job_id: str, trigger: str, parent: str | None, feedback_ids: list[int]) -> None:
         """A job of this process (its pid marks the owner: a 'running' row whose owner is gone
-        was interrupted)."""
+        was interrupted). A queued row becomes running."""
         import os
 
         self.db.execute(
             "INSERT INTO jobs (id, created_at, status, trigger, parent, feedback_ids, pid)"
-            " VALUES (?, ?, 'running', ?, ?, ?, ?)",
+            " VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = 'running',"
+            " parent = excluded.parent, feedback_ids = excluded.feedback_ids, pid = excluded.pid, finished_at = NULL",
             (job_id, time.time(), trigger, parent, json.dumps(feedback_ids), os.getpid()),
         )
 
-    def job_finished(self, job_id: str, status: str, message: str, adapter: str | None = None) -> None:
+    def job_finished(
+        self, job_id: str, status: str, message: str, adapter: str | None = None, report: dict | None = None
+    ) -> None:
         self.db.execute(
-            "UPDATE jobs SET status = ?, adapter = ?, message = ?, finished_at = ? WHERE id = ?",
-            (status, adapter, message, time.time(), job_id),
+            "UPDATE jobs SET status = ?, adapter = ?, message = ?, finished_at = ?,"
+            " report = COALESCE(?, report) WHERE id = ?",
+            (status, adapter, message, time.time(), json.dumps(report) if report is not None else None, job_id),
         )
+
+    def job(self, job_id: str) -> dict | None:
+        r = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job_row(r) if r else None
+
+    def jobs(self, limit: int = 100) -> list[dict]:
+        """The latest jobs, newest first."""
+        rows = self.db.execute("SELECT * FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        return [_job_row(r) for r in rows]
+
+    def queued_jobs(self, kind: str) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM jobs WHERE status = 'queued' AND kind = ? ORDER BY created_at", (kind,))
+        return [_job_row(r) for r in rows]
 
     def running_jobs(self) -> list[tuple[str, int | None]]:
         """(job id, owner pid) of every job marked running."""
@@ -299,7 +331,8 @@ class Store:
 
     def last_finished_job(self) -> dict | None:
         r = self.db.execute(
-            "SELECT * FROM jobs WHERE status IN ('done', 'failed', 'rejected') ORDER BY created_at DESC LIMIT 1"
+            "SELECT * FROM jobs WHERE status IN ('done', 'failed', 'rejected') AND kind = 'feedback'"
+            " ORDER BY created_at DESC LIMIT 1"
         ).fetchone()
         return {**dict(r), "feedback_ids": json.loads(r["feedback_ids"])} if r else None
 
@@ -315,3 +348,10 @@ class Store:
             self.db.execute(
                 "INSERT INTO state VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
             )
+
+
+def _job_row(r: sqlite3.Row) -> dict:
+    d = dict(r)
+    for k in ("feedback_ids", "spec", "report"):
+        d[k] = json.loads(d[k]) if d.get(k) else ([] if k == "feedback_ids" else None)
+    return d
