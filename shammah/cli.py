@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--count", type=int, default=10, metavar="N", help="how many turns (0 = all; default 10)")
     logs.add_argument("--json", action="store_true", help="print a JSON array of turns with their feedback")
     logs.add_argument("-a", "--adapter", metavar="NAME", help="only turns answered by this adapter ('none' = the base)")
+    srv = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API with feedback, adapters and training jobs",
+        parents=[common],
+        description="Serve the model over HTTP: /v1/chat/completions (OpenAI-compatible; model = an adapter "
+        "name per request), /v1/models, /v1/feedback, /v1/adapters, /v1/jobs. Docs at /docs.",
+    )
+    srv.add_argument("--host", help="address to bind [serve.host: 127.0.0.1]; beyond loopback needs serve.token")
+    srv.add_argument("--port", type=int, help="port [serve.port: 8000; 0 = any free port]")
     cfg = sub.add_parser("config", help="show the config in use, or the documented defaults", parents=[common])
     cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
     return p
@@ -200,6 +209,10 @@ def cmd_ask(args) -> int:
 def cmd_train(args) -> int:
     from shammah.training import run
 
+    if os.environ.get("SHAMMAH_PARENT_PID"):  # a server's dataset job: never train on as an orphan
+        from shammah.training.worker import die_with_parent
+
+        die_with_parent()
     cfg, _, paths = _load(args)
     try:
         return run.main(args, cfg, paths)
@@ -273,6 +286,42 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from shammah.serve.app import create_app
+    from shammah.serve.server import Server, check_bind, running_server
+
+    cfg, _, paths = _load(args)
+    host = args.host or cfg.serve.host
+    port = cfg.serve.port if args.port is None else args.port
+    check_bind(host, cfg.serve.token)
+    other = running_server(paths)
+    if other is not None:
+        raise ShammahError(f"a server for {paths.root} is already running at {other['url']} (pid {other['pid']})")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise ShammahError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    port = sock.getsockname()[1]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    server = Server(cfg, paths)
+    server.url = url
+    adapter = server.default_adapter or "none (the base model)"
+    sys.stderr.write(
+        f"shammah serve: listening on {url}/v1 (model {server.engine.spec.name}, adapter {adapter}"
+        f"{', token required' if cfg.serve.token else ''}); API docs at {url}/docs. Ctrl+C stops.\n"
+    )
+    sys.stderr.flush()
+    config = uvicorn.Config(create_app(server), log_level=cfg.logging.level, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
 def cmd_config(args) -> int:
     from shammah.config import ENV_OVERRIDES, render, render_example
 
@@ -300,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "logs": cmd_logs,
         "train": cmd_train,
         "adapters": cmd_adapters,
+        "serve": cmd_serve,
     }.get(args.command, cmd_chat)
     try:
         return handler(args)

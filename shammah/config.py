@@ -137,6 +137,14 @@ class LearningConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    host: str = _f("127.0.0.1", "address `shammah serve` binds (anything but loopback needs serve.token)")
+    port: int = _f(8000, "port of `shammah serve`", lo=0, hi=65535)
+    token: str = _f("", "API token: clients send 'Authorization: Bearer <token>' (empty = none, loopback only)")
+    max_request_bytes: int = _f(1_000_000, "largest request body the server accepts (413 beyond)", lo=1024, hi=2**31)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _f("warning", "log level for the log file and stderr", choices=("debug", "info", "warning", "error"))
 
@@ -147,6 +155,7 @@ class Config:
     chat: ChatConfig = field(default_factory=ChatConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -157,6 +166,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SHAMMAH_DTYPE": "model.dtype",
     "SHAMMAH_THREADS": "model.threads",
     "SHAMMAH_LOG": "logging.level",
+    "SHAMMAH_API_TOKEN": "serve.token",
 }
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

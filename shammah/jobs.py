@@ -70,7 +70,7 @@ def learning_args(lc: LearningConfig) -> TrainArgs:
     )
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +171,7 @@ class JobManager:
         for row in self.store.queued_jobs("feedback"):  # queued behind a job when the chat stopped
             self.store.job_finished(row["id"], "cancelled", "not run: the chat stopped; the feedback stayed in the buffer")
         for job_id, pid in self.store.running_jobs():
-            if pid is not None and pid != os.getpid() and _alive(pid):
+            if pid is not None and pid != os.getpid() and alive(pid):
                 continue  # another chat on this home is training it
             if (self.store.job(job_id) or {}).get("kind") == "dataset":
                 continue  # the server's dataset jobs recover themselves (shammah.serve.queue)

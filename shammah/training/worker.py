@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-def _die_with_the_chat() -> None:
+def die_with_parent() -> None:
     """A worker whose chat is gone (SIGKILL, a crash) must not train on as an orphan: on Linux the
     kernel sends it SIGTERM when its parent exits (prctl PR_SET_PDEATHSIG). Elsewhere the next
     progress line it writes into the closed pipe ends it."""
@@ -31,7 +31,7 @@ def _die_with_the_chat() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _die_with_the_chat()
+    die_with_parent()
     from shammah.errors import ShammahError
     from shammah.training.progress import JsonLines
 

@@ -1,0 +1,1 @@
+"""`shammah serve`: the engine, feedback loop, adapters and training jobs over HTTP."""
