@@ -65,7 +65,7 @@ print(json.dumps(out[1:]))
 def install_llama_cpp() -> None:
     print("building llama-cpp-python 0.3.36 into", LLAMA_VENV, "(~10 min on 2 cores)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
-    subprocess.run([str(LLAMA_VENV / "bin" / "pip"), "install", "-q", "llama-cpp-python==0.3.36"], check=True)
+    subprocess.run([str(LLAMA_VENV / "bin" / "pip"), "install", "-q", "llama-cpp-python[server]==0.3.36"], check=True)
 
 
 def llama_cpp(gguf: Path, ids: list[int], tokens: int, reps: int, threads: int) -> list | None:

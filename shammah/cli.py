@@ -178,6 +178,9 @@ def cmd_ask(args) -> int:
         "max_new_tokens": args.max_tokens,
     }
     sampling = {k: v for k, v in sampling.items() if v is not None}
+    via = _server_for(cfg, paths) if args.top_k is None else None  # top_k is not in the OpenAI API
+    if via is not None:
+        return _ask_server(args, cfg, paths, via, question, sampling)
     if sampling:
         cfg = with_overrides(cfg, model=sampling)
     session = _session(cfg, paths, interactive=False)
@@ -203,6 +206,60 @@ def cmd_ask(args) -> int:
             "finish_reason": turn.finish_reason,
         }
         sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _server_for(cfg, paths) -> dict | None:
+    """A running `shammah serve` on this home with the same base model, answering."""
+    from shammah.engine.resolve import resolve
+    from shammah.serve.client import reachable, running_server
+
+    info = running_server(paths.root)
+    if info is None or info.get("model") != resolve(cfg.model.base).name or not reachable(info["url"]):
+        return None
+    return info
+
+
+def _ask_server(args, cfg, paths, server: dict, question: str, sampling: dict) -> int:
+    """`shammah ask` through the running server: no second model load."""
+    import json
+
+    from shammah.feedback.store import Store
+    from shammah.serve.client import stream_chat
+
+    model = {None: "shammah", "none": server["model"]}.get(args.adapter, args.adapter)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": question}
+    ]
+    body = {"model": model, "messages": messages}
+    names = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+    body.update({names[k]: v for k, v in sampling.items() if k in names})
+    completion_id = finish = None
+    for chunk in stream_chat(server["url"], cfg.serve.token, body):
+        completion_id = chunk["id"]
+        for choice in chunk["choices"]:
+            finish = choice.get("finish_reason") or finish
+            text = choice["delta"].get("content")
+            if text and not args.json:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    if not args.json:
+        sys.stdout.write("\n")
+        return 0
+    store = Store(paths.db)
+    try:
+        turn = store.turn(store.turn_of_completion(completion_id))
+    finally:
+        store.close()
+    rec = {
+        "reply": turn.reply,
+        "turn_id": turn.id,
+        "model": turn.model,
+        "adapter": turn.adapter,
+        "finish_reason": finish,
+        "server": server["url"],
+    }
+    sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -292,13 +349,14 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from shammah.serve.app import create_app
-    from shammah.serve.server import Server, check_bind, running_server
+    from shammah.serve.client import running_server
+    from shammah.serve.server import Server, check_bind
 
     cfg, _, paths = _load(args)
     host = args.host or cfg.serve.host
     port = cfg.serve.port if args.port is None else args.port
     check_bind(host, cfg.serve.token)
-    other = running_server(paths)
+    other = running_server(paths.root)
     if other is not None:
         raise ShammahError(f"a server for {paths.root} is already running at {other['url']} (pid {other['pid']})")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

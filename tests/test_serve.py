@@ -349,13 +349,12 @@ def test_openapi_spec_holds_under_schemathesis(tiny_qwen2, shammah_home):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-def test_server_file_says_where_it_listens(tiny_qwen2, shammah_home):
+def test_ask_uses_the_running_server_and_the_server_file(tiny_qwen2, shammah_home):
     write_config(shammah_home, tiny_qwen2)
-    from shammah.paths import Paths
-    from shammah.serve.server import running_server
+    from shammah.serve.client import running_server
 
     with serve(shammah_home) as url:
-        info = running_server(Paths(shammah_home))
+        info = running_server(shammah_home)
         assert info["url"] == url and os.stat(shammah_home / "serve.json").st_mode & 0o077 == 0
         r = subprocess.run(
             [sys.executable, "-m", "shammah", "serve", "--port", "0"],
@@ -365,4 +364,17 @@ def test_server_file_says_where_it_listens(tiny_qwen2, shammah_home):
             timeout=60,
         )
         assert r.returncode == 2 and "already running" in r.stderr
-    assert running_server(Paths(shammah_home)) is None
+
+        def shammah_ask(*args: str) -> subprocess.CompletedProcess:
+            env = subprocess_env(SHAMMAH_HOME=shammah_home)
+            cmd = [sys.executable, "-m", "shammah", "ask", *args]
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=True)
+
+        rec = json.loads(shammah_ask("--json", "-n", "4", "Q").stdout)
+        assert rec["server"] == url and rec["adapter"] is None and rec["turn_id"] >= 1
+        plain = shammah_ask("-n", "4", "Q").stdout
+        assert plain.strip() == rec["reply"], "streamed through the server, the same greedy reply"
+        with pytest.raises(subprocess.CalledProcessError) as e:
+            shammah_ask("-a", "nope", "Q")
+        assert "the server at" in e.value.stderr and "'nope' does not exist" in e.value.stderr
+    assert running_server(shammah_home) is None

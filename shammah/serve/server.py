@@ -24,8 +24,9 @@ from shammah.engine import Engine
 from shammah.engine.engine import AdapterRef
 from shammah.errors import ShammahError
 from shammah.feedback.store import Store
-from shammah.jobs import JobManager, alive
+from shammah.jobs import JobManager
 from shammah.paths import Paths, atomic_write
+from shammah.serve.client import running_server
 from shammah.serve.queue import DatasetJobs
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Server:
         await self.jobs.shutdown()
         await self.datasets.stop()
         with contextlib.suppress(FileNotFoundError):
-            if running_server(self.paths) is not None and running_server(self.paths)["pid"] == os.getpid():
+            if (running_server(self.paths.root) or {}).get("pid") == os.getpid():
                 (self.paths.root / "serve.json").unlink()
         self.store.close()
 
@@ -180,17 +181,6 @@ class Server:
             if self._writing == 0:
                 self.jobs.resume()
                 self.datasets.pause(False)
-
-
-def running_server(paths: Paths) -> dict | None:
-    """The server running for this home ({"pid", "url", "model"}), if one is up."""
-    try:
-        info = json.loads((paths.root / "serve.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not alive(info["pid"]):
-        return None
-    return info
 
 
 def free_port(host: str = "127.0.0.1") -> int:
