@@ -70,6 +70,21 @@ def learning_args(lc: LearningConfig) -> TrainArgs:
     )
 
 
+def stopped(pid: int, timeout: float = 0.05) -> bool:
+    """Wait (briefly) until a SIGSTOPped process has really stopped: the signal is delivered
+    asynchronously, and a busy worker would otherwise take the first milliseconds of a reply."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stat.read_text().rsplit(") ", 1)[1].split()[0] in ("T", "t", "Z", "X"):
+                return True
+        except (OSError, IndexError):  # no /proc (macOS) or the process is gone
+            return False
+        time.sleep(0.001)
+    return False
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -269,6 +284,8 @@ class JobManager:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(j.proc.pid, sig)
+            if stop:
+                stopped(j.proc.pid)
 
     async def shutdown(self) -> None:
         """Leaving the chat: stop a running job (its feedback stays in the buffer for next time)."""
@@ -328,7 +345,7 @@ class JobManager:
         if not lc.preference_pairs:  # see LearningConfig.preference_pairs
             examples = [e for e in examples if e.kind != "pair"]
         replay_ids = [i for x in replay for i in x.feedback_ids]
-        parent = self.engine.adapter
+        parent = self.active.name  # the default adapter (a server answers each request with the one it names)
         if parent is not None and not self.registry.exists(parent):  # deleted by another process
             self.notify(
                 f"The active adapter {parent} was deleted from disk; this job starts a fresh adapter "
@@ -527,7 +544,7 @@ class JobManager:
             info = self.registry.get(name)
             path, fp = info.path, info.get("base", "fingerprint")
         loop = asyncio.get_running_loop()
-        previous = self.engine.adapter
+        previous = self.active.name
         secs = await loop.run_in_executor(None, lambda: self.engine.activate(name, path, fp))
         self.active.switched(previous, name)
         return secs

@@ -95,7 +95,7 @@ def test_cli_reports_config_errors_in_one_place_without_traceback(tmp_path):
 
 
 def test_the_config_sections_are_the_documented_ones():
-    assert [f.name for f in fields(Config)] == ["model", "chat", "feedback", "learning", "logging"]
+    assert [f.name for f in fields(Config)] == ["model", "chat", "feedback", "learning", "serve", "logging"]
 
 
 def test_config_prints_toml_that_loads_back_and_names_the_environment(tmp_path):

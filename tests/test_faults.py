@@ -236,7 +236,7 @@ def test_a_worker_dies_with_its_chat_even_when_it_writes_nothing():
             "-c",
             "import os, subprocess, sys, time\n"
             "env = dict(os.environ, SHAMMAH_PARENT_PID=str(os.getpid()))\n"
-            "code = 'from shammah.training.worker import _die_with_the_chat as d; d(); import time; time.sleep(120)'\n"
+            "code = 'from shammah.training.worker import die_with_parent as d; d(); import time; time.sleep(120)'\n"
             "w = subprocess.Popen([sys.executable, '-c', code], env=env)\n"
             "print(w.pid, flush=True)\n"
             "time.sleep(120)\n",

@@ -340,6 +340,8 @@ def test_openapi_spec_holds_under_schemathesis(tiny_qwen2, shammah_home):
                 "--exclude-path-regex",
                 "/events$",
                 "--no-color",
+                "--request-timeout",  # a max_tokens of 32768 is cut to the window: ~500 tokens
+                "120",
             ],
             capture_output=True,
             text=True,

@@ -125,8 +125,8 @@ def create_app(srv: Server) -> FastAPI:
         return error(e.status, str(e), e.param)
 
     @app.exception_handler(ShammahError)
-    async def _shammah_error(request: Request, e: ShammahError):  # a bad adapter, a feedback mistake: say it
-        return error(400 if "no adapter" not in str(e) else 404, str(e).replace("\n", " "))
+    async def _shammah_error(request: Request, e: ShammahError):  # a broken adapter, a feedback mistake: say it
+        return error(400, str(e).replace("\n", " "))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -375,8 +375,9 @@ def create_app(srv: Server) -> FastAPI:
         _known(name)
         if name == srv.default_adapter:
             raise ApiError(409, f"{name} is the active adapter: activate another one first", param="name")
-        if srv.jobs.current is not None and srv.engine.adapter == name and srv.jobs.running:
-            raise ApiError(409, f"{name} is the parent of the job training now; delete it afterwards", param="name")
+        training = [srv.store.job(j) for j, _ in srv.store.running_jobs()]
+        if any(row and row["parent"] == name for row in training):
+            raise ApiError(409, f"{name} is the parent of a job training now; delete it afterwards", param="name")
         srv.registry.delete(name)
         return {"object": "adapter", "id": name, "deleted": True}
 

@@ -27,7 +27,7 @@ from shammah.adapters.registry import Registry, check_name
 from shammah.config import Config
 from shammah.errors import ShammahError
 from shammah.feedback.store import Store
-from shammah.jobs import alive
+from shammah.jobs import alive, stopped
 from shammah.paths import Paths, ensure_dir
 from shammah.training.args import TrainArgs, build
 
@@ -180,6 +180,8 @@ class DatasetJobs:
         for proc in self._procs.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
+                if stop:
+                    stopped(proc.pid)
 
     # running -----------------------------------------------------------------------------------
     async def _run_queue(self) -> None:
