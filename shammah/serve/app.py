@@ -218,7 +218,7 @@ def create_app(srv: Server) -> FastAPI:
             matcher = StopMatcher(stops)
             text, reason, last = "", None, None
             with srv.writing():
-                worker = loop.run_in_executor(None, produce)
+                worker = loop.run_in_executor(srv.gen_pool, produce)
                 try:
                     while (item := await q.get()) is not None:
                         if isinstance(item, BaseException):
