@@ -183,8 +183,10 @@ class JobManager:
         buffer); old job directories are pruned; and what the last job failed on is remembered,
         so a restart does not retrain exactly the feedback that was just rejected."""
         notes = []
-        for row in self.store.queued_jobs("feedback"):  # queued behind a job when the chat stopped
-            self.store.job_finished(row["id"], "cancelled", "not run: the chat stopped; the feedback stayed in the buffer")
+        for row in self.store.queued_jobs("feedback"):  # queued behind a job when its chat stopped
+            if row["pid"] is None or (row["pid"] != os.getpid() and not alive(row["pid"])):
+                why = "not run: the chat stopped; the feedback stayed in the buffer"
+                self.store.job_finished(row["id"], "cancelled", why)
         for job_id, pid in self.store.running_jobs():
             if pid is not None and pid != os.getpid() and alive(pid):
                 continue  # another chat on this home is training it

@@ -464,3 +464,19 @@ def test_the_active_adapter_deleted_by_another_process(tiny_qwen2, shammah_home)
     [row] = s.store.db.execute("SELECT status FROM jobs").fetchall()
     assert row["status"] == "done"
     s.store.close()
+
+
+def test_recover_cancels_queued_runs_of_a_dead_chat_only(tiny_qwen2, shammah_home):
+    """A run queued behind a job by a chat (or server) that died never runs: it is marked cancelled
+    at the next start; one queued by a process that is still running on this home is left alone."""
+    s, _ = make_session(tiny_qwen2, shammah_home)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    s.store.job_queued("job-dead", "feedback", "threshold")
+    s.store.db.execute("UPDATE jobs SET pid = ? WHERE id = 'job-dead'", (dead.pid,))
+    s.store.job_queued("job-live", "feedback", "threshold")
+    s.store.db.execute("UPDATE jobs SET pid = 1 WHERE id = 'job-live'")  # init: alive, not ours
+    s.jobs.recover()
+    assert s.store.job("job-dead")["status"] == "cancelled"
+    assert s.store.job("job-live")["status"] == "queued"
+    s.store.close()

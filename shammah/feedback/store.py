@@ -285,10 +285,12 @@ class Store:
     # training jobs ---------------------------------------------------------------------------
     def job_queued(self, job_id: str, kind: str, trigger: str, spec: dict | None = None) -> None:
         """A job accepted but not started (a dataset job's ``spec`` lets it run after a restart)."""
+        import os
+
         self.db.execute(
-            "INSERT INTO jobs (id, created_at, status, trigger, feedback_ids, kind, spec)"
-            " VALUES (?, ?, 'queued', ?, '[]', ?, ?)",
-            (job_id, time.time(), trigger, kind, json.dumps(spec) if spec is not None else None),
+            "INSERT INTO jobs (id, created_at, status, trigger, feedback_ids, kind, spec, pid)"
+            " VALUES (?, ?, 'queued', ?, '[]', ?, ?, ?)",
+            (job_id, time.time(), trigger, kind, json.dumps(spec) if spec is not None else None, os.getpid()),
         )
 
     def job_started(self, job_id: str, trigger: str, parent: str | None, feedback_ids: list[int]) -> None:
