@@ -203,6 +203,31 @@ def test_feedback_crosses_the_threshold_and_the_adapter_swaps(tiny_qwen2, shamma
 
 
 # --- training jobs ---------------------------------------------------------------------------
+def test_a_feedback_job_on_request_has_an_id_at_once(tiny_qwen2, shammah_home):
+    write_config(shammah_home, tiny_qwen2)
+    with serve(shammah_home) as url:
+        nothing = httpx.post(f"{url}/v1/jobs", json={"source": "feedback"})
+        assert nothing.status_code == 409 and "Nothing new to learn" in nothing.json()["error"]["message"]
+        r = ask(client(url), "shammah")
+        body = {"id": r.id, "rating": "critical", "fix": "Zorblat."}
+        no_note = httpx.post(f"{url}/v1/feedback", json=body)
+        assert no_note.status_code == 400 and no_note.json()["error"]["param"] == "note"
+        body["note"] = "it is Zorblat"  # a rating, its note and a fix in one request
+        f = httpx.post(f"{url}/v1/feedback", json=body).json()
+        assert f.get("weight") == 10 and len(f["feedback_ids"]) == 2 and f["teaches"] == "user", f
+        assert f["training"] is None, "under the threshold (20): nothing starts by itself"
+        mixed = httpx.post(f"{url}/v1/jobs", json={"source": "feedback", "settings": {"rank": 2}})
+        assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "source"
+        job = httpx.post(f"{url}/v1/jobs", json={"source": "feedback"})
+        assert job.status_code == 202 and job.json()["id"].startswith("job-")
+        done = poll_job(url, job.json()["id"])
+        assert done["status"] == "succeeded" and done["kind"] == "feedback", done
+        with httpx.stream("GET", f"{url}/v1/jobs/{done['id']}/events", timeout=30) as s:
+            events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: ")]
+        assert events[-1]["event"] == "finished" and events[-1]["status"] == "succeeded"
+        assert httpx.get(f"{url}/v1/adapters").json()["active"] == done["adapter"]
+
+
 def _dataset(tmp_path: Path, n: int = 8) -> Path:
     p = tmp_path / "data.jsonl"
     p.write_text("".join(json.dumps({"prompt": f"Q{i}", "completion": f"A{i}"}) + "\n" for i in range(n)))

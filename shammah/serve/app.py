@@ -321,6 +321,8 @@ def create_app(srv: Server) -> FastAPI:
             raise ApiError(404, f"no chat completion {req.id!r} (ids come from /v1/chat/completions)", param="id")
         if req.rating is None and req.fix is None:
             raise ApiError(400, "give a rating (good, medium, critical), a fix, or both", param="rating")
+        if req.rating in ("medium", "critical") and not (req.note or "").strip():
+            raise ApiError(400, f"a {req.rating} rating needs a note saying what was wrong", param="note")
         if req.rating == "good" and req.fix is not None:
             raise ApiError(400, "a fix says the reply was not good: rate it medium or critical", param="fix")
         ids = []
