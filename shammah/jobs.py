@@ -262,7 +262,8 @@ class JobManager:
         self._task = asyncio.get_running_loop().create_task(self._run(trigger, job_id))
         return job_id, "Training started in the background; keep chatting. /train status, /train cancel, /train wait."
 
-    def _drop_queued(self, why: str) -> None:
+    def drop_queued(self, why: str) -> None:
+        """Cancel the run queued behind the running job (the running job goes on)."""
         if self.queued is not None:
             self.store.job_finished(self.queued[1], "cancelled", why)
             self.events(self.queued[1], {"event": "finished", "status": "cancelled", "message": why})
@@ -299,7 +300,7 @@ class JobManager:
 
     async def cancel(self) -> str:
         j = self.current
-        self._drop_queued("cancelled before it started; the feedback stays in the buffer")
+        self.drop_queued("cancelled before it started; the feedback stays in the buffer")
         if self._debounce is not None and not self._debounce.done():
             self._debounce.cancel()
             if j is None:
@@ -470,7 +471,7 @@ class JobManager:
                     (trig, queued_id), self.queued = self.queued, None
                     self._task = asyncio.get_running_loop().create_task(self._run(trig, queued_id))
                 else:
-                    self._drop_queued("not run: nothing new to learn since the last job")
+                    self.drop_queued("not run: nothing new to learn since the last job")
 
     def _on_event(self, job: Job, ev: dict) -> None:
         self.events(job.id, ev)

@@ -443,7 +443,7 @@ def create_app(srv: Server) -> FastAPI:
             if job_id not in (current, queued):
                 raise ApiError(409, f"job {job_id} belongs to another process on this home", param="id")
             if job_id == queued and current is not None:
-                srv.jobs._drop_queued("cancelled before it started; the feedback stays in the buffer")
+                srv.jobs.drop_queued("cancelled before it started; the feedback stays in the buffer")
             else:
                 await srv.jobs.cancel()
         else:
