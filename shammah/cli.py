@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("chat", help="open the chat (the default)", parents=[common])
+    chat = sub.add_parser("chat", help="open the chat (the default)", parents=[common])
+    chat.add_argument(
+        "--no-server", action="store_true", help="load the model here even when `shammah serve` runs on this home"
+    )
     ask = sub.add_parser(
         "ask",
         help="print one reply to a question and exit",
@@ -120,16 +123,25 @@ def _load(args):
     return cfg, cfg_path, paths
 
 
-def _session(cfg, paths, interactive: bool):
-    from shammah.engine import Engine
+def _session(cfg, paths, interactive: bool, server: dict | None = None):
+    """The chat's session: on its own engine and trainer, or on the running server ``server``."""
     from shammah.feedback.store import Store
-    from shammah.jobs import JobManager
     from shammah.repl.commands import ChatSession
     from shammah.repl.io import Console
 
     console = Console(interactive=interactive, replies_only=not interactive)
-    engine = Engine(cfg.model, paths.cache)
     store = Store(paths.db, cfg.feedback)
+    if server is not None:
+        from shammah.engine.resolve import resolve
+        from shammah.serve import remote
+
+        via, spec = remote.Server(server["url"], cfg.serve.token), resolve(cfg.model.base)
+        engine, jobs = remote.RemoteEngine(via, spec, store), remote.RemoteJobs(via, spec, store, paths.adapters)
+        return ChatSession(cfg, engine, store, console, paths, jobs)
+    from shammah.engine import Engine
+    from shammah.jobs import JobManager
+
+    engine = Engine(cfg.model, paths.cache)
     return ChatSession(cfg, engine, store, console, paths, JobManager(cfg, paths, store, engine))
 
 
@@ -140,7 +152,7 @@ def cmd_chat(args) -> int:
 
     cfg, _, paths = _load(args)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    session = _session(cfg, paths, interactive)
+    session = _session(cfg, paths, interactive, None if getattr(args, "no_server", False) else _server_for(cfg, paths))
     if interactive:
         history = paths.history if cfg.chat.history else None
         if history is not None:

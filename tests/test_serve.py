@@ -19,9 +19,7 @@ from conftest import ROOT, register_adapter, subprocess_env
 
 openai = pytest.importorskip("openai")
 
-LEARNING = (
-    "[learning]\nthreshold = 20.0\nanchors = 2\nepochs = 1\nlearning_rate = 0.01\n"
-)
+LEARNING = "[learning]\nthreshold = 20.0\nanchors = 2\nepochs = 1\nlearning_rate = 0.01\n"
 
 
 FAST = {"learning_rate": 0.05, "epochs": 4}  # adapters that clearly differ from the base
@@ -95,7 +93,9 @@ def poll_job(url: str, job_id: str, until=("succeeded", "failed", "cancelled", "
 
 # --- chat -----------------------------------------------------------------------------------
 def test_openai_client_chat_stream_and_adapters_per_request(tiny_qwen2, shammah_home):
-    a = register_adapter(tiny_qwen2, shammah_home, "aaa", [{"prompt": "Q", "completion": "Paris Paris Paris"}] * 4, **FAST)
+    a = register_adapter(
+        tiny_qwen2, shammah_home, "aaa", [{"prompt": "Q", "completion": "Paris Paris Paris"}] * 4, **FAST
+    )
     b = register_adapter(tiny_qwen2, shammah_home, "bbb", [{"prompt": "Q", "completion": "def add(a, b)"}] * 4, **FAST)
     assert a.name == "aaa" and b.name == "bbb"
     write_config(shammah_home, tiny_qwen2)
@@ -269,13 +269,19 @@ def test_job_lifecycle_events_cancel_and_restart(tiny_qwen2, shammah_home, tmp_p
 
         # cancel a running job; a long one and a queued one are left for the restart
         slow = {"epochs": 200, "rank": 4, "batch_size": 1, "save_steps": 5}
-        cancel_id = httpx.post(f"{url}/v1/jobs", json={"dataset": str(data), "name": "c", "settings": slow}).json()["id"]
+        cancel_id = httpx.post(f"{url}/v1/jobs", json={"dataset": str(data), "name": "c", "settings": slow}).json()[
+            "id"
+        ]
         poll_job(url, cancel_id, until=("running",))
         r = httpx.delete(f"{url}/v1/jobs/{cancel_id}")
         assert r.status_code == 200
         assert poll_job(url, cancel_id)["status"] == "cancelled"
-        long_id = httpx.post(f"{url}/v1/jobs", json={"dataset": str(data), "name": "long", "settings": slow}).json()["id"]
-        queued_id = httpx.post(f"{url}/v1/jobs", json={"dataset": str(data), "name": "q", "settings": quick}).json()["id"]
+        long_id = httpx.post(f"{url}/v1/jobs", json={"dataset": str(data), "name": "long", "settings": slow}).json()[
+            "id"
+        ]
+        queued_id = httpx.post(f"{url}/v1/jobs", json={"dataset": str(data), "name": "q", "settings": quick}).json()[
+            "id"
+        ]
         deadline = time.time() + 120
         while not list((shammah_home / "checkpoints" / "long").glob("checkpoint-*")):
             assert time.time() < deadline
@@ -405,3 +411,66 @@ def test_ask_uses_the_running_server_and_the_server_file(tiny_qwen2, shammah_hom
             shammah_ask("-a", "nope", "Q")
         assert "the server at" in e.value.stderr and "'nope' does not exist" in e.value.stderr
     assert running_server(shammah_home) is None
+
+
+def test_the_chat_uses_the_running_server_to_answer_rate_and_train(tiny_qwen2, shammah_home):
+    """A piped chat on a home with a server: no model of its own (torch is never imported), the
+    server records its turns, the chat's ratings cross the threshold and the server trains and
+    swaps; adapters are loaded and deleted through the server."""
+    write_config(shammah_home, tiny_qwen2, settle=1.0)  # the /fix after the /critical is waited for
+
+    def chat(lines: list[str], *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "shammah", "chat", *args],
+            input="".join(x + "\n" for x in lines),
+            capture_output=True,
+            text=True,
+            env=subprocess_env(SHAMMAH_HOME=shammah_home),
+            timeout=300,
+        )
+
+    with serve(shammah_home) as url:
+        teach = []
+        for q in ("What is the capital of Quenland?", "Name the capital of Quenland."):
+            teach += [q, "/critical it is Zorblat", "/fix Zorblat."]
+        r = chat(teach + ["/status"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        imported = {
+            line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")
+        }
+        assert "shammah.serve.remote" in imported and "torch" not in imported and "transformers" not in imported
+        said = "\n".join(x for x in r.stderr.splitlines() if not x.startswith("import time:"))
+        assert f"served by shammah serve at {url}" in said and "Using the server at" in said
+        assert "learning starts in the background" in said, said
+        assert "Waiting for the background training job to finish" in said, said
+        jobs = httpx.get(f"{url}/v1/jobs").json()["data"]
+        assert len(jobs) == 1 and jobs[0]["kind"] == "feedback" and jobs[0]["status"] == "succeeded", jobs
+        name = jobs[0]["adapter"]
+        assert jobs[0]["report"]["examples"] == 2, "two turns, each taught by its /fix"
+        assert jobs[0]["message"] in said, "the job's end is told in the chat"
+        assert httpx.get(f"{url}/v1/adapters").json()["active"] == name
+        turns = [
+            t
+            for t in json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "shammah", "logs", "--json", "-n", "0"],
+                    capture_output=True,
+                    text=True,
+                    env=subprocess_env(SHAMMAH_HOME=shammah_home),
+                    check=True,
+                ).stdout
+            )
+        ]
+        assert len(turns) == 2, "the server recorded the two replies; the rewrite the /critical asked for is no turn"
+        assert [f["rating"] for f in turns[0]["feedback"]] == ["critical", "fix"]
+        # adapters through the server: the active one cannot be deleted; off, then delete
+        r = chat(["/adapters list", f"/adapters delete {name}", "/adapters off", "hello", f"/adapters delete {name}"])
+        assert r.returncode == 1, "the refused delete makes the script fail"
+        said = r.stderr
+        assert "is answering right now" in said and "Adapters off" in said and f"Deleted adapter {name}" in said, said
+        assert httpx.get(f"{url}/v1/adapters").json() == {"object": "list", "data": [], "active": None}
+        last = httpx.get(f"{url}/v1/models").json()
+        assert name not in [m["id"] for m in last["data"]]
+        # --no-server: the chat loads the model itself
+        r = chat(["/status"], "--no-server")
+        assert r.returncode == 0 and "served by" not in r.stderr and "server" not in r.stdout

@@ -17,6 +17,9 @@ from shammah.repl.commands import ChatSession
 
 def banner(session: ChatSession) -> str:
     spec = session.engine.spec
+    server = getattr(session.engine, "server", None)
+    if server is not None:
+        return f"Model: {spec.name}, served by shammah serve at {server.url}. Type /help for commands."
     how = "set model.base in the config or SHAMMAH_MODEL to change it"
     return f"Model: {spec.name} ({how}). Type /help for commands."
 

@@ -53,7 +53,7 @@ class ChatSession:
         self.jobs.notify = self.notify  # job news goes through the session: held back while a reply streams
         self.busy = False  # a reply is streaming: job messages wait until it ends
         self._deferred: list[str] = []
-        self._restored = False
+        self._restored = hasattr(engine, "server")  # a server (serve.remote) restored its active adapter itself
         self.failures = 0  # lines that failed: a script's exit status says so at the end
         self.system_prompt: str | None = cfg.chat.system_prompt or None
         self.conversation_id: int | None = None
@@ -182,7 +182,8 @@ class ChatSession:
             await self._answer(prompt, stop)
 
     async def _stream(self, messages: list[dict], stop: threading.Event, params=None):
-        """Stream a reply to the terminal; returns (text, last chunk, adapter that answered)."""
+        """Stream a reply to the terminal; returns (text, last chunk, the engine's info: the adapter
+        that answered, and the turn when a server recorded it)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         info: dict = {}
@@ -218,24 +219,27 @@ class ChatSession:
         reason = last.finish_reason if last else "error"
         self.console.end_stream("[interrupted]" if reason == "interrupted" else "")
         self._flush_deferred()
-        return "".join(pieces).strip(), last, info.get("adapter")
+        return "".join(pieces).strip(), last, info
 
     async def _answer(self, prompt: str, stop: threading.Event) -> None:
         messages = self.messages_for(prompt)
-        reply, last, adapter = await self._stream(messages, stop)
-        if self.conversation_id is None:
-            self.conversation_id = self.store.new_conversation(self.engine.spec.name, self.system_prompt)
-        self.last_turn_id = self.store.add_turn(
-            self.conversation_id,
-            messages,
-            prompt,
-            reply,
-            model=self.engine.spec.name,
-            adapter=adapter,
-            finish_reason=last.finish_reason if last else "error",
-            new_tokens=last.new_tokens if last else 0,
-            seconds=last.seconds if last else 0.0,
-        )
+        reply, last, info = await self._stream(messages, stop)
+        turn_id = info.get("turn_id")  # a server answered and recorded the turn (serve.remote)
+        if turn_id is None:
+            if self.conversation_id is None:
+                self.conversation_id = self.store.new_conversation(self.engine.spec.name, self.system_prompt)
+            turn_id = self.store.add_turn(
+                self.conversation_id,
+                messages,
+                prompt,
+                reply,
+                model=self.engine.spec.name,
+                adapter=info.get("adapter"),
+                finish_reason=last.finish_reason if last else "error",
+                new_tokens=last.new_tokens if last else 0,
+                seconds=last.seconds if last else 0.0,
+            )
+        self.last_turn_id = turn_id
         self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
     async def _revise(self, item: Feedback) -> None:

@@ -63,6 +63,9 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     n: int = Field(1, ge=1, le=1)
+    store: bool = Field(
+        True, description="record the completion as a turn that /v1/feedback can rate (false: a throwaway answer)"
+    )
 
 
 class FeedbackRequest(BaseModel):
@@ -243,19 +246,20 @@ def create_app(srv: Server) -> FastAPI:
                     await asyncio.shield(worker)
             if reason is None:
                 reason = {"length": "length"}.get(last.finish_reason if last else "", "stop")
-            conv = srv.store.new_conversation(engine.spec.name, _system(messages))
-            srv.store.add_turn(
-                conv,
-                messages,
-                messages[-1]["content"],
-                text.strip(),
-                model=engine.spec.name,
-                adapter=info.get("adapter"),
-                finish_reason=reason,
-                new_tokens=last.new_tokens if last else 0,
-                seconds=last.seconds if last else 0.0,
-                completion_id=cid,
-            )
+            if req.store:
+                conv = srv.store.new_conversation(engine.spec.name, _system(messages))
+                srv.store.add_turn(
+                    conv,
+                    messages,
+                    messages[-1]["content"],
+                    text.strip(),
+                    model=engine.spec.name,
+                    adapter=info.get("adapter"),
+                    finish_reason=reason,
+                    new_tokens=last.new_tokens if last else 0,
+                    seconds=last.seconds if last else 0.0,
+                    completion_id=cid,
+                )
             usage = {
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": last.new_tokens if last else 0,
@@ -334,7 +338,6 @@ def create_app(srv: Server) -> FastAPI:
         # learning.revision_noninteractive = "reject" default); a note alone is learned by
         # context distillation (learning.note_only), exactly as in a piped chat.
         lesson = fbc.decide(srv.store.turn_feedback(turn_id), srv.store.weights)
-        buf = fbc.buffer(srv.store)
         msg = srv.jobs.maybe_trigger()
         return {
             "object": "feedback",
@@ -343,9 +346,36 @@ def create_app(srv: Server) -> FastAPI:
             "completion_id": req.id,
             "weight": lesson.weight,
             "teaches": lesson.source,
-            "buffer": {"weighted": buf.weighted, "threshold": srv.cfg.learning.threshold, "examples": buf.examples},
+            "buffer": buffer_view(),
             "training": msg,
         }
+
+    def buffer_view() -> dict:
+        buf = fbc.buffer(srv.store)
+        return {"weighted": buf.weighted, "threshold": srv.cfg.learning.threshold, "examples": buf.examples}
+
+    def training_view() -> dict:
+        """The feedback loop's training now: pending (a job runs or starts once the feedback settles)
+        and the running job's status line."""
+        current = srv.jobs.current
+        return {
+            "pending": srv.jobs.running,
+            "job": current.id if current else None,
+            "queued": srv.jobs.queued[1] if srv.jobs.queued else None,
+            "status": srv.jobs.status_line(),
+        }
+
+    @app.get("/v1/feedback")
+    async def feedback_state() -> dict:
+        """The training buffer and the feedback loop's job (the chat's status bar when it uses this server)."""
+        return {"object": "feedback.buffer", "buffer": buffer_view(), "training": training_view()}
+
+    @app.post("/v1/feedback/check")
+    async def feedback_check() -> dict:
+        """Feedback was written to the store by another process on this home (the chat): train if the
+        buffer is now over the threshold, by the same rule as after POST /v1/feedback."""
+        msg = srv.jobs.maybe_trigger()
+        return {"object": "feedback.buffer", "buffer": buffer_view(), "training": training_view(), "message": msg}
 
     # --- adapters -------------------------------------------------------------------------------
     @app.get("/v1/adapters")
@@ -361,7 +391,7 @@ def create_app(srv: Server) -> FastAPI:
         if not srv.registry.exists(name):
             raise ApiError(404, f"no adapter named {name!r} (GET /v1/adapters lists them)", param="name")
 
-    @app.post("/v1/adapters/{name}/activate")
+    @app.post("/v1/adapters/{name:path}/activate")  # :path: a base model's id can hold a slash
     async def activate(name: str) -> dict:
         srv.require_ready()
         if name == srv.engine.spec.name:
