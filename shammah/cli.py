@@ -62,9 +62,46 @@ def build_parser() -> argparse.ArgumentParser:
     from shammah.training.run import add_arguments
 
     add_arguments(tr)
-    ad = sub.add_parser("adapters", help="list, inspect or delete trained adapters", parents=[common])
-    ad.add_argument("action", choices=("list", "info", "delete"), nargs="?", default="list")
-    ad.add_argument("name", nargs="?")
+    ad = sub.add_parser(
+        "adapters", help="list, inspect, delete, package, verify and install adapters", parents=[common]
+    )
+    ads = ad.add_subparsers(dest="action", metavar="ACTION")
+    ads.add_parser("list", help="the registered adapters (the default)", parents=[common])
+    for action, what in (("info", "show an adapter's metadata and report"), ("delete", "delete an adapter")):
+        ads.add_parser(action, help=what, parents=[common]).add_argument("name")
+    pk = ads.add_parser(
+        "pack",
+        help="write an adapter as a .expert package (optionally signed)",
+        parents=[common],
+        description="A .expert package: manifest.json, LICENSE and the adapter (safetensors + config), "
+        "every file's sha256 in the manifest; --sign adds your ed25519 signature (`shammah keys generate`).",
+    )
+    pk.add_argument("name")
+    pk.add_argument("-o", "--output", metavar="FILE", help="package file (default: NAME-VERSION.expert here)")
+    pk.add_argument("--sign", action="store_true", help="sign with your publisher key")
+    pk.add_argument("--version", dest="pkg_version", default="1.0.0", metavar="V", help="package version [1.0.0]")
+    pk.add_argument("--description", default="", help="one line on what the adapter does")
+    pk.add_argument("--author", default="", help="who made it")
+    pk.add_argument("--license", dest="license_name", default="unspecified", metavar="ID", help="license id (MIT, …)")
+    pk.add_argument("--license-file", metavar="FILE", help="the license text to include")
+    pk.add_argument("--keywords", default="", metavar="K1,K2", help="routing keywords")
+    vf = ads.add_parser("verify", help="check a .expert package's hashes and signature", parents=[common])
+    vf.add_argument("file")
+    ins = ads.add_parser(
+        "install",
+        help="verify a .expert package and register its adapter",
+        parents=[common],
+        description="Verify every hash and the signature, refuse a package for another base model, and register "
+        "the adapter. Unsigned packages and unknown publishers need --allow-untrusted.",
+    )
+    ins.add_argument("file")
+    ins.add_argument("--name", help="register under this name (default: the package's)")
+    ins.add_argument("--allow-untrusted", action="store_true", help="install an unsigned or unknown-publisher package")
+    ky = sub.add_parser("keys", help="your publisher key for signing .expert packages", parents=[common])
+    kys = ky.add_subparsers(dest="action", metavar="ACTION")
+    kys.add_parser("show", help="print your public key (the default)", parents=[common])
+    kg = kys.add_parser("generate", help="make an ed25519 key pair (private key 0600 in the home)", parents=[common])
+    kg.add_argument("--force", action="store_true", help="replace the existing key")
     logs = sub.add_parser(
         "logs",
         help="show recent questions, replies and your ratings of them",
@@ -294,13 +331,13 @@ def cmd_adapters(args) -> int:
     import json
 
     from shammah.adapters.registry import Registry, table
-    from shammah.errors import ShammahError
     from shammah.repl.io import Console
 
-    _, _, paths = _load(args)
+    cfg, _, paths = _load(args)
     reg = Registry(paths.adapters)
     out = Console()
-    if args.action == "list":
+    action = args.action or "list"
+    if action == "list":
         items = reg.list()
         if not items:
             out.info("No adapters yet. Train one with `shammah train --dataset data.jsonl`.")
@@ -308,14 +345,98 @@ def cmd_adapters(args) -> int:
         header, rows = table(items, None)
         out.table(rows, header=header)
         return 0
-    if not args.name:
-        raise ShammahError(f"usage: shammah adapters {args.action} NAME (names are in `shammah adapters list`)")
-    if args.action == "info":
+    if action == "info":
         info = reg.get(args.name)
         out.text(json.dumps({"path": str(info.path), **info.meta}, indent=2))
-    else:
+    elif action == "delete":
         reg.delete(args.name)
         out.ok(f"deleted adapter {args.name}")
+    elif action in ("pack", "verify", "install"):
+        return _packages(action, args, cfg, paths, reg, out)
+    return 0
+
+
+def _packages(action: str, args, cfg, paths, reg, out) -> int:
+    """`shammah adapters pack|verify|install`."""
+    from pathlib import Path
+
+    from shammah.adapters import keys, package
+
+    trusted = cfg.packages.trusted_publishers
+    if action == "pack":
+        info = reg.get(args.name)
+        key = keys.load_private(paths.root) if args.sign else None
+        license_text = None
+        if args.license_file:
+            try:
+                license_text = Path(args.license_file).read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ShammahError(f"--license-file {args.license_file}: cannot read it ({e})") from None
+        target = Path(args.output or f"{info.name}-{args.pkg_version}.expert")
+        m = package.pack(
+            info,
+            target,
+            version=args.pkg_version,
+            description=args.description,
+            author=args.author,
+            license_name=args.license_name,
+            license_text=license_text,
+            keywords=tuple(k.strip() for k in args.keywords.split(",") if k.strip()),
+            signing_key=key,
+            publisher=cfg.packages.publisher or _login(),
+        )
+        signed = f"signed by {m['integrity']['pubkey']}" if key else "unsigned (--sign signs it)"
+        out.ok(f"wrote {target} ({target.stat().st_size} bytes, {signed})")
+        return 0
+    if action == "verify":
+        pkg = package.open_package(Path(args.file))
+        out.table(package.describe(pkg, trusted))
+        out.ok(f"{args.file}: OK")
+        return 0
+    from shammah.engine.fingerprint import fingerprint
+    from shammah.engine.loader import LOAD_LOCK, model_dir
+    from shammah.engine.resolve import resolve
+
+    spec = resolve(cfg.model.base)
+    with LOAD_LOCK:
+        base_fp = fingerprint(model_dir(spec, paths.cache))
+    info = package.install(
+        Path(args.file),
+        reg,
+        base_fingerprint=base_fp,
+        base_name=spec.name,
+        trusted=trusted,
+        allow_untrusted=args.allow_untrusted,
+        name=args.name,
+    )
+    out.ok(f"installed {info.name} ({info.get('package', 'trust')}); `/adapters load {info.name}` in the chat uses it")
+    return 0
+
+
+def _login() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def cmd_keys(args) -> int:
+    from shammah.adapters import keys
+    from shammah.repl.io import Console
+
+    _, _, paths = _load(args)
+    out = Console()
+    if args.action == "generate":
+        pub = keys.generate(paths.root, force=args.force)
+        out.ok(f"new publisher key in {keys.key_files(paths.root)[0]} (keep it private)")
+        out.text(pub)
+        return 0
+    _, pub_file = keys.key_files(paths.root)
+    if not pub_file.is_file():
+        raise ShammahError("no publisher key yet: run `shammah keys generate`")
+    out.text(pub_file.read_text().strip())
     return 0
 
 
@@ -417,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": cmd_ask,
         "config": cmd_config,
         "logs": cmd_logs,
+        "keys": cmd_keys,
         "train": cmd_train,
         "adapters": cmd_adapters,
         "serve": cmd_serve,

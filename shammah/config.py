@@ -145,6 +145,14 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class PackagesConfig:
+    publisher: str = _f("", "your name as a publisher in the .expert packages you sign (empty = your login name)")
+    trusted_publishers: tuple[str, ...] = _f(
+        (), "public keys (ed25519:<base64>, from `shammah keys show`) whose signed packages install without asking"
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _f("warning", "log level for the log file and stderr", choices=("debug", "info", "warning", "error"))
 
@@ -156,6 +164,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    packages: PackagesConfig = field(default_factory=PackagesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -188,8 +197,12 @@ def _check_value(key: str, f, value: Any, from_env: str | None = None) -> tuple[
     if f.type in ("list[str]", "tuple[str, ...]"):
         if from_env is not None:
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not (isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value)):
-            return None, f"{where} = {value!r} has the wrong type: expected a non-empty list of names"
+        empty_ok = f.default == ()
+        if not (
+            isinstance(value, list | tuple) and (value or empty_ok) and all(isinstance(v, str) and v for v in value)
+        ):
+            what = "list of names" if empty_ok else "non-empty list of names"
+            return None, f"{where} = {value!r} has the wrong type: expected a {what}"
         return tuple(value), None
     if f.metadata.get("auto") and value == "auto":
         return value, None
