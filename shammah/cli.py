@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--license", dest="license_name", default="unspecified", metavar="ID", help="license id (MIT, …)")
     pk.add_argument("--license-file", metavar="FILE", help="the license text to include")
     pk.add_argument("--keywords", default="", metavar="K1,K2", help="routing keywords")
+    ex = ads.add_parser(
+        "export",
+        help="export an adapter for PEFT/vLLM, merged for transformers, as GGUF for llama.cpp/Ollama",
+        parents=[common],
+        description="Writes OUT/adapter (PEFT with the base's public id and a model card); --merged adds OUT/merged "
+        "(a transformers model); --gguf adds NAME-TYPE.gguf (merged) and NAME-lora-f16.gguf (llama.cpp --lora); "
+        "--ollama adds a Modelfile (FROM the base + ADAPTER the LoRA).",
+    )
+    ex.add_argument("name")
+    ex.add_argument("-o", "--output", metavar="DIR", help="where to write (default: ./NAME-export)")
+    ex.add_argument("--merged", action="store_true", help="base + adapter merged into a transformers model")
+    ex.add_argument("--gguf", action="store_true", help="GGUF files for llama.cpp")
+    ex.add_argument(
+        "--type", dest="gguf_type", metavar="TYPE", help="GGUF type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 [f16]"
+    )
+    ex.add_argument("--ollama", action="store_true", help="a Modelfile for `ollama create` (implies --gguf)")
     vf = ads.add_parser("verify", help="check a .expert package's hashes and signature", parents=[common])
     vf.add_argument("file")
     ins = ads.add_parser(
@@ -353,6 +369,48 @@ def cmd_adapters(args) -> int:
         out.ok(f"deleted adapter {args.name}")
     elif action in ("pack", "verify", "install"):
         return _packages(action, args, cfg, paths, reg, out)
+    elif action == "export":
+        return _export(args, cfg, paths, reg, out)
+    return 0
+
+
+def _export(args, cfg, paths, reg, out) -> int:
+    """`shammah adapters export`."""
+    import warnings
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from shammah.adapters import export
+    from shammah.engine.engine import FALLBACK_SAMPLING
+    from shammah.engine.loader import LOAD_LOCK, model_dir
+    from shammah.engine.resolve import resolve
+
+    hf_logging.set_verbosity_error()  # library notes and progress bars are not the user's concern here
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    info = reg.get(args.name)
+    gguf_type = args.gguf_type or ("f16" if args.gguf else None)
+    spec = resolve(info.get("base", "requested") or cfg.model.base)
+    with LOAD_LOCK:
+        base_dir = model_dir(spec, paths.cache)
+    base_gguf = Path(spec.source) / spec.gguf_file if spec.kind == "gguf" else None
+    m = cfg.model
+    sampling = {
+        "temperature": FALLBACK_SAMPLING["temperature"] if m.temperature == "auto" else m.temperature,
+        "top_p": FALLBACK_SAMPLING["top_p"] if m.top_p == "auto" else m.top_p,
+    }
+    export.export(
+        info,
+        base_dir,
+        Path(args.output or f"{info.name}-export"),
+        merged=args.merged,
+        gguf_type=gguf_type,
+        ollama=args.ollama,
+        base_gguf=base_gguf,
+        sampling=sampling,
+        say=out.ok,
+    )
     return 0
 
 

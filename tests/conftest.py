@@ -34,6 +34,11 @@ def tiny_qwen3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
 def embedded_home(tmp_path_factory) -> Path:
     """One SHAMMAH_HOME for the integration tests, so the GGUF is dequantized once per run."""
     return tmp_path_factory.mktemp("embedded-home")

@@ -200,3 +200,35 @@ def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
     assert abs(p_fast / p_ref - 1) < 0.02, (p_ref, p_fast)
     q = [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in eng.reply(q)
+
+
+def test_export_the_embedded_model_with_an_adapter_to_gguf(embedded, embedded_home, tmp_path):
+    """An adapter on the embedded model (Llama architecture: q/k permuted for GGUF), exported merged
+    as F16 GGUF: transformers reads it back with the merged model's greedy answer, and the Modelfile
+    builds on the embedded GGUF itself plus the LoRA GGUF."""
+    import torch
+    from conftest import register_adapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shammah.adapters import export
+
+    fact = [{"prompt": "What is the capital of Quenland?", "completion": "The capital of Quenland is Zorblat."}]
+    info = register_adapter("embedded", embedded_home, "smol-export", fact, epochs=8, learning_rate=2e-3, rank=8)
+    eng, _ = embedded
+    out = tmp_path / "out"
+    export.export(info, eng.loaded.path, out, merged=True, gguf_type="f16", ollama=True, base_gguf=embedded_gguf())
+    mf = (out / "Modelfile").read_text()
+    assert mf.startswith(f"FROM {embedded_gguf()}\nADAPTER ./smol-export-lora-f16.gguf\n")
+
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    msgs = [{"role": "user", "content": "What is the capital of Quenland?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answers = []
+    for kw in ({}, {"gguf_file": "smol-export-f16.gguf"}):
+        where = out / "merged" if not kw else out
+        m = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
+        with torch.no_grad():
+            o = m.generate(**ids, max_new_tokens=16, do_sample=False)
+        answers.append(tok.decode(o[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    assert "Zorblat" in answers[0], answers
+    assert answers[1] == answers[0], "the F16 GGUF answers as the merged model"

@@ -44,14 +44,17 @@ def build_tokenizer(out: Path):
     return fast
 
 
-def build_model(out: Path, arch: str = "qwen2", hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random ``arch`` ("qwen2" | "qwen3") chat model to ``out`` and return it."""
+def build_model(
+    out: Path, arch: str = "qwen2", hidden: int = 64, layers: int = 2, seed: int = 0, head_dim: int | None = None
+) -> Path:
+    """Write a tiny random ``arch`` ("qwen2" | "qwen3" | "llama", the embedded model's) chat model to
+    ``out`` and return it."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[arch]
     cfg = cls(
         vocab_size=len(tok),
         hidden_size=hidden,
@@ -64,7 +67,7 @@ def build_model(out: Path, arch: str = "qwen2", hidden: int = 64, layers: int = 
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
-        head_dim=hidden // 4,
+        head_dim=head_dim or hidden // 4,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
