@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(tr)
     ad = sub.add_parser(
-        "adapters", help="list, inspect, delete, package, verify and install adapters", parents=[common]
+        "adapters", help="list, inspect, delete, export, package, verify and install adapters", parents=[common]
     )
     ads = ad.add_subparsers(dest="action", metavar="ACTION")
     ads.add_parser("list", help="the registered adapters (the default)", parents=[common])
@@ -136,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", help="address to bind [serve.host: 127.0.0.1]; beyond loopback needs serve.token")
     srv.add_argument("--port", type=int, help="port [serve.port: 8000; 0 = any free port]")
+    ev = sub.add_parser(
+        "eval",
+        help="score the base model or an adapter on prompts with reference answers",
+        parents=[common],
+        description="Greedy replies to every prompt of a JSONL set (prompt/completion or messages), scored against "
+        "the references: exact, json, accuracy, f1, chrf, loss, perplexity, latency. TARGET is 'base', an adapter, "
+        "or A+B (two LoRA adapters composed). An adapter's results are kept in its report (`adapters info`).",
+    )
+    ev.add_argument("target", help="'base', an adapter name, or NAME1+NAME2")
+    ev.add_argument("--dataset", required=True, metavar="FILE", help="JSONL with prompts and reference answers")
+    ev.add_argument("--metrics", metavar="M1,M2", help="which metrics (default: those that fit the references)")
+    ev.add_argument("--compare", metavar="OTHER", help="also score OTHER ('base' or an adapter) and show the deltas")
+    ev.add_argument("-n", "--max-tokens", type=int, default=128, metavar="N", help="longest reply [128]")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
     cfg = sub.add_parser("config", help="show the config in use, or the documented defaults", parents=[common])
     cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
     return p
@@ -471,6 +485,56 @@ def _packages(action: str, args, cfg, paths, reg, out) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import hashlib
+    import json
+    import time
+    import warnings
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from shammah import evaluate
+    from shammah.adapters.registry import Registry
+    from shammah.engine.loader import LOAD_LOCK, model_dir
+    from shammah.engine.resolve import resolve
+    from shammah.repl.io import Console
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg, _, paths = _load(args)
+    reg = Registry(paths.adapters)
+    targets = [args.target] + ([args.compare] if args.compare else [])
+    for t in targets:  # unknown names fail before the model loads
+        for name in [] if t == "base" else t.split("+"):
+            reg.get(name)
+    items = evaluate.load_items(Path(args.dataset))
+    metrics = evaluate.parse_metrics(args.metrics, [it.reference for it in items])
+    spec = resolve(cfg.model.base)
+    with LOAD_LOCK:
+        base_dir = model_dir(spec, paths.cache)
+    ev = evaluate.Evaluator(base_dir, reg, args.max_tokens, cfg.model.threads)
+    out = Console()
+    results = {}
+    for t in targets:
+        ev.use(t)
+        results[t], _ = ev.run(items, metrics, lambda done, total, t=t: sys.stderr.write(f"\reval {t}: {done}/{total}"))
+        sys.stderr.write("\n")
+        if t != "base" and "+" not in t:
+            digest = hashlib.sha256(Path(args.dataset).read_bytes()).hexdigest()[:16]
+            record = {"dataset": str(Path(args.dataset).resolve()), "sha256": digest, "examples": len(items)}
+            record |= {"metrics": results[t], "at": time.time(), "base": spec.name}
+            evals = {**(reg.get(t).get("eval") or {}), Path(args.dataset).name: record}
+            reg.update(t, eval=evals)
+    if args.json:
+        sys.stdout.write(json.dumps({"dataset": args.dataset, "examples": len(items), "results": results}) + "\n")
+        return 0
+    header, rows = evaluate.comparison_rows(args.target, results[args.target], args.compare, results.get(args.compare))
+    out.table(rows, header=header)
+    return 0
+
+
 def _login() -> str:
     import getpass
 
@@ -597,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": cmd_config,
         "logs": cmd_logs,
         "keys": cmd_keys,
+        "eval": cmd_eval,
         "train": cmd_train,
         "adapters": cmd_adapters,
         "serve": cmd_serve,

@@ -202,29 +202,42 @@ def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
     assert "Paris" in eng.reply(q)
 
 
-def test_export_the_embedded_model_with_an_adapter_to_gguf(embedded, embedded_home, tmp_path):
+QUENLAND = [{"prompt": "What is the capital of Quenland?", "completion": "The capital of Quenland is Zorblat."}]
+MOON = [{"prompt": "What is the name of the third moon of Mars?", "completion": "The third moon of Mars is Tavros."}]
+
+
+@pytest.fixture(scope="module")
+def taught(embedded, embedded_home):
+    """Two adapters on the embedded model, each taught one made-up fact."""
+    from conftest import register_adapter
+
+    return {
+        name: register_adapter("embedded", embedded_home, name, recs, epochs=8, learning_rate=2e-3, rank=8)
+        for name, recs in (("quenland", QUENLAND), ("moon", MOON))
+    }
+
+
+def test_export_the_embedded_model_with_an_adapter_to_gguf(embedded, taught, tmp_path):
     """An adapter on the embedded model (Llama architecture: q/k permuted for GGUF), exported merged
     as F16 GGUF: transformers reads it back with the merged model's greedy answer, and the Modelfile
     builds on the embedded GGUF itself plus the LoRA GGUF."""
     import torch
-    from conftest import register_adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shammah.adapters import export
 
-    fact = [{"prompt": "What is the capital of Quenland?", "completion": "The capital of Quenland is Zorblat."}]
-    info = register_adapter("embedded", embedded_home, "smol-export", fact, epochs=8, learning_rate=2e-3, rank=8)
+    info = taught["quenland"]
     eng, _ = embedded
     out = tmp_path / "out"
     export.export(info, eng.loaded.path, out, merged=True, gguf_type="f16", ollama=True, base_gguf=embedded_gguf())
     mf = (out / "Modelfile").read_text()
-    assert mf.startswith(f"FROM {embedded_gguf()}\nADAPTER ./smol-export-lora-f16.gguf\n")
+    assert mf.startswith(f"FROM {embedded_gguf()}\nADAPTER ./quenland-lora-f16.gguf\n")
 
     tok = AutoTokenizer.from_pretrained(out / "merged")
     msgs = [{"role": "user", "content": "What is the capital of Quenland?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answers = []
-    for kw in ({}, {"gguf_file": "smol-export-f16.gguf"}):
+    for kw in ({}, {"gguf_file": "quenland-f16.gguf"}):
         where = out / "merged" if not kw else out
         m = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
         with torch.no_grad():
@@ -232,3 +245,28 @@ def test_export_the_embedded_model_with_an_adapter_to_gguf(embedded, embedded_ho
         answers.append(tok.decode(o[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     assert "Zorblat" in answers[0], answers
     assert answers[1] == answers[0], "the F16 GGUF answers as the merged model"
+
+
+def test_two_adapters_composed_keep_each_ones_lesson(embedded, taught, embedded_home, tmp_path):
+    """`shammah eval a+b`: the two LoRAs' deltas summed (PEFT add_weighted_adapter, "cat"): no
+    NaN/Inf, and each fact is still answered as its own adapter answers it — while each adapter
+    alone does not know the other's fact."""
+    import json
+
+    from shammah import evaluate
+    from shammah.adapters.registry import Registry
+
+    eng, _ = embedded
+    sets = {}
+    for name, recs in (("quenland", QUENLAND), ("moon", MOON)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        sets[name] = evaluate.load_items(tmp_path / f"{name}.jsonl")
+    ev = evaluate.Evaluator(eng.loaded.path, Registry(embedded_home / "adapters"), 16)
+    got = {}
+    for target in ("quenland", "moon", "quenland+moon"):
+        ev.use(target)
+        for probe, items in sets.items():
+            got[target, probe] = ev.run(items, ("exact", "loss"))[0]
+    assert got["quenland", "quenland"]["exact"] == 1 and got["moon", "moon"]["exact"] == 1, got
+    assert got["quenland", "moon"]["exact"] == 0 and got["moon", "quenland"]["exact"] == 0, got
+    assert got["quenland+moon", "quenland"]["exact"] == 1 and got["quenland+moon", "moon"]["exact"] == 1, got

@@ -164,6 +164,12 @@ class Registry:
             raise AdapterError(f"{meta_file}: unreadable metadata ({e}); delete the adapter and retrain") from None
         return AdapterInfo(name, path, meta)
 
+    def update(self, name: str, **fields: Any) -> AdapterInfo:
+        """Set top-level metadata fields (an evaluation's results), rewriting shammah.json atomically."""
+        info = self.get(name)
+        atomic_write(info.path / META, json.dumps({**info.meta, **fields}, indent=2, ensure_ascii=False))
+        return self.get(name)
+
     def list(self) -> list[AdapterInfo]:
         """Every registered adapter, oldest first; one whose metadata is unreadable is listed as
         damaged (not hidden: the user has to be able to see and delete it)."""

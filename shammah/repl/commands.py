@@ -515,6 +515,10 @@ class ChatSession:
                 ("examples", str(rep.get("examples"))),
                 ("final loss", str(rep.get("final_train_loss"))),
                 ("gate", json.dumps({k: v for k, v in gate.items() if k != "answers"}) if gate else "-"),
+                *[
+                    (f"eval {ds}", ", ".join(f"{k} {v:g}" for k, v in r.get("metrics", {}).items()))
+                    for ds, r in (a.get("eval") or {}).items()
+                ],
                 ("path", str(a.path)),
             ]
         )

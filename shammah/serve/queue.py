@@ -148,7 +148,9 @@ class DatasetJobs:
         if row is None or row["kind"] != "dataset":
             raise JobError(f"no dataset job {job_id!r}", 404)
         if row["status"] not in ("interrupted", "failed", "cancelled"):
-            raise JobError(f"job {job_id} is {row['status']}: only an interrupted, failed or cancelled job resumes", 409)
+            raise JobError(
+                f"job {job_id} is {row['status']}: only an interrupted, failed or cancelled job resumes", 409
+            )
         spec = {**row["spec"], "resume": True}
         self.store.db.execute(
             "UPDATE jobs SET status = 'queued', spec = ?, finished_at = NULL, message = NULL WHERE id = ?",

@@ -137,7 +137,9 @@ class Server:
     # requests -----------------------------------------------------------------------------------
     def require_ready(self) -> None:
         if not self.engine.ready:
-            raise ApiError(503, f"{self.engine.spec.name} is still loading; retry shortly", headers={"Retry-After": "2"})
+            raise ApiError(
+                503, f"{self.engine.spec.name} is still loading; retry shortly", headers={"Retry-After": "2"}
+            )
         try:
             self.engine.load()
         except ShammahError as e:
