@@ -150,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", metavar="OTHER", help="also score OTHER ('base' or an adapter) and show the deltas")
     ev.add_argument("-n", "--max-tokens", type=int, default=128, metavar="N", help="longest reply [128]")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    pl = sub.add_parser(
+        "pipeline",
+        help="a named training: schema -> synthetic data -> SFT -> preferences -> DPO -> GGUF -> eval",
+        parents=[common],
+        description="Runs the stages of the named training NAME (schemas/NAME.yaml under --root) in order, each "
+        "once: a stopped run goes on where it stopped. A teacher model behind any OpenAI-compatible API "
+        "(pipeline.teacher_url) writes the data.",
+    )
+    pl.add_argument("name", help="the named training (schemas/NAME.yaml)")
+    pl.add_argument(
+        "stage", nargs="?", default="all", choices=("all", "generate", "sft", "preferences", "dpo", "quantize", "eval")
+    )
+    pl.add_argument("--root", default=".", metavar="DIR", help="the project directory [.]")
+    pl.add_argument("--force", action="store_true", help="redo the stage (all: start the whole training fresh)")
+    pl.add_argument("-n", "--examples", type=int, metavar="N", help="examples to generate [pipeline.examples]")
+    pl.add_argument("--teacher-url", metavar="URL", help="teacher API root [pipeline.teacher_url]")
+    pl.add_argument("--teacher-model", metavar="NAME", help="teacher model [pipeline.teacher_model]")
     cfg = sub.add_parser("config", help="show the config in use, or the documented defaults", parents=[common])
     cfg.add_argument("what", nargs="?", choices=("path", "show", "example"), default="show")
     return p
@@ -535,6 +552,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    import warnings
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from shammah.config import with_overrides
+    from shammah.pipeline.run import Layout, Pipeline, table
+    from shammah.repl.io import Console
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg, _, paths = _load(args)
+    over = {"examples": args.examples, "teacher_url": args.teacher_url, "teacher_model": args.teacher_model}
+    over = {k: v for k, v in over.items() if v is not None}
+    if over:
+        cfg = with_overrides(cfg, pipeline=over)
+    out = Console()
+    p = Pipeline(Layout(Path(args.root).resolve(), args.name), cfg, paths, say=out.info)
+    p.run(args.stage, force=args.force)
+    if getattr(p, "results", None):
+        header, rows = table(p.results)
+        out.table(rows, header=header)
+    return 0
+
+
 def _login() -> str:
     import getpass
 
@@ -662,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "logs": cmd_logs,
         "keys": cmd_keys,
         "eval": cmd_eval,
+        "pipeline": cmd_pipeline,
         "train": cmd_train,
         "adapters": cmd_adapters,
         "serve": cmd_serve,

@@ -153,6 +153,24 @@ class PackagesConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    teacher_url: str = _f(
+        "", "OpenAI-compatible API root of the teacher model (e.g. http://127.0.0.1:8000/v1; `shammah serve` counts)"
+    )
+    teacher_model: str = _f("", "the teacher's model name (empty: the first model the endpoint lists)")
+    teacher_key: str = _f("", "the teacher's API key (SHAMMAH_TEACHER_KEY)")
+    examples: int = _f(200, "examples to generate per named training", lo=6, hi=1_000_000)
+    batch_size: int = _f(10, "examples asked of the teacher per request", lo=1, hi=200)
+    mix_positive: float = _f(0.6, "share of fully specified requests", lo=0.0, hi=1.0)
+    mix_context: float = _f(0.2, "share of requests that lean on earlier context", lo=0.0, hi=1.0)
+    mix_negative: float = _f(0.2, "share of requests to clarify or refuse", lo=0.0, hi=1.0)
+    sft_epochs: int = _f(3, "epochs of the SFT stage", lo=1, hi=100)
+    dpo_epochs: int = _f(2, "epochs of the DPO stage", lo=1, hi=100)
+    learning_rate: float = _f(2e-4, "learning rate of both training stages", lo=1e-7, hi=1.0)
+    gguf_type: str = _f("q8_0", "GGUF type of the quantize stage", choices=("f32", "f16", "bf16", "q8_0", "q4_0"))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = _f("warning", "log level for the log file and stderr", choices=("debug", "info", "warning", "error"))
 
@@ -165,6 +183,7 @@ class Config:
     learning: LearningConfig = field(default_factory=LearningConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     packages: PackagesConfig = field(default_factory=PackagesConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -176,6 +195,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SHAMMAH_THREADS": "model.threads",
     "SHAMMAH_LOG": "logging.level",
     "SHAMMAH_API_TOKEN": "serve.token",
+    "SHAMMAH_TEACHER_KEY": "pipeline.teacher_key",
 }
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

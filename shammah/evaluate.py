@@ -6,6 +6,9 @@ Metrics (``--metrics``; by default the ones that fit the references):
 
 - ``exact``: the reply equals the reference (whitespace-trimmed);
 - ``json``: share of replies that parse as JSON (default when every reference is JSON);
+- ``fields``: per-field accuracy of JSON answers: of the fields in the reference or the reply
+  (nested keys flattened: ``args.title``), the share with the same value in both, averaged over
+  examples (default when every reference is a JSON object);
 - ``accuracy`` and ``f1`` (macro): references as class labels, the reply's first line as the
   predicted label (default when the references are a few short labels);
 - ``chrf``: corpus chrF (character 6-grams, β = 2, whitespace ignored), the free-text metric;
@@ -27,8 +30,8 @@ from pathlib import Path
 
 from shammah.errors import ShammahError
 
-ALL_METRICS = ("exact", "json", "accuracy", "f1", "chrf", "loss", "perplexity", "latency")
-HIGHER_IS_BETTER = {"exact", "json", "accuracy", "f1", "chrf"}
+ALL_METRICS = ("exact", "json", "fields", "accuracy", "f1", "chrf", "loss", "perplexity", "latency")
+HIGHER_IS_BETTER = {"exact", "json", "fields", "accuracy", "f1", "chrf"}
 
 
 class EvalError(ShammahError):
@@ -66,6 +69,8 @@ def default_metrics(refs: list[str]) -> tuple[str, ...]:
     out = ["exact"]
     if refs and all(_is_json(r) for r in refs):
         out.append("json")
+        if all(isinstance(json.loads(r), dict) for r in refs):
+            out.append("fields")
     labels = {_label(r) for r in refs}
     if len(refs) >= 4 and len(labels) <= max(2, len(refs) // 3) and all(len(r.split()) <= 3 for r in refs):
         out += ["accuracy", "f1"]
@@ -78,6 +83,26 @@ def _is_json(text: str) -> bool:
     except (ValueError, TypeError):
         return False
     return True
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def field_accuracy(replies: list[str], refs: list[str]) -> float:
+    """Mean over examples of: fields equal in reply and reference / fields in either."""
+    total = 0.0
+    for reply, ref in zip(replies, refs, strict=True):
+        want = _flat(json.loads(ref)) if _is_json(ref) else {"": ref.strip()}  # a text answer: one field
+        got = _flat(json.loads(reply)) if _is_json(reply) else {}
+        keys = set(want) | set(got)
+        total += sum(k in want and k in got and want[k] == got[k] for k in keys) / max(len(keys), 1)
+    return total / max(len(refs), 1)
 
 
 def macro_f1(preds: list[str], refs: list[str]) -> float:
@@ -129,6 +154,8 @@ def score(replies: list[str], refs: list[str], losses: list[tuple[float, int]], 
             out[m] = sum(a.strip() == b.strip() for a, b in zip(replies, refs, strict=True)) / n
         elif m == "json":
             out[m] = sum(_is_json(a) for a in replies) / n
+        elif m == "fields":
+            out[m] = field_accuracy(replies, refs)
         elif m == "accuracy":
             out[m] = sum(_label(a) == _label(b) for a, b in zip(replies, refs, strict=True)) / n
         elif m == "f1":

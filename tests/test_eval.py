@@ -42,10 +42,17 @@ def test_metrics_on_known_answers():
     assert s["json"] == 0.0
     js = evaluate.score(['{"a": 1}', "{nope"], ['{"a": 1}', '{"b": 2}'], [], [0, 0], ("json", "exact"))
     assert js == {"json": 0.5, "exact": 0.5}
+    ref = '{"command": "notes", "subcommand": "add", "args": {"title": "milk", "pinned": true}}'
+    half = '{"command": "notes", "subcommand": "add", "args": {"title": "eggs"}}'  # 2 of 4 fields right
+    extra = '{"command": "notes", "subcommand": "add", "args": {"title": "milk", "pinned": true, "x": 1}}'
+    fields = evaluate.score([ref, half, extra, "not json"], [ref] * 4, [], [0] * 4, ("fields",))["fields"]
+    assert fields == pytest.approx((1 + 2 / 4 + 4 / 5 + 0) / 4, abs=1e-4)
 
 
 def test_default_metrics_fit_the_references():
     assert "json" in evaluate.default_metrics(['{"cmd": "ls"}', "[1, 2]"])
+    assert "fields" not in evaluate.default_metrics(['{"cmd": "ls"}', "[1, 2]"])
+    assert {"json", "fields"} <= set(evaluate.default_metrics(['{"cmd": "ls"}', '{"clarify": "which?"}']))
     labels = evaluate.default_metrics(["positive", "negative", "positive", "negative", "positive", "negative"])
     assert {"accuracy", "f1"} <= set(labels)
     free = evaluate.default_metrics(["A long answer about Paris.", "Another sentence here, quite long."])

@@ -1,0 +1,1 @@
+"""Named trainings: schema → synthetic data → SFT → preferences → DPO → GGUF → eval (run.py)."""
