@@ -6,8 +6,10 @@ For each setup: time to first token and decode tokens/s after it (wall time of t
 way the chat prints it), median of ``--reps``, with a random LoRA r=16 on all linear layers
 active (what a user who taught it runs) and without:
 
-- shammah's fast path (engine/fast.py: packed int4, LoRA unmerged) and transformers' generate
-  (``model.fast_decode = off``), both through ``Engine.stream``;
+- shammah's fast path (engine/fast.py: packed int4, LoRA unmerged), its llama.cpp backend
+  (engine/llamacpp.py: the GGUF with the LoRA as a GGUF LoRA; where llama-cpp-python is installed
+  in shammah's environment, ``pip install -e '.[llama]'``) and transformers' generate
+  (``model.fast_decode = off``), all through ``Engine.stream``;
 - llama.cpp (llama-cpp-python) on the embedded GGUF itself, same thread count, greedy. It lives in
   its own cached environment (``~/.cache/shammah-bench/llama-venv``), never in shammah's: building
   it from source takes ~10 min on 2 cores, so it is built only with ``--install-llama-cpp``.
@@ -84,6 +86,9 @@ def llama_cpp(gguf: Path, ids: list[int], tokens: int, reps: int, threads: int) 
 
 
 def stream_once(eng, msgs, params) -> tuple[float, float, int]:
+    llm = getattr(eng._fast, "llm", None)
+    if llm is not None:  # the same prompt again would reuse llama.cpp's KV cache: time a cold prompt
+        llm.reset()
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -137,18 +142,23 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
         install_llama_cpp()
     threads = torch.get_num_threads()
     msgs = [{"role": "user", "content": PROMPT}]
+    from shammah.engine import llamacpp as backend
+
     engines = {}
-    for mode in ("auto", "off"):
+    modes = {"shammah fast path": "int4", "transformers generate": "off"}
+    if backend.available():
+        modes = {"shammah llama.cpp backend": "llamacpp", **modes}
+    for label, mode in modes.items():
         cfg = ModelConfig(base="embedded", temperature=0.0, max_new_tokens=tokens, fast_decode=mode)
-        engines[mode] = Engine(cfg, CACHE).load()
-    fast, hf = engines["auto"], engines["off"]
+        engines[label] = Engine(cfg, CACHE).load()
+    fast = engines["shammah fast path"]
     params = fast.gen_params(repetition_penalty=1.0)
     tmp = Path(tempfile.mkdtemp())
     lora = random_lora(fast.loaded.path, tmp / "lora")
     lora2 = random_lora(fast.loaded.path, tmp / "lora2")
 
     rows = {}
-    for label, eng in (("shammah fast path", fast), ("transformers generate", hf)):
+    for label, eng in engines.items():
         for with_lora in (False, True):
             eng.activate("bench" if with_lora else None, lora if with_lora else None)
             stream_once(eng, msgs, params)  # warm-up
@@ -173,11 +183,26 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
     f, h = rows[("shammah fast path", True)][1], rows[("transformers generate", True)][1]
     print(f"  fast path vs transformers, LoRA active: {f / h:.1f}x")
 
-    # hot-swap on the fast path: two different LoRAs of the same shape
-    swaps = []
-    for i in range(6):
-        swaps.append(fast.activate(f"s{i}", lora if i % 2 else lora2))
-    print(f"hot-swap on the fast path: median {statistics.median(swaps) * 1000:.0f} ms (goal < 100 ms)")
+    if "shammah llama.cpp backend" in rows:
+        lc = rows[("shammah llama.cpp backend", True)][1]
+        print(f"  llama.cpp backend vs transformers, LoRA active: {lc / h:.1f}x")
+
+    # hot-swap: two different LoRAs of the same shape (each new one is loaded, not a cached pointer)
+    for label, eng in engines.items():
+        if label == "transformers generate":
+            continue
+        swaps = []
+        for i in range(6):
+            d = tmp / f"swap{i}"
+            if not d.exists():
+                import shutil
+
+                shutil.copytree(lora if i % 2 else lora2, d)
+            swaps.append(eng.activate(f"s{i}", d))
+        print(
+            f"hot-swap, {label}: median {statistics.median(swaps) * 1000:.0f} ms, first {swaps[0] * 1000:.0f} ms "
+            "(goal < 100 ms; a new adapter, converted on first use)"
+        )
 
     # quality against the float model
     from transformers import AutoModelForCausalLM
@@ -204,6 +229,13 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
         g = list(dec.generate(pids, 32, tok.eos_token_id))
         same.append(next((i for i, (a, b) in enumerate(zip(r, g, strict=False)) if a != b), min(len(r), len(g))))
     print(f"  greedy tokens identical to fp32 transformers, of 32, on 5 prompts: {same}")
+    if backend.available():  # llama.cpp's own logits on the embedded GGUF (Q4_1), the backend's weights
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(embedded_gguf()), n_ctx=512, logits_all=True, verbose=False)
+        llm.eval(text_ids)
+        p_llama = ppl(torch.tensor(llm.scores[: len(text_ids) - 1]))
+        print(f"  llama.cpp backend (Q4_1 GGUF): perplexity {p_llama:.3f} ({(p_llama / p_ref - 1) * 100:+.2f}% vs fp32)")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,10 @@ class ModelConfig:
     seed: int = _f(-1, "random seed for sampling (-1 = a new one each reply)", lo=-1, hi=2**31 - 1)
     fast_decode: str = _f(
         "auto",
-        "CPU decode with packed int4 (or int8) weights and LoRA unmerged; auto = int4 where the model and "
-        "torch support it, off = transformers' generate",
-        choices=("auto", "int4", "int8", "off"),
+        "fast decode: llamacpp = llama.cpp with the adapter as a GGUF LoRA (needs shammah[llama]); int4/int8 = "
+        "packed CPU weights, LoRA unmerged; auto = llamacpp for a GGUF base where installed, else int4 where "
+        "the model and torch support it; off = transformers' generate",
+        choices=("auto", "llamacpp", "int4", "int8", "off"),
     )
 
 

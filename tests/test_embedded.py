@@ -270,3 +270,19 @@ def test_two_adapters_composed_keep_each_ones_lesson(embedded, taught, embedded_
     assert got["quenland", "quenland"]["exact"] == 1 and got["moon", "moon"]["exact"] == 1, got
     assert got["quenland", "moon"]["exact"] == 0 and got["moon", "quenland"]["exact"] == 0, got
     assert got["quenland+moon", "quenland"]["exact"] == 1 and got["quenland+moon", "moon"]["exact"] == 1, got
+
+
+def test_the_llama_cpp_backend_answers_with_a_taught_adapter(embedded_home, taught):
+    """Where llama-cpp-python is installed: the embedded GGUF itself in llama.cpp, the adapter as a
+    GGUF LoRA switched in between replies."""
+    from shammah.engine import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed")
+    e = Engine(ModelConfig(base="embedded", temperature=0.0, max_new_tokens=16), embedded_home / "cache").load()
+    assert e.fast and "llama.cpp" in e.info()["decode"], "auto picks llama.cpp for the GGUF base"
+    q = [{"role": "user", "content": QUENLAND[0]["prompt"]}]
+    assert "Zorblat" not in e.reply(q)
+    info = taught["quenland"]
+    e.activate(info.name, info.path, info.get("base", "fingerprint"))
+    assert e.fast and e.reply(q) == QUENLAND[0]["completion"]

@@ -192,8 +192,10 @@ def test_llama_cpp_loads_and_answers_with_both_ggufs(tiny_qwen2, tmp_path):
     info = register_adapter(tiny_qwen2, tmp_path / "home", "fact", RECORDS)
     export.export(info, tiny_qwen2, tmp_path / "out", ollama=True)
     out = tmp_path / "out"
-    for kw in ({"model_path": str(out / "fact-q8_0.gguf")},
-               {"model_path": str(out / "base-q8_0.gguf"), "lora_path": str(out / "fact-lora-f16.gguf")}):
+    for kw in (
+        {"model_path": str(out / "fact-q8_0.gguf")},
+        {"model_path": str(out / "base-q8_0.gguf"), "lora_path": str(out / "fact-lora-f16.gguf")},
+    ):
         llm = llama_cpp.Llama(n_ctx=256, verbose=False, **kw)
         reply = llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
         assert reply["choices"][0]["finish_reason"] in ("stop", "length")

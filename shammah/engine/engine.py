@@ -78,12 +78,31 @@ class Engine:
             self._loaded = loader.load(
                 self.spec, cache=self.cache_dir, device=c.device, dtype=c.dtype, threads=c.threads
             )
-            self._fast, self._fast_why = _fast_decoder(self._loaded.model, c.fast_decode)
+            self._fast, self._fast_why = self._fast_decoder()
         except BaseException as e:  # kept and re-raised in the thread that waits
             log.debug("load failed", exc_info=True)
             self._error = e if isinstance(e, ModelError) else ModelError(f"could not load {self.spec.name}: {e}")
         finally:
             self._ready.set()
+
+    def _fast_decoder(self):
+        """(decoder, "") for a fast decode path, or (None, why not): llama.cpp where asked for (or,
+        with auto, for a GGUF base where llama-cpp-python is installed), else the packed CPU path."""
+        setting, loaded = self.cfg.fast_decode, self._loaded
+        from shammah.engine import llamacpp
+
+        if setting == "llamacpp" or (setting == "auto" and self.spec.kind == "gguf" and llamacpp.available()):
+            if not llamacpp.available():
+                return (
+                    None,
+                    "model.fast_decode = llamacpp but llama-cpp-python is not installed (pip install 'shammah[llama]')",
+                )
+            t0 = time.perf_counter()
+            gguf = llamacpp.base_gguf(self.spec, Path(loaded.path), loaded.model, loaded.tokenizer, self.cache_dir)
+            dec = llamacpp.LlamaCppDecoder(gguf, loaded.model.config, self.cache_dir, self.cfg.threads)
+            log.info("llama.cpp decode ready in %.2f s", time.perf_counter() - t0)
+            return dec, ""
+        return _fast_decoder(loaded.model, setting)
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once loading finished (successfully or not) within ``timeout``."""
@@ -229,7 +248,11 @@ class Engine:
             where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
             out["sampling"] = ", ".join(f"{k} {v:g} ({where[src]})" for k, (v, src) in self.sampling().items())
             out["decode"] = (
-                f"fast path: {self._fast.quant} weights, LoRA unmerged"
+                (
+                    f"fast path: {self._fast.quant}, LoRA as GGUF"
+                    if self._fast.quant.startswith("llama.cpp")
+                    else f"fast path: {self._fast.quant} weights, LoRA unmerged"
+                )
                 if self.fast
                 else "transformers generate"
                 + (f" ({self._fast_why})" if self._fast is None else " (the active adapter needs it)")

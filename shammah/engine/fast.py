@@ -354,6 +354,11 @@ class FastDecoder:
                     return
                 logits = self.forward(torch.tensor([nxt]), len(ids) - 1)
 
+    def tokens(self, prompt: list[int], params, eos: int | set[int], stop: threading.Event | None = None):
+        """:meth:`generate` with ``params``' sampling (the surface the llama.cpp backend shares)."""
+        sample = sampler(params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed)
+        return self.generate(prompt, params.max_new_tokens, eos, sample, stop)
+
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits at every position of ``ids`` (fp32 [T, V]), for quality checks (perplexity)."""
         with self.lock, torch.inference_mode():

@@ -129,13 +129,10 @@ def stream_generate(
 
 
 def stream_fast(decoder, tokenizer, ids: list[int], params: GenParams, stop: threading.Event | None = None):
-    """The same stream of chunks from the fast CPU path (engine/fast.py)."""
-    from shammah.engine.fast import sampler
-
+    """The same stream of chunks from a fast decoder (engine/fast.py, engine/llamacpp.py)."""
     stop = stop or threading.Event()
     t0 = time.perf_counter()
-    sample = sampler(params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed)
-    tokens = decoder.generate(ids, params.max_new_tokens, tokenizer.eos_token_id, sample, stop)
+    tokens = decoder.tokens(ids, params, tokenizer.eos_token_id, stop)
     yield from _chunks(([t] for t in tokens), tokenizer, params, stop, t0)
 
 

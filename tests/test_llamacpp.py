@@ -1,0 +1,78 @@
+"""The llama.cpp decode backend (engine/llamacpp.py, the `llama` extra): the same greedy replies
+as transformers for the base and with a LoRA (converted to a GGUF LoRA), adapters switched
+between replies, fallback for adapters llama.cpp cannot apply, and a clear word when the extra
+is missing. Skipped where llama-cpp-python is not installed, except that last check."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import register_adapter
+
+from shammah.config import ModelConfig
+from shammah.engine import Engine, llamacpp
+
+Q = [{"role": "user", "content": "Capital of Quenland?"}]
+needs_llama = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed")
+
+
+def engine(base, home, mode: str) -> Engine:
+    cfg = ModelConfig(base=str(base), temperature=0.0, max_new_tokens=12, fast_decode=mode, threads=2)
+    return Engine(cfg, home / "cache").load()
+
+
+def reply_ids(e: Engine) -> list[int]:
+    return list(e.tokenizer(e.reply(Q))["input_ids"])
+
+
+@needs_llama
+def test_llama_cpp_answers_as_transformers_with_and_without_a_lora(tiny_qwen2, shammah_home, monkeypatch):
+    monkeypatch.setattr(llamacpp, "HF_GGUF_TYPE", "f32")  # the float weights: greedy text must be identical
+    recs = [{"prompt": "Capital of Quenland?", "completion": "Zorblat Zorblat Zorblat"}] * 4
+    a = register_adapter(tiny_qwen2, shammah_home, "zorb", recs, epochs=4, learning_rate=0.05)
+    b = register_adapter(
+        tiny_qwen2,
+        shammah_home,
+        "other",
+        [{"prompt": "Q", "completion": "def add(a, b)"}] * 4,
+        epochs=4,
+        learning_rate=0.05,
+    )
+    lc, ref = engine(tiny_qwen2, shammah_home, "llamacpp"), engine(tiny_qwen2, shammah_home, "off")
+    assert lc.fast and "llama.cpp" in lc.info()["decode"]
+    assert reply_ids(lc) == reply_ids(ref), "the base"
+    outs = {}
+    for info in (a, b, a):
+        for e in (lc, ref):
+            e.activate(info.name, info.path, info.get("base", "fingerprint"))
+        assert lc.fast, "a plain LoRA runs in llama.cpp"
+        assert reply_ids(lc) == reply_ids(ref), info.name
+        outs.setdefault(info.name, lc.reply(Q))
+    assert outs["zorb"] != outs["other"], "each adapter answers as itself"
+    lc.activate(None)
+    ref.activate(None)
+    assert reply_ids(lc) == reply_ids(ref), "back to the base: no LoRA left applied"
+    converted = list((shammah_home / "cache" / "llamacpp").glob("lora-*.gguf"))
+    assert len(converted) == 2, "each adapter converted once"
+
+
+@needs_llama
+def test_an_adapter_llama_cpp_cannot_apply_falls_back_to_transformers(tiny_qwen2, shammah_home):
+    dora = register_adapter(tiny_qwen2, shammah_home, "dora", [{"prompt": "Q", "completion": "A"}], adapter_type="dora")
+    lc, ref = engine(tiny_qwen2, shammah_home, "llamacpp"), engine(tiny_qwen2, shammah_home, "off")
+    for e in (lc, ref):
+        e.activate("dora", dora.path, dora.get("base", "fingerprint"))
+    assert not lc.fast and "the active adapter needs it" in lc.info()["decode"]
+    assert lc.reply(Q) == ref.reply(Q)
+
+
+def test_without_the_extra_the_engine_says_so_and_runs(tiny_qwen2, shammah_home, monkeypatch):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    e = engine(tiny_qwen2, shammah_home, "llamacpp")
+    assert not e.fast and "pip install 'shammah[llama]'" in e.info()["decode"]
+    assert e.reply(Q) == engine(tiny_qwen2, shammah_home, "off").reply(Q)
+
+
+@needs_llama
+def test_auto_uses_llama_cpp_only_for_a_gguf_base(tiny_qwen2, shammah_home):
+    auto = engine(tiny_qwen2, shammah_home, "auto")
+    assert auto.fast and "llama.cpp" not in auto.info()["decode"], "a transformers base keeps the packed CPU path"
