@@ -235,7 +235,9 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
         llm = Llama(model_path=str(embedded_gguf()), n_ctx=512, logits_all=True, verbose=False)
         llm.eval(text_ids)
         p_llama = ppl(torch.tensor(llm.scores[: len(text_ids) - 1]))
-        print(f"  llama.cpp backend (Q4_1 GGUF): perplexity {p_llama:.3f} ({(p_llama / p_ref - 1) * 100:+.2f}% vs fp32)")
+        print(
+            f"  llama.cpp backend (Q4_1 GGUF): perplexity {p_llama:.3f} ({(p_llama / p_ref - 1) * 100:+.2f}% vs fp32)"
+        )
 
 
 if __name__ == "__main__":

@@ -192,6 +192,17 @@ def setup_logging(level: str, logs_dir) -> None:
         root.addHandler(logging.StreamHandler(sys.stderr))
 
 
+def _quiet_ml() -> None:
+    """Library notes and progress bars of transformers are not the user's concern in a command."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _load(args):
     from shammah.config import load_config, with_overrides
     from shammah.paths import Paths
@@ -407,24 +418,16 @@ def cmd_adapters(args) -> int:
 
 def _export(args, cfg, paths, reg, out) -> int:
     """`shammah adapters export`."""
-    import warnings
     from pathlib import Path
-
-    from transformers.utils import logging as hf_logging
 
     from shammah.adapters import export
     from shammah.engine.engine import FALLBACK_SAMPLING
-    from shammah.engine.loader import LOAD_LOCK, model_dir
-    from shammah.engine.resolve import resolve
+    from shammah.engine.loader import local_dir
 
-    hf_logging.set_verbosity_error()  # library notes and progress bars are not the user's concern here
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_ml()
     info = reg.get(args.name)
     gguf_type = args.gguf_type or ("f16" if args.gguf else None)
-    spec = resolve(info.get("base", "requested") or cfg.model.base)
-    with LOAD_LOCK:
-        base_dir = model_dir(spec, paths.cache)
+    spec, base_dir = local_dir(info.get("base", "requested") or cfg.model.base, paths.cache)
     base_gguf = Path(spec.source) / spec.gguf_file if spec.kind == "gguf" else None
     m = cfg.model
     sampling = {
@@ -483,12 +486,10 @@ def _packages(action: str, args, cfg, paths, reg, out) -> int:
         out.ok(f"{args.file}: OK")
         return 0
     from shammah.engine.fingerprint import fingerprint
-    from shammah.engine.loader import LOAD_LOCK, model_dir
-    from shammah.engine.resolve import resolve
+    from shammah.engine.loader import local_dir
 
-    spec = resolve(cfg.model.base)
-    with LOAD_LOCK:
-        base_fp = fingerprint(model_dir(spec, paths.cache))
+    spec, base_dir = local_dir(cfg.model.base, paths.cache)
+    base_fp = fingerprint(base_dir)
     info = package.install(
         Path(args.file),
         reg,
@@ -506,20 +507,14 @@ def cmd_eval(args) -> int:
     import hashlib
     import json
     import time
-    import warnings
     from pathlib import Path
-
-    from transformers.utils import logging as hf_logging
 
     from shammah import evaluate
     from shammah.adapters.registry import Registry
-    from shammah.engine.loader import LOAD_LOCK, model_dir
-    from shammah.engine.resolve import resolve
+    from shammah.engine.loader import local_dir
     from shammah.repl.io import Console
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_ml()
     cfg, _, paths = _load(args)
     reg = Registry(paths.adapters)
     targets = [args.target] + ([args.compare] if args.compare else [])
@@ -528,9 +523,7 @@ def cmd_eval(args) -> int:
             reg.get(name)
     items = evaluate.load_items(Path(args.dataset))
     metrics = evaluate.parse_metrics(args.metrics, [it.reference for it in items])
-    spec = resolve(cfg.model.base)
-    with LOAD_LOCK:
-        base_dir = model_dir(spec, paths.cache)
+    spec, base_dir = local_dir(cfg.model.base, paths.cache)
     ev = evaluate.Evaluator(base_dir, reg, args.max_tokens, cfg.model.threads)
     out = Console()
     results = {}
@@ -553,18 +546,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    import warnings
     from pathlib import Path
-
-    from transformers.utils import logging as hf_logging
 
     from shammah.config import with_overrides
     from shammah.pipeline.run import Layout, Pipeline, table
     from shammah.repl.io import Console
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_ml()
     cfg, _, paths = _load(args)
     over = {"examples": args.examples, "teacher_url": args.teacher_url, "teacher_model": args.teacher_model}
     over = {k: v for k, v in over.items() if v is not None}

@@ -67,8 +67,8 @@ class ModelConfig:
     fast_decode: str = _f(
         "auto",
         "fast decode: llamacpp = llama.cpp with the adapter as a GGUF LoRA (needs shammah[llama]); int4/int8 = "
-        "packed CPU weights, LoRA unmerged; auto = llamacpp for a GGUF base where installed, else int4 where "
-        "the model and torch support it; off = transformers' generate",
+        "packed CPU weights, LoRA unmerged; auto = int4 where the model and torch support it; "
+        "off = transformers' generate",
         choices=("auto", "llamacpp", "int4", "int8", "off"),
     )
 

@@ -279,8 +279,9 @@ def test_the_llama_cpp_backend_answers_with_a_taught_adapter(embedded_home, taug
 
     if not llamacpp.available():
         pytest.skip("llama-cpp-python is not installed")
-    e = Engine(ModelConfig(base="embedded", temperature=0.0, max_new_tokens=16), embedded_home / "cache").load()
-    assert e.fast and "llama.cpp" in e.info()["decode"], "auto picks llama.cpp for the GGUF base"
+    cfg = ModelConfig(base="embedded", temperature=0.0, max_new_tokens=16, fast_decode="llamacpp")
+    e = Engine(cfg, embedded_home / "cache").load()
+    assert e.fast and "llama.cpp" in e.info()["decode"]
     q = [{"role": "user", "content": QUENLAND[0]["prompt"]}]
     assert "Zorblat" not in e.reply(q)
     info = taught["quenland"]

@@ -474,3 +474,33 @@ def test_the_chat_uses_the_running_server_to_answer_rate_and_train(tiny_qwen2, s
         # --no-server: the chat loads the model itself
         r = chat(["/status"], "--no-server")
         assert r.returncode == 0 and "served by" not in r.stderr and "server" not in r.stdout
+
+
+def test_adapter_names_no_file_system_can_hold_are_404_not_500(tiny_qwen2, shammah_home):
+    """Found by schemathesis: DELETE /v1/adapters/<a 300-byte name> made the registry stat a path
+    the OS refuses (ENAMETOOLONG) and the server answered 500."""
+    import asyncio
+
+    from shammah.config import Config, ModelConfig
+    from shammah.paths import Paths
+    from shammah.serve.app import create_app
+    from shammah.serve.server import Server
+
+    srv = Server(Config(model=ModelConfig(base=str(tiny_qwen2))), Paths(shammah_home).ensure())
+    srv.engine.start_loading = lambda: None
+    long = "T\u0335\u033a" * 120  # combining marks: ~600 bytes of UTF-8
+
+    async def go():
+        transport = httpx.ASGITransport(app=create_app(srv))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            out = [await c.delete(f"/v1/adapters/{long}"), await c.delete("/v1/adapters/a%2F..%2Fb")]
+            out.append(
+                await c.post(
+                    "/v1/chat/completions", json={"model": long, "messages": [{"role": "user", "content": "hi"}]}
+                )
+            )
+            return out
+
+    for r in asyncio.run(go()):
+        assert r.status_code in (404, 503), (r.status_code, r.text)
+    assert srv.registry.exists(long) is False

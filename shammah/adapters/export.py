@@ -16,6 +16,7 @@ not at all (a temp file or staging directory renamed into place).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -197,6 +198,17 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _rope_heads(kind: str, key: str, config) -> int | None:
+    """For Llama's q/k projections, the head count their rows are permuted by (else None)."""
+    if kind != "llama":
+        return None
+    if key.endswith("q_proj.weight"):
+        return config.num_attention_heads
+    if key.endswith("k_proj.weight"):
+        return config.num_key_value_heads
+    return None
+
+
 def _qtype(name: str):
     import gguf
 
@@ -248,6 +260,27 @@ def _atomic_file(target: Path):
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
+@contextlib.contextmanager
+def _gguf_writer(target: Path, arch):
+    """A GGUFWriter on a temp file beside ``target``; written out and renamed into place when the
+    block ends without error, removed otherwise."""
+    import gguf
+
+    tmp = _atomic_file(target)
+    try:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        yield w
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _add_tensor(writer, name: str, t, qtype_name: str, permute_heads: int | None = None) -> None:
     import gguf
     import numpy as np
@@ -282,9 +315,7 @@ def write_gguf(model, tok, target: Path, qtype: str = "f16", *, name: str = "", 
     check_finite(state.items())
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
-    tmp = _atomic_file(target)
-    try:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    with _gguf_writer(target, arch) as w:
         w.add_name(name or target.stem)
         w.add_context_length(c.max_position_embeddings)
         w.add_embedding_length(c.hidden_size)
@@ -314,21 +345,7 @@ def write_gguf(model, tok, target: Path, qtype: str = "f16", *, name: str = "", 
             gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise ExportError(f"no GGUF name for tensor {key} of a {kind} model")
-            heads = None
-            if kind == "llama" and key.endswith("q_proj.weight"):
-                heads = c.num_attention_heads
-            elif kind == "llama" and key.endswith("k_proj.weight"):
-                heads = c.num_key_value_heads
-            _add_tensor(w, gname, t, qtype, heads)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _add_tensor(w, gname, t, qtype, _rope_heads(kind, key, c))
     return target
 
 
@@ -350,9 +367,7 @@ def write_lora_gguf(info: AdapterInfo, base_config, target: Path, qtype: str = "
     names = gguf.get_tensor_name_map(arch, base_config.num_hidden_layers)
     weights = load_file(str(info.path / "adapter_model.safetensors"))
     check_finite(weights.items())
-    tmp = _atomic_file(target)
-    try:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    with _gguf_writer(target, arch) as w:
         w.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.get("lora_alpha", cfg.get("r", 8))))
@@ -365,22 +380,9 @@ def write_lora_gguf(info: AdapterInfo, base_config, target: Path, qtype: str = "
             gname = names.get_name(hf, try_suffixes=(".weight",))
             if gname is None:
                 raise ExportError(f"no GGUF name for {hf}; llama.cpp cannot apply this adapter")
-            heads = None  # B's rows follow the base's rows: permuted like q/k for Llama; A is untouched
-            if kind == "llama" and hf.endswith("q_proj.weight"):
-                heads = base_config.num_attention_heads
-            elif kind == "llama" and hf.endswith("k_proj.weight"):
-                heads = base_config.num_key_value_heads
+            # B's rows follow the base's rows: permuted like q/k for Llama; A is untouched
             _add_tensor(w, gname + ".lora_a", a, qtype)
-            _add_tensor(w, gname + ".lora_b", b, qtype, heads)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _add_tensor(w, gname + ".lora_b", b, qtype, _rope_heads(kind, hf, base_config))
     return target
 
 

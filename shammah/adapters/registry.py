@@ -129,7 +129,9 @@ class Registry:
         return self.root / check_name(name)
 
     def exists(self, name: str) -> bool:
-        return (self.root / name / META).is_file()
+        """A registered adapter of this name. A name no adapter can have (a path, 600 bytes of
+        combining marks from an HTTP client) is not one: never a path the OS refuses to stat."""
+        return bool(NAME_RE.match(name)) and (self.root / name / META).is_file()
 
     def stage(self, name: str) -> Path:
         check_name(name)

@@ -86,12 +86,14 @@ class Engine:
             self._ready.set()
 
     def _fast_decoder(self):
-        """(decoder, "") for a fast decode path, or (None, why not): llama.cpp where asked for (or,
-        with auto, for a GGUF base where llama-cpp-python is installed), else the packed CPU path."""
+        """(decoder, "") for a fast decode path, or (None, why not): llama.cpp where asked for, else
+        the packed CPU path. Never llama.cpp by default: its float order differs, and on the embedded
+        model a near tie then tips "What is the capital of France?" into French rambling, where the
+        packed path (like transformers) answers "Paris" — installing an extra must not change answers."""
         setting, loaded = self.cfg.fast_decode, self._loaded
         from shammah.engine import llamacpp
 
-        if setting == "llamacpp" or (setting == "auto" and self.spec.kind == "gguf" and llamacpp.available()):
+        if setting == "llamacpp":
             if not llamacpp.available():
                 return (
                     None,

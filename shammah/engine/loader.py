@@ -147,6 +147,16 @@ def hub_snapshot(repo_id: str) -> Path:
     )
 
 
+def local_dir(base: str, cache: Path) -> tuple[ModelSpec, Path]:
+    """(spec, transformers directory) of the base named ``base`` (config model.base syntax),
+    converted or fetched once; for the commands that read a base without the chat engine."""
+    from shammah.engine.resolve import resolve
+
+    spec = resolve(base)
+    with LOAD_LOCK:
+        return spec, model_dir(spec, cache)
+
+
 def model_dir(spec: ModelSpec, cache: Path) -> Path:
     """The directory of a transformers model for ``spec``, converting/fetching if needed."""
     if spec.kind == "gguf":

@@ -189,11 +189,9 @@ class Pipeline:
 
     def _evaluator(self, max_new_tokens: int = 256):
         from shammah import evaluate
-        from shammah.engine.loader import LOAD_LOCK, model_dir
-        from shammah.engine.resolve import resolve
+        from shammah.engine.loader import local_dir
 
-        with LOAD_LOCK:
-            base_dir = model_dir(resolve(self.cfg.model.base), self.paths.cache)
+        _, base_dir = local_dir(self.cfg.model.base, self.paths.cache)
         return evaluate.Evaluator(base_dir, self._registry(), max_new_tokens, self.cfg.model.threads)
 
     def stage_preferences(self, force: bool) -> None:
@@ -263,13 +261,10 @@ class Pipeline:
 
     def stage_quantize(self, force: bool) -> None:
         from shammah.adapters import export
-        from shammah.engine.loader import LOAD_LOCK, model_dir
-        from shammah.engine.resolve import resolve
+        from shammah.engine.loader import local_dir
 
         name = self._final()
-        spec = resolve(self.cfg.model.base)
-        with LOAD_LOCK:
-            base_dir = model_dir(spec, self.paths.cache)
+        _, base_dir = local_dir(self.cfg.model.base, self.paths.cache)
         info = self._registry().get(name)
         model, tok = export.merged_model(info, base_dir)
         target = self.layout.models / "gguf" / f"{name}-{self.cfg.pipeline.gguf_type}.gguf"
