@@ -128,9 +128,13 @@ def test_sft_method_never_trains_undesirable_completions():
     assert [(e.kind, e.responses) for e in out] == [("sft", ("good",))]
 
 
-def test_the_head_on_loss_positions_only_gives_the_same_losses(tiny_qwen2, tok):
-    """The output head runs only where some row has a loss: every kind's loss and its gradient
-    equal those computed from the logits of every position."""
+@pytest.mark.parametrize("slice_positions", [None, 3])
+def test_the_head_on_loss_positions_only_gives_the_same_losses(tiny_qwen2, tok, slice_positions, monkeypatch):
+    """The output head runs only where some row has a loss, at once or slice by slice (3 positions
+    a slice: many slices, recomputed in the backward pass): every kind's loss and its gradient
+    equal those computed from the model's own logits at every position."""
+    if slice_positions:
+        monkeypatch.setattr(methods, "HEAD_BUDGET", 5 * tok.vocab_size * slice_positions)  # 5 rows
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -154,15 +158,13 @@ def test_the_head_on_loss_positions_only_gives_the_same_losses(tiny_qwen2, tok):
     full = methods._forward(model, batch, all_positions=True)
     assert kept[3] is not None and len(kept[3]) < batch["input_ids"].shape[1], "prompt positions are skipped"
     assert torch.allclose(kept[0], full[0], atol=1e-5) and torch.equal(kept[1], full[1])
-    assert torch.allclose(
-        methods.distill_loss(kept[2], batch, kept[3]), methods.distill_loss(full[2], batch), atol=1e-6
-    )
+    assert kept[2] is not None and torch.allclose(kept[2], full[2], atol=1e-6), "the distillation loss per row"
     loss, parts = methods.Objective(build(("t", {})))(model, batch)
     assert set(parts) == {"sft", "dpo", "distill", "kto"}
     loss.backward()
     g_kept = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    logp, n, logits, _ = full
+    logp, n, _, _ = full
     ref = -(logp[0] / n[0])  # the sft row alone, from every position's logits
     ref.backward()
     g_sft = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -173,6 +175,17 @@ def test_the_head_on_loss_positions_only_gives_the_same_losses(tiny_qwen2, tok):
         for a, p in zip(g_sft, [p for p in model.parameters() if p.requires_grad], strict=True)
     )
     assert any(g.abs().sum() > 0 for g in g_kept)
+
+    def grads_of(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    # the distillation rows' gradient, through the sliced head's recomputation, as from full logits
+    g_full = grads_of(methods._forward(model, batch, all_positions=True)[2].sum())
+    g_sliced = grads_of(methods._forward(model, batch)[2].sum())
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_sliced, strict=True))
+    assert any(g.abs().sum() > 0 for g in g_sliced)
 
 
 def test_reference_passes_go_by_tokens():

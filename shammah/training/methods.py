@@ -172,6 +172,16 @@ def _teacher_topk(model, chunk: list[dict], pad_id: int) -> None:
         f["topk"] = (top.indices.cpu(), top.values.cpu())
 
 
+def _kl_terms(logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at each position, over the teacher's top-k plus a tail bucket:
+    student ``logits`` [..., V], the teacher's top-k ids and log-probs [..., k]."""
+    logq = logits.gather(-1, idx) - logits.logsumexp(-1, keepdim=True)
+    p, q = logp.exp(), logq.exp()
+    p_tail = (1 - p.sum(-1)).clamp(min=1e-8)
+    q_tail = (1 - q.sum(-1)).clamp(min=1e-8)
+    return (p * (logp - logq)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+
+
 def distill_loss(logits: torch.Tensor, batch: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row mean forward KL(teacher || student) over the teacher's top-k plus a tail bucket.
     ``keep``: the positions ``logits`` are for (None: all of them)."""
@@ -180,13 +190,7 @@ def distill_loss(logits: torch.Tensor, batch: dict, keep: torch.Tensor | None = 
         m, idx, lp = m[:, keep], idx[:, keep], lp[:, keep]
     elif logits.shape[1] > m.shape[1]:  # prompt tuning prepends virtual tokens
         logits = logits[:, -m.shape[1] :]
-    sel = logits[m].float()  # [N, V]: only positions with a teacher
-    logq = sel.gather(-1, idx[m]) - sel.logsumexp(-1, keepdim=True)
-    logp = lp[m]
-    p, q = logp.exp(), logq.exp()
-    p_tail = (1 - p.sum(-1)).clamp(min=1e-8)
-    q_tail = (1 - q.sum(-1)).clamp(min=1e-8)
-    kl = (p * (logp - logq)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    kl = _kl_terms(logits[m].float(), idx[m], lp[m])  # only positions with a teacher
     per_row = torch.zeros(m.shape[0], device=kl.device).index_add(0, m.nonzero()[:, 0], kl)
     return per_row / m.sum(-1).clamp(min=1)
 
@@ -197,14 +201,61 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logp, n
 
 
+# Logit values per slice of the output head. A batch of long replies' full-vocabulary logits (4 rows
+# x 600 positions x 49k tokens in fp32, plus log-softmax and their gradients) was gigabytes of a
+# training step. Beyond this many values (128 MB in fp32) the head runs slice by slice and is
+# recomputed in the backward pass (torch.utils.checkpoint), so one slice's logits exist at a time;
+# below it (short lessons: every chat job so far) it runs once, with no recomputation.
+HEAD_BUDGET = 32 * 2**20
+PLAIN_HEADS = {"llama", "qwen2", "qwen3", "mistral"}  # logits = lm_head(final hidden state), nothing more
+
+
+def _head_slice(head, h, labels, idx=None, logp=None, mask=None):
+    """Per-position NLL (and KL to the teacher where ``mask``) of one slice of positions."""
+    logits = head(h).float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)
+    if idx is None:
+        return nll
+    return nll, torch.where(mask, _kl_terms(logits, idx, logp), torch.zeros_like(nll))
+
+
+def _sliced_head(lm, batch: dict, labels: torch.Tensor, keep: torch.Tensor):
+    """(NLL [B, K], KL [B, K] or None) at positions ``keep``, the head run slice by slice."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    h = out.last_hidden_state[:, keep]
+    head = lm.get_output_embeddings()
+    distill = "kl_mask" in batch
+    if distill:
+        m, idx, lp = batch["kl_mask"][:, keep], batch["kl_idx"][:, keep], batch["kl_logp"][:, keep]
+    per_slice = max(1, HEAD_BUDGET // (h.shape[0] * head.weight.shape[0]))  # positions
+    sliced = per_slice < h.shape[1] and torch.is_grad_enabled()
+    nlls, kls = [], []
+    for s in range(0, h.shape[1], per_slice):
+        sl = slice(s, s + per_slice)
+        args = (head, h[:, sl], labels[:, sl]) + ((idx[:, sl], lp[:, sl], m[:, sl]) if distill else ())
+        res = checkpoint(_head_slice, *args, use_reentrant=False) if sliced else _head_slice(*args)
+        if distill:
+            nlls.append(res[0])
+            kls.append(res[1])
+        else:
+            nlls.append(res)
+    return torch.cat(nlls, 1), (torch.cat(kls, 1) if distill else None)
+
+
 def _forward(
     model, batch: dict, all_positions: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(target log-prob sums, target counts, logits, the positions the logits are for).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(target log-prob sums, target counts, the distillation loss per row or None, the positions
+    the head ran at).
 
-    The output head runs only at positions where some row has a loss (``logits_to_keep``): a
-    49k-vocab head over every prompt token was most of a step's memory and a good part of its time,
-    and those logits were thrown away. Prompt tuning prepends virtual tokens: all positions there."""
+    The output head runs only at positions where some row has a loss: a 49k-vocab head over every
+    prompt token was most of a step's memory and a good part of its time, and those logits were
+    thrown away. For plain heads it runs slice by slice (``HEAD_BUDGET``). Prompt tuning prepends
+    virtual tokens: all positions there, through the model's own forward."""
     # Shift the labels, not the logits: slicing [B, L, V] logits would copy them.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     L = labels.shape[1]
@@ -215,17 +266,27 @@ def _forward(
         if "kl_mask" in batch:
             has = has | batch["kl_mask"]
         keep = has.any(0).nonzero().squeeze(-1)
-    kw = {} if keep is None else {"logits_to_keep": keep}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-    if keep is not None:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    distill = None
+    if keep is not None and getattr(lm.config, "model_type", None) in PLAIN_HEADS and hasattr(lm, "model"):
         labels = labels[:, keep]
-    elif logits.shape[1] > L:  # prompt tuning prepends virtual tokens
-        logits = logits[:, -L:]
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view(labels.shape)
+        nll, kl = _sliced_head(lm, batch, labels, keep)
+        if kl is not None:
+            distill = kl.sum(-1) / batch["kl_mask"][:, keep].sum(-1).clamp(min=1)
+    else:
+        kw = {} if keep is None else {"logits_to_keep": keep}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
+        if keep is not None:
+            labels = labels[:, keep]
+        elif logits.shape[1] > L:  # prompt tuning prepends virtual tokens
+            logits = logits[:, -L:]
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(labels.shape)
+        if "kl_mask" in batch:
+            distill = distill_loss(logits, batch, keep)
     mask = labels != IGNORE
-    return -(nll * mask).sum(-1), mask.sum(-1), logits, keep
+    return -(nll * mask).sum(-1), mask.sum(-1), distill, keep
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float) -> torch.Tensor:
@@ -258,7 +319,7 @@ class Objective:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         layout = batch["layout"]
-        logp, ntok, logits, keep = _forward(model, batch)
+        logp, ntok, distill, keep = _forward(model, batch)
         needs_ref = any(kind in ("pair", "unpaired") for kind, _, _ in layout)
         ref = batch.get("ref_logps")
         if needs_ref and ref is None:
@@ -283,7 +344,7 @@ class Objective:
             parts["kto"] = (loss.mean(), len(rows))
         if "distill" in by_kind:
             rows = [r[0] for r, _ in by_kind["distill"]]
-            parts["distill"] = (distill_loss(logits, batch, keep)[rows].mean(), len(rows))
+            parts["distill"] = (distill[rows].mean(), len(rows))
         if "ranked" in by_kind:
             losses = []
             for rows, _ in by_kind["ranked"]:
