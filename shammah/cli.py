@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the base model or an adapter on prompts with reference answers",
         parents=[common],
         description="Greedy replies to every prompt of a JSONL set (prompt/completion or messages), scored against "
-        "the references: exact, json, accuracy, f1, chrf, loss, perplexity, latency. TARGET is 'base', an adapter, "
+        "the references: exact, json, fields, accuracy, f1, chrf, loss, perplexity, latency. TARGET is 'base', an adapter, "
         "or A+B (two LoRA adapters composed). An adapter's results are kept in its report (`adapters info`).",
     )
     ev.add_argument("target", help="'base', an adapter name, or NAME1+NAME2")
