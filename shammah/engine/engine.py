@@ -250,11 +250,7 @@ class Engine:
             where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
             out["sampling"] = ", ".join(f"{k} {v:g} ({where[src]})" for k, (v, src) in self.sampling().items())
             out["decode"] = (
-                (
-                    f"fast path: {self._fast.quant}, LoRA as GGUF"
-                    if self._fast.quant.startswith("llama.cpp")
-                    else f"fast path: {self._fast.quant} weights, LoRA unmerged"
-                )
+                f"fast path: {self._fast.label}"
                 if self.fast
                 else "transformers generate"
                 + (f" ({self._fast_why})" if self._fast is None else " (the active adapter needs it)")

@@ -178,12 +178,19 @@ class _Layer:
     k_norm: torch.Tensor | None = None
 
 
+def resident_key(name: str | None, path: Path) -> tuple:
+    """What a decoder keeps a loaded adapter under: an adapter rewritten on disk is a new one."""
+    f = Path(path) / "adapter_model.safetensors"
+    return (name, str(path), f.stat().st_mtime_ns if f.exists() else 0)
+
+
 class FastDecoder:
     """A transformers Llama/Qwen2/Qwen3 model, re-laid for decoding on a CPU (see the module doc)."""
 
     def __init__(self, model, quant: str = "int4"):
         cfg = model.config
         self.quant = quant
+        self.label = f"{quant} weights, LoRA unmerged"  # what /status says of this path
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, _head_dim(cfg)
         self.eps = cfg.rms_norm_eps
         lin = Int4Linear if quant == "int4" else Int8Linear
@@ -241,8 +248,7 @@ class FastDecoder:
         request swaps a pointer); an adapter rewritten on disk is read again."""
         layers = None
         if path is not None:
-            f = Path(path) / "adapter_model.safetensors"
-            key = (name, str(path), f.stat().st_mtime_ns if f.exists() else 0)
+            key = resident_key(name, path)
             layers = self._resident.pop(key, None)
             if layers is None:
                 layers = load_lora(path, len(self.layers), self.out_sizes)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from shammah.engine.fast import AdapterUnsupported
+from shammah.engine.fast import AdapterUnsupported, resident_key
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class LlamaCppDecoder:
         self.gguf, self.hf_config, self.cache = Path(gguf), hf_config, Path(cache)
         n_ctx = min(n_ctx, int(getattr(hf_config, "max_position_embeddings", n_ctx) or n_ctx))
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-        self.quant = f"llama.cpp on {self.gguf.name}"
+        self.label = f"llama.cpp on {self.gguf.name}, LoRA as GGUF"  # what /status says of this path
         self.lora_name: str | None = None
         self._adapter = None  # the active llama_adapter_lora_p
         self._resident: dict[tuple, object] = {}
@@ -101,8 +101,7 @@ class LlamaCppDecoder:
         adapter = None
         if path is not None:
             path = Path(path)
-            f = path / "adapter_model.safetensors"
-            key = (name, str(path), f.stat().st_mtime_ns if f.exists() else 0)
+            key = resident_key(name, path)
             adapter = self._resident.pop(key, None)
             if adapter is None:
                 gguf = self._gguf_lora(name or "adapter", path)
