@@ -1,6 +1,6 @@
 """Decode speed as a user sees it, beside llama.cpp on the same GGUF, in one run.
 
-    .venv/bin/python bench/decode.py [--tokens 128] [--reps 3] [--install-llama-cpp]
+    .venv/bin/python bench/decode.py [--tokens 128] [--reps 3] [--install-llama-cpp] [--qwen | --qwen-only]
 
 For each setup: time to first token and decode tokens/s after it (wall time of the stream, the
 way the chat prints it), median of ``--reps``, with a random LoRA r=16 on all linear layers
@@ -124,13 +124,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--install-llama-cpp", action="store_true", help="build the llama.cpp baseline first")
     ap.add_argument("--qwen", action="store_true", help="also random-weight models of real Qwen sizes")
+    ap.add_argument("--qwen-only", action="store_true", help="only the real Qwen sizes")
     args = ap.parse_args()
-    run(args.tokens, args.reps, args.install_llama_cpp)
-    if args.qwen:
+    if args.install_llama_cpp and not (LLAMA_VENV / "bin" / "python").exists():
+        install_llama_cpp()
+    if not args.qwen_only:
+        run(args.tokens, args.reps)
+    if args.qwen or args.qwen_only:
         qwen_sizes(args.tokens, args.reps)
 
 
-def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
+def run(tokens: int = 128, reps: int = 3) -> None:
     import torch
 
     from shammah.config import ModelConfig
@@ -138,8 +142,6 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
     from shammah.engine.fast import FastDecoder
     from shammah.engine.resolve import embedded_gguf
 
-    if install and not (LLAMA_VENV / "bin" / "python").exists():
-        install_llama_cpp()
     threads = torch.get_num_threads()
     msgs = [{"role": "user", "content": PROMPT}]
     from shammah.engine import llamacpp as backend
@@ -240,10 +242,6 @@ def run(tokens: int = 128, reps: int = 3, install: bool = False) -> None:
         )
 
 
-if __name__ == "__main__":
-    main()
-
-
 # The real configs (config.json on the Hub) of the models shammah is designed to serve. Speed does not
 # depend on weight values, so random weights of the same shapes measure what the real models cost.
 QWEN = {
@@ -260,17 +258,45 @@ QWEN = {
 }  # fmt: skip
 
 
+def timed(gen, n: int) -> tuple[float, float]:
+    """(seconds to the first token, tokens/s after it) of a token iterator, as the chat shows them."""
+    t0 = time.perf_counter()
+    first, k = None, 0
+    for _ in gen:
+        k += 1
+        if first is None:
+            first = time.perf_counter()
+        if k >= n:
+            break
+    return first - t0, (k - 1) / (time.perf_counter() - first)
+
+
+def median_runs(fn, reps: int) -> tuple[float, float]:
+    fn()  # warm-up
+    runs = [fn() for _ in range(reps)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def qwen_sizes(tokens: int, reps: int) -> None:
-    """Decode (fast path vs transformers, with a LoRA r16) and a LoRA training step at real sizes."""
+    """Decode (fast path, transformers, llama.cpp on a GGUF of the same model; with a LoRA r16) and a
+    LoRA training step at real sizes."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from shammah.adapters.export import write_gguf
+    from shammah.engine import llamacpp as backend
     from shammah.engine.fast import FastDecoder
+    from shammah.engine.generate import GenParams
+    from shammah.engine.loader import local_dir
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     ids = list(range(1000, 1040))
-    print(f"random-weight models of real Qwen sizes, {tokens} new tokens, greedy, median of {reps}")
+    threads = torch.get_num_threads()
+    # No Qwen tokenizer offline: the embedded model's, its vocabulary padded to Qwen's 151,936 ids
+    # (export._vocab); decoding from token ids, the strings never matter.
+    tok = AutoTokenizer.from_pretrained(local_dir("embedded", CACHE)[1])
+    print(f"random-weight models of real Qwen sizes, {tokens} new tokens, greedy, {threads} threads, median of {reps}")
     for name, kw in QWEN.items():
         torch.manual_seed(0)
         cfg = AutoConfig.for_model(**kw)
@@ -283,16 +309,15 @@ def qwen_sizes(tokens: int, reps: int) -> None:
                     p.normal_(0, 0.002)
         lora_model.save_pretrained(tmp / "lora")
         model = lora_model.unload()
+        # llama.cpp's file: Q4_1, the same int4 groups of 32 with a min as the fast path packs
+        gguf = CACHE / f"{name}-random-q4_1.gguf"
+        if not gguf.is_file():
+            write_gguf(model, tok, gguf, "q4_1", name=f"{name} (random weights)")
+        llama = llama_cpp(gguf, ids, tokens, reps, threads)
         dec = FastDecoder(model, "int4")
 
-        def fast_rate(dec) -> float:
-            list(dec.generate(ids, 4, -1))
-            rates = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                list(dec.generate(ids, tokens, -1))
-                rates.append(tokens / (time.perf_counter() - t0))
-            return statistics.median(rates)
+        def fast(dec=dec):
+            return timed(dec.generate(ids, tokens, -1), tokens)
 
         def hf_rate(m) -> float:
             x = torch.tensor([ids])
@@ -304,9 +329,20 @@ def qwen_sizes(tokens: int, reps: int) -> None:
                 rates.append(tokens / (time.perf_counter() - t0))
             return statistics.median(rates)
 
-        f_base = fast_rate(dec)
+        rows = {"shammah fast path": median_runs(fast, reps)}
         dec.set_lora("r16", tmp / "lora")
-        f_lora = fast_rate(dec)
+        rows["shammah fast path + LoRA r16"] = median_runs(fast, reps)
+        if backend.available():
+            lc = backend.LlamaCppDecoder(gguf, cfg, tmp, threads=threads, n_ctx=512)
+            greedy = GenParams(max_new_tokens=tokens, temperature=0.0)
+
+            def lcpp(lc=lc, greedy=greedy):
+                lc.llm.reset()
+                return timed(lc.tokens(ids, greedy, -1), tokens)
+
+            lc.set_lora("r16", tmp / "lora")
+            rows["shammah llama.cpp backend + LoRA r16"] = median_runs(lcpp, reps)
+            lc.close()
         h_base = hf_rate(model)
         peft = PeftModel.from_pretrained(model, str(tmp / "lora")).eval()
         h_lora = hf_rate(peft)
@@ -322,9 +358,20 @@ def qwen_sizes(tokens: int, reps: int) -> None:
             + (dec.embed.numel() * 2 + dec.head.weight.numel()) / 2**20
         )
         print(
-            f"  {name}: fast path {f_base:5.1f} tok/s ({f_lora:5.1f} with LoRA r16), transformers bf16 {h_base:5.1f}"
-            f" ({h_lora:5.1f}) -> {f_lora / h_lora:.1f}x with LoRA; weights {fast_mb:.0f} MB vs {weights:.0f} MB bf16"
+            f"  {name}: weights {fast_mb:.0f} MB packed vs {weights:.0f} MB bf16, GGUF {gguf.stat().st_size / 2**20:.0f} MB"
         )
+        base = None
+        if llama:
+            base = (statistics.median(r[0] for r in llama), statistics.median(r[1] for r in llama))
+            print(
+                f"    {'llama.cpp (Q4_1 GGUF)':38} first token {base[0] * 1000:5.0f} ms  {base[1]:6.1f} tok/s  (baseline)"
+            )
+        else:
+            print("    llama.cpp baseline not installed: run with --install-llama-cpp")
+        for label, (ttft, rate) in rows.items():
+            vs = f"  {rate / base[1]:.2f}x llama.cpp, first token {ttft / base[0]:.2f}x" if base else ""
+            print(f"    {label:38} first token {ttft * 1000:5.0f} ms  {rate:6.1f} tok/s{vs}")
+        print(f"    {'transformers bf16 generate':38} {h_base:5.1f} tok/s ({h_lora:5.1f} with the LoRA)")
         # one LoRA training step as the worker takes it: fp32, batch 4 x 96 tokens, AdamW
         train = get_peft_model(model.float(), LoraConfig(r=16, lora_alpha=32, target_modules=targets))
         opt = torch.optim.AdamW([p for p in train.parameters() if p.requires_grad], lr=1e-3)
@@ -343,3 +390,7 @@ def qwen_sizes(tokens: int, reps: int) -> None:
             f"(5 lessons + 20 anchors) trains for ~{21 * step:.0f} s"
         )
         del train, opt, model, dec, peft
+
+
+if __name__ == "__main__":
+    main()
