@@ -28,11 +28,11 @@ TEACH = [
 ]
 
 
-def feedback_to_swap(home: Path, place: str, capital: str) -> float:
+def feedback_to_swap(home: Path, place: str, capital: str, learning: tuple[str, ...] = ()) -> float:
     cfg = home / "learn.toml"
     cfg.write_text(
         '[model]\nbase = "embedded"\ntemperature = 0.0\nmax_new_tokens = 24\n'
-        "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n"
+        "[learning]\nthreshold = 50\nsettle_seconds = 0.5\nrevise = false\n" + "".join(f"{kv}\n" for kv in learning)
     )
     env = dict(os.environ, SHAMMAH_HOME=str(home))
     p = subprocess.Popen(
@@ -63,9 +63,32 @@ def feedback_to_swap(home: Path, place: str, capital: str) -> float:
     p.wait()
     from shammah.adapters.registry import Registry
 
-    report = Registry(home / "adapters").list()[-1].get("report", default={})
+    info = Registry(home / "adapters").list()[-1]
+    report = info.get("report", default={})
     print(f"  worker peak RSS {report.get('peak_rss_mb', 0) / 1024:.2f} GB (goal <= 2 GB)")
+    print("  " + breakdown(info.path / "train.log", elapsed))
     return elapsed
+
+
+def breakdown(log: Path, total: float) -> str:
+    """Where a job's seconds went, from its own event times."""
+    ev = {}
+    steps = []
+    for line in log.read_text().splitlines():
+        e = json.loads(line)
+        ev.setdefault(e["event"], e["time"])
+        if e["event"] == "step":
+            steps.append(e["time"])
+    t0 = ev["setup"]
+    parts = {
+        "before setup (settle, process start, imports)": total - (ev["done"] - t0),
+        "model + anchors": ev["anchors"] - t0,
+        "teacher/reference + trainer": ev["start"] - ev["anchors"],
+        f"{len(steps)} steps": steps[-1] - ev["start"],
+        "gate": ev["saved"] - steps[-1],
+        "save": ev["done"] - ev["saved"],
+    }
+    return "; ".join(f"{k} {v:.1f} s" for k, v in parts.items())
 
 
 def swap_latency(home: Path, reps: int = 5) -> tuple[float, float]:
@@ -158,15 +181,24 @@ def decode_during_training(home: Path) -> tuple[float, float, float]:
     return statistics.median(idle_runs), statistics.median(paused), shared
 
 
-def run(home: Path) -> None:
+def run(home: Path, learning: tuple[str, ...] = (), baseline: tuple[str, ...] = (), only_swap: bool = False) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    print("online loop, embedded model")
-    first = feedback_to_swap(home, "Quenland", "Zorblat")
-    second = feedback_to_swap(home, "Vorland", "Quibbleton")
+    print("online loop, embedded model" + (f", learning: {', '.join(learning)}" if learning else ""))
+    first = feedback_to_swap(home, "Quenland", "Zorblat", learning)
+    second = feedback_to_swap(home, "Vorland", "Quibbleton", learning)
     print(
         f"  feedback crossing the threshold -> swapped adapter: first job {first:5.1f} s (base-model answers "
         f"for anchors and controls computed and cached), next job {second:5.1f} s   (goal <= 30 s)"
     )
+    if baseline:  # the same two lessons in a fresh home with the baseline's settings, same run
+        print(f"baseline: {', '.join(baseline)}")
+        b_home = home.parent / "baseline-home"
+        b_home.mkdir(parents=True, exist_ok=True)
+        (b_home / "cache").symlink_to(home / "cache")  # the same cached base answers as the next job above
+        b = feedback_to_swap(b_home, "Marland", "Pexton", baseline)
+        print(f"  baseline next job {b:5.1f} s; this setup's next job {second:5.1f} s = {second / b:.2f}x")
+    if only_swap:
+        return
     swap, fresh = swap_latency(home)
     print(
         f"  hot-swap latency (chat blocked): {swap * 1000:6.0f} ms   baseline fresh PeftModel load "
@@ -180,7 +212,15 @@ def run(home: Path) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
     import tempfile
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a [learning] setting (TOML)")
+    ap.add_argument(
+        "--baseline", action="append", default=[], metavar="KEY=VALUE", help="also time a job with these settings"
+    )
+    ap.add_argument("--feedback-only", action="store_true", help="only the feedback -> swap figures")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="shammah-bench-learn-") as tmp:
-        run(Path(tmp) / "home")
+        run(Path(tmp) / "home", tuple(args.set), tuple(args.baseline), args.feedback_only)

@@ -452,12 +452,18 @@ def run_lesson(
     out = io.StringIO()
     session = ChatSession(cfg, engine, Store(paths.db, cfg.feedback), Console(out=out, err=out, color=False), paths)
     session._restored = True  # a fresh home: nothing to restore, and the engine is shared between runs
-    seconds, rejected, outcome = [], 0, []
+    seconds, rejected, outcome, steps = [], 0, [], []
     for lesson in lessons:
         seconds.append(teach(session, lesson))
-        row = session.store.db.execute("SELECT status, message FROM jobs ORDER BY created_at DESC LIMIT 1").fetchone()
+        row = session.store.db.execute(
+            "SELECT status, message, adapter FROM jobs ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
         outcome.append(row["message"] if row else "no job")
         rejected += bool(row and row["status"] == "rejected")
+        if row and row["adapter"]:  # the step the gate kept, of the steps trained
+            meta = json.loads((paths.adapters / row["adapter"] / "shammah.json").read_text())
+            g = meta.get("gate") or {}
+            steps.append(f"{g.get('step', '?')}/{g.get('final_step', meta['report']['steps'])}")
     held = {x.name: ask(engine, list(x.held_out)) for x in lessons}
     ctrl = ask(engine, [q for q, _ in CONTROLS])
     session.store.close()
@@ -466,6 +472,7 @@ def run_lesson(
         "seconds": seconds,
         "rejected": rejected,
         "jobs": outcome,
+        "steps": steps,
         "held": held,
         "controls": ctrl,
         "chat": out.getvalue(),
@@ -512,12 +519,15 @@ def main(argv: list[str] | None = None) -> int:
         lost = [CONTROLS[i][0] for i in known if not control_ok(result["controls"][i], CONTROLS[i][1])]
         return rate, lost
 
-    header = f"{'lesson':<12} {'kind':<7} {'order':<13} {'before':>6} {'after (per seed)':>22} {'lost':>5} {'rej':>4} {'secs':>6}"
+    header = (
+        f"{'lesson':<12} {'kind':<7} {'order':<13} {'before':>6} {'after (per seed)':>22} {'lost':>5} {'rej':>4} "
+        f"{'secs':>6}  kept step/steps"
+    )
     print(header)
     rows = []
     for lesson in lessons:
         before = statistics.mean(lesson.follows(a) for a in ask(engine, list(lesson.held_out)))
-        afters, lost_all, rej, secs, per = [], [], 0, [], []
+        afters, lost_all, rej, secs, per, steps = [], [], 0, [], [], []
         for seed in args.seeds:
             res = run_lesson(engine, tmp / f"{lesson.name}-{seed}", cache, [lesson], seed, args.revision, learning)
             rate, lost = score(res, lesson)
@@ -525,13 +535,16 @@ def main(argv: list[str] | None = None) -> int:
             lost_all.append(len(lost))
             rej += res["rejected"]
             secs += res["seconds"]
-            per.append({"seed": seed, "rate": rate, "lost": lost, **{k: res[k] for k in ("held", "controls", "jobs")}})
+            steps += res["steps"]
+            per.append(
+                {"seed": seed, "rate": rate, "lost": lost, **{k: res[k] for k in ("held", "controls", "jobs", "steps")}}
+            )
         rows.append((lesson, before, afters, lost_all, rej, secs))
         report["lessons"][lesson.name] = {"before": before, "runs": per}
         after_s = " ".join(f"{a:4.0%}" for a in afters)
         print(
             f"{lesson.name:<12} {lesson.kind:<7} {lesson.order:<13} {before:6.0%} {after_s:>22} "
-            f"{max(lost_all):5d} {rej:4d} {statistics.median(secs):6.0f}",
+            f"{max(lost_all):5d} {rej:4d} {statistics.median(secs):6.0f}  {' '.join(steps)}",
             flush=True,
         )
     print("\nper kind (mean over lessons and seeds):")

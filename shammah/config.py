@@ -115,6 +115,13 @@ class LearningConfig:
     gate: bool = _f(True, "swap a new adapter in only if it is not worse than the current one")
     learning_rate: float = _f(1e-3, "learning rate of background training", lo=1e-6, hi=0.1)
     epochs: int = _f(3, "passes over the compiled feedback per job", lo=1, hi=100)
+    stop_at_accuracy: float = _f(
+        0.0,
+        "end a job early once the model's greedy choice reproduces this share of the taught answers' tokens"
+        " (0 = run every epoch)",
+        lo=0.0,
+        hi=1.0,
+    )
     preference_pairs: bool = _f(
         False,
         "also train corrections as preference pairs (DPO, correction over the reply); off: measured no gain on"
@@ -131,8 +138,20 @@ class LearningConfig:
         "how anchors hold the base model: kl (its token distribution along its answer) or sft (its answer's text)",
         choices=("kl", "sft"),
     )
+    contrast_anchors: int = _f(
+        0,
+        "anchors that ask the lesson's own questions about this many other, known subjects (a taught inventor"
+        " must not become every inventor)",
+        lo=0,
+        hi=10,
+    )
     seed: int = _f(0, "random seed of background training (same feedback + seed = same adapter)", lo=0, hi=2**31 - 1)
     train_threads: int = _f(0, "CPU threads of the training process (0 = all cores)", lo=0, hi=1024)
+    prewarm: bool = _f(
+        True,
+        "start the training process while feedback piles up, so a job starts without seconds of imports"
+        " (an idle one holds ~0.35 GB until the job)",
+    )
     pause_while_replying: bool = _f(True, "pause training while the chat writes a reply, so replies keep full speed")
     chat_threads_while_training: int = _f(0, "CPU threads of the chat while a job runs (0 = unchanged)", lo=0, hi=1024)
 

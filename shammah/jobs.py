@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -135,6 +136,51 @@ def _held_out_ids(lj: LoopJob | None) -> list[int]:
     return lj.job.meta.get("holdout_feedback_ids", []) if lj is not None else []
 
 
+class _Adopted:
+    """A worker started with ``subprocess.Popen``, driven from asyncio as the job code drives an
+    ``asyncio.subprocess.Process`` (pid, returncode, stdout lines, wait, terminate, kill).
+
+    Why not asyncio's own: a spare worker is started from synchronous code and may never get a job;
+    an ``asyncio.create_subprocess_exec`` still in flight when the event loop closes is cancelled
+    mid-spawn, and that cancellation waited forever in tests."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen, self.pid = popen, popen.pid
+        self.stdout: asyncio.StreamReader | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    async def attach(self) -> None:
+        """Read its stdout from the running loop from now on."""
+        reader = asyncio.StreamReader(limit=2**20)
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self.popen.stdout
+        )
+        self.stdout = reader
+
+    def terminate(self) -> None:
+        self.popen.terminate()
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+    async def wait(self) -> int:
+        while self.popen.poll() is None:  # polled: a waiting thread would hold up the loop's shutdown
+            await asyncio.sleep(0.05)
+        return self.popen.returncode
+
+    def close(self) -> None:
+        """End it (SIGKILL also ends a paused one) and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+        self.popen.wait()
+        for f in (self.popen.stdin, self.popen.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
 class JobManager:
     def __init__(
         self, cfg: Config, paths: Paths, store: Store, engine: Engine, notify: Callable[[str], None] | None = None
@@ -156,6 +202,7 @@ class JobManager:
         self._failed_ids: frozenset[int] = frozenset()
         self._debounce: asyncio.Task | None = None
         self._saved_threads: int | None = None
+        self._spare: _Adopted | None = None  # a worker that waits for the next job (prewarm)
 
     # state --------------------------------------------------------------------------------
     @property
@@ -224,6 +271,8 @@ class JobManager:
         """Start a job if auto-training is on and the weighted buffer reached the threshold."""
         lc = self.cfg.learning
         buf = buffer(self.store)
+        if lc.auto_train and lc.prewarm and buf.weighted > 0:
+            self.prewarm()
         if not lc.auto_train or buf.weighted < lc.threshold:
             return None
         pending = self._pending_ids()
@@ -277,21 +326,69 @@ class JobManager:
         self._signal_worker(False)
 
     def _signal_worker(self, stop: bool) -> None:
-        j = self.current
-        if not self.cfg.learning.pause_while_replying or j is None or j.proc is None or j.proc.returncode is not None:
+        """SIGSTOP/SIGCONT the job's worker and the spare one (its imports would take a reply's CPU)."""
+        if not self.cfg.learning.pause_while_replying:
             return
         import signal
 
         sig = getattr(signal, "SIGSTOP" if stop else "SIGCONT", None)
         if sig is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(j.proc.pid, sig)
-            if stop:
-                stopped(j.proc.pid)
+        j = self.current
+        for proc in (j.proc if j is not None else None, self._spare):
+            if proc is None or proc.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+                if stop:
+                    stopped(proc.pid)
+
+    # the spare worker ---------------------------------------------------------------------
+    def _worker_env(self) -> dict[str, str]:
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", SHAMMAH_PARENT_PID=str(os.getpid()))
+        if self.cfg.learning.train_threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.cfg.learning.train_threads)
+        return env
+
+    def prewarm(self) -> None:
+        """Start the next job's worker now, while the user is still rating: its imports are seconds
+        (~5 on 2 cores) that would otherwise come between the last /fix and the first training
+        step. It waits, paused with the other worker while the chat replies, until a job is handed
+        to it; leaving the chat ends it (and it dies with the chat, like every worker)."""
+        if self._spare is not None and self._spare.returncode is None:
+            return
+        self._spare = _Adopted(
+            subprocess.Popen(
+                [sys.executable, "-m", "shammah.training.worker", "--wait", str(self.paths.root / "jobs")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # the worker writes to the job's worker.log once it has one
+                env=self._worker_env(),
+            )
+        )
+
+    async def _take_spare(self, job_file: Path) -> _Adopted | None:
+        """The spare worker, handed ``job_file``; None if there is none (or it died)."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            spare.popen.stdin.write(f"{job_file}\n".encode())
+            spare.popen.stdin.close()
+        except OSError:  # it died: a fresh worker will do
+            spare.close()
+            return None
+        await spare.attach()
+        return spare
+
+    async def _end_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
     async def shutdown(self) -> None:
         """Leaving the chat: stop a running job (its feedback stays in the buffer for next time)."""
+        await self._end_spare()
         if self._debounce is not None and not self._debounce.done():
             self._debounce.cancel()
         if self.current is not None:
@@ -376,9 +473,11 @@ class JobManager:
             ),
             anchors=lc.anchors,
             anchor_loss=lc.anchor_loss,
+            contrast=lc.contrast_anchors,
             anchor_cache=self.paths.cache,
             gate=lc.gate,
             holdout=examples_of(held, lc.note_only),
+            stop_at_accuracy=lc.stop_at_accuracy,
         ).write(d)
         self.store.job_started(job_id, trigger, parent, job.feedback_ids)
         return job, d
@@ -423,20 +522,17 @@ class JobManager:
         self.current = job
         t0 = time.perf_counter()
         self.notify(f"Learning from {len(job.feedback_ids)} new feedback item(s) in the background ({job.id}).")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", SHAMMAH_PARENT_PID=str(os.getpid()))
-        if self.cfg.learning.train_threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.cfg.learning.train_threads)
         self._limit_chat_threads(True)
         try:
             with (d / "worker.log").open("wb") as errlog:
-                job.proc = await asyncio.create_subprocess_exec(
+                job.proc = await self._take_spare(d / "job.json") or await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "shammah.training.worker",
                     str(d / "job.json"),
                     stdout=asyncio.subprocess.PIPE,
                     stderr=errlog,
-                    env=env,
+                    env=self._worker_env(),
                 )
                 if job.cancelled:  # cancelled while the process was starting
                     job.proc.terminate()

@@ -264,3 +264,20 @@ def test_anchors_are_the_lessons_neighbours_and_a_random_rest():
     assert inventor[0].startswith("Who invented"), inventor[:3]
     assert online.pick_anchors(["Who invented the glimmerphone?"], 20, seed=1)[10:] != inventor[10:], "seeded rest"
     assert online.opening("The capital of Germany is Berlin. It is a big city.") == "The capital of Germany is Berlin."
+
+
+def test_contrast_anchors_ask_the_lessons_own_questions_about_known_subjects():
+    from shammah.training import online
+
+    taught = ["Who leads Zentrix Labs?", "Who is the CEO of Zentrix Labs?", "Tell me who runs Zentrix Labs.", "Hi?"]
+    asked = online.contrast_prompts(taught, 2, seed=0)
+    assert len(asked) == 6, asked  # two stand-ins x the three questions about the subject
+    stand_ins = {q.removeprefix("Who leads ").removesuffix("?") for q in asked if q.startswith("Who leads ")}
+    assert stand_ins == {"Tesla", "the United Nations"}, "what fills the slot in 'Who is the CEO of Tesla?' etc."
+    for x in stand_ins:  # the whole two-word subject is replaced, in every question about it
+        assert {f"Who leads {x}?", f"Who is the CEO of {x}?", f"Tell me who runs {x}."} <= set(asked)
+    assert len(online.contrast_prompts(taught, 1, seed=0)) == 3, "one stand-in"
+    # a rule taught on varied questions has no subject: nothing to contrast
+    assert online.contrast_prompts(["Name three fruits.", "What is 2+3?", "Who wrote Emma?"], 2) == []
+    # a subject the anchor pool already uses is not novel ("capital" reads like every capital question)
+    assert online.contrast_prompts(["What is the capital?", "Name the capital.", "The capital is?"], 2) == []

@@ -480,3 +480,104 @@ def test_recover_cancels_queued_runs_of_a_dead_chat_only(tiny_qwen2, shammah_hom
     assert s.store.job("job-dead")["status"] == "cancelled"
     assert s.store.job("job-live")["status"] == "queued"
     s.store.close()
+
+
+def test_a_job_stops_once_the_lesson_reads_back(tiny_qwen2, tmp_path):
+    """A real loop job on a tiny model: with stop_at_accuracy it ends at the first check where the
+    model's greedy choice reproduces the lesson's tokens (and that check really measured it); without
+    it, the same job runs every epoch."""
+    from shammah.adapters.registry import Registry
+    from shammah.paths import Paths
+    from shammah.training.args import build
+    from shammah.training.data import Example
+    from shammah.training.job import LoopJob, TrainJob
+    from shammah.training.online import train_loop
+
+    paths = Paths(tmp_path / "home").ensure()
+    lesson = [Example("sft", ({"role": "user", "content": f"q{i}"},), ("zorblat zorblat",)) for i in range(4)]
+
+    def job(name: str, stop_at: float) -> dict:
+        events = []
+        train_loop(
+            LoopJob(
+                TrainJob(
+                    base=str(tiny_qwen2),
+                    cache_dir=paths.cache,
+                    registry_root=paths.adapters,
+                    checkpoints_root=paths.root / "checkpoints",
+                    train=lesson,
+                    args=build(("t", {"epochs": 30, "rank": 4, "learning_rate": 1e-2, "save_steps": 0, "seed": 0})),
+                    name=name,
+                ),
+                stop_at_accuracy=stop_at,
+            ),
+            progress=events.append,
+        )
+        return {"meta": Registry(paths.adapters).get(name).meta, "events": events}
+
+    early = job("early", 0.85)
+    learned = next(e for e in early["events"] if e["event"] == "learned")
+    steps = early["meta"]["report"]["steps"]
+    assert early["meta"]["stopped_at"] == steps < 30, "it stopped before the last of 30 epochs"
+    (last_step, last_acc), *_ = learned["accuracy"][::-1]
+    assert last_step == steps and last_acc >= 0.85, "at a check that read the lesson back"
+    assert all(acc < 0.85 for _, acc in learned["accuracy"][:-1]), "and not before the lesson was learned"
+
+    full = job("full", 0.0)
+    assert full["meta"]["report"]["steps"] == 30 and "stopped_at" not in full["meta"]
+    assert not any(e["event"] == "learned" for e in full["events"])
+
+
+def test_a_spare_worker_waits_during_the_feedback_and_runs_the_job(shammah_home, tiny_qwen2):
+    """The first rating starts a worker that imports and waits (paused while the chat replies);
+    the job that the threshold starts runs in that very process; leaving the chat ends a spare
+    that got no job."""
+    import psutil
+
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=20, settle_seconds=0, gate=False)
+    spare_pid: list[int] = []
+
+    def state(pid: int) -> str:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[0]
+
+    async def scenario():
+        await s.handle("Q1?")
+        await s.handle("/critical wrong: it is A")  # 10 of 20: no job yet, a spare starts
+        assert s.jobs.current is None
+        spare = s.jobs._spare
+        assert spare is not None and "--wait" in psutil.Process(spare.pid).cmdline()
+        spare_pid.append(spare.pid)
+        seen = []
+        real = s.engine.stream
+
+        def observed(*a, **kw):
+            for chunk in real(*a, **kw):
+                seen.append(state(spare.pid))
+                yield chunk
+
+        s.engine.stream = observed
+        await s.handle("Q2?")
+        s.engine.stream = real
+        await s.handle("/critical wrong: it is B")  # 20: the job starts in the spare
+        for _ in range(600):
+            if s.jobs.current is not None and s.jobs.current.proc is not None:
+                break
+            await asyncio.sleep(0.05)
+        job_pid = s.jobs.current.proc.pid
+        await s.jobs.wait()
+        await s.handle("Q3?")
+        await s.handle("/good")  # a new spare for the next job; the chat ends before it gets one
+        nxt = s.jobs._spare
+        await s.jobs.shutdown()
+        return seen, job_pid, nxt
+
+    seen, job_pid, nxt = asyncio.run(scenario())
+    assert seen and set(seen) == {"T"}, "the spare is paused while the chat replies"
+    assert job_pid == spare_pid[0], "the job ran in the spare worker"
+    assert "Learned: now answering with learned-" in out.getvalue(), out.getvalue()[-2000:]
+    job = s.store.db.execute("SELECT id FROM jobs").fetchone()["id"]
+    log = (shammah_home / "jobs" / job / "worker.log").read_text()
+    assert not psutil.pid_exists(job_pid) or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE
+    assert "Traceback" not in log, "the job ran in the spare and its stderr went to the job's log"
+    assert nxt is not None and nxt.pid != job_pid and nxt.returncode is not None, "the last spare was ended"
+    s.store.close()

@@ -97,7 +97,7 @@ async def run_lines(session: ChatSession, stream: TextIO | None = None) -> None:
     session.console.notice(banner(session))
     session.start()
     lines = _reader(stream)
-    with _sigterm_ends(session) as term:
+    with _sigterm_ends(session):
         while True:
             line = await lines.get()
             if line is None or not await session.handle(line.rstrip("\n")):
@@ -105,8 +105,8 @@ async def run_lines(session: ChatSession, stream: TextIO | None = None) -> None:
         if session.jobs.running:  # a script's feedback must not be lost to an early exit
             session.console.notice("Waiting for the background training job to finish…")
             await session.jobs.wait()
-    if term["hit"]:  # SIGTERM: stop the job instead of waiting for it
-        await session.jobs.shutdown()
+    # after SIGTERM: stops the job instead of waiting for it; always: ends a spare worker
+    await session.jobs.shutdown()
 
 
 def _reader(stream: TextIO) -> asyncio.Queue:

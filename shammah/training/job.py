@@ -42,10 +42,12 @@ class LoopJob:
     job: TrainJob
     anchors: int = 0  # general prompts answered by the base model, held against leaks
     anchor_loss: str = "kl"  # kl: the base model's token distribution; sft: its greedy text
+    contrast: int = 0  # other subjects the lesson's own questions are asked about, as anchors (0 = none)
     anchor_share: float = 0.6  # fraction of sampled examples that are anchors
     anchor_cache: Path | None = None  # directory for the base model's cached anchor/control answers
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)  # feedback kept out of training, for the gate
+    stop_at_accuracy: float = 0.0  # end training once greedy reads back this share of the lessons (0 = off)
 
     def write(self, d: Path) -> Path:
         """``d/job.json`` plus one JSONL file per example list (readable by ``shammah train`` too)."""

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -196,6 +197,45 @@ def pick_anchors(lesson_prompts: list[str], n: int, seed: int = 0) -> list[str]:
     return picked + random.Random(seed).sample(rest, min(n - len(picked), len(rest)))
 
 
+def contrast_prompts(lesson_prompts: list[str], per_subject: int = 2, seed: int = 0) -> list[str]:
+    """The lesson's own questions asked about other, known subjects: "Who invented the glimmerphone?"
+    becomes "Who invented the telephone?", "Tell me who created the telephone." and so on.
+
+    A lesson's subject is a word that at least three of its questions share and no anchor prompt uses
+    (a made-up place, product, company); its stand-ins are what fills the same slot in an anchor
+    prompt that reads like one of the lesson's questions. Held to the base model's answers, these
+    teach that the lesson is about *this* subject, not about its question: without them a taught
+    inventor's name became the answer to other "who" questions. A style or format rule taught on
+    varied questions has no such subject, so it gets none (they would fight a rule meant for every
+    answer)."""
+    pool_words = set().union(*map(_words, ANCHOR_PROMPTS))
+    questions = list(dict.fromkeys(lesson_prompts))
+    counts = Counter(w for q in questions for w in _words(q))
+    novel = [w for w, n in counts.items() if n >= 3 and w not in pool_words and w.isalpha()]
+    if not novel:
+        return []
+    # subjects are runs of novel words ("Pellucid Labs"), as most of the questions write them
+    run = re.compile(r"\b(?:{0})(?:\s+(?:{0}))*\b".format("|".join(map(re.escape, novel))), re.I)
+    phrases = Counter(m.group(0).lower() for q in questions for m in run.finditer(q))
+    out: list[str] = []
+    for subject, n in phrases.most_common():
+        if n < 3:
+            continue
+        word = re.compile(rf"\b{re.escape(subject)}\b", re.I)
+        mine = [q for q in questions if word.search(q)]
+        stand_ins: list[str] = []
+        for q in mine:
+            slot = re.compile(word.sub("(.+?)", re.escape(q).replace("\\ ", " "), count=1), re.I)
+            for a in ANCHOR_PROMPTS:
+                m = slot.fullmatch(a)
+                if m and len(m.group(1).split()) <= 3 and m.group(1) not in stand_ins:
+                    stand_ins.append(m.group(1))
+        for x in random.Random(seed).sample(stand_ins, min(per_subject, len(stand_ins))):
+            for q in mine:
+                out.append(word.sub(lambda m, x=x: x[0].upper() + x[1:] if m.start() == 0 else x, q))
+    return list(dict.fromkeys(out))
+
+
 def anchor_examples(
     model,
     tok,
@@ -206,13 +246,20 @@ def anchor_examples(
     lesson_prompts: list[str] | None = None,
     seed: int = 0,
     loss: str = "kl",
+    contrast: int = 0,
 ) -> list[Example]:
-    """``n`` anchors (see :func:`pick_anchors`) held to the base model: ``loss = "kl"`` distils the
-    base model's token distribution along its answer (methods.distill_loss); ``"sft"`` trains its
-    greedy text."""
+    """``n`` anchors (see :func:`pick_anchors`) held to the base model, plus the lesson's questions
+    about ``contrast`` other subjects (:func:`contrast_prompts`): ``loss = "kl"`` distils the base
+    model's token distribution along its answer (methods.distill_loss); ``"sft"`` trains its greedy
+    text."""
     pool = list(ANCHOR_PROMPTS)
     answers = base_answers(model, tok, pool, 48, cache_dir / "anchors.json" if cache_dir else None, fingerprint)
     by_prompt = dict(zip(pool, answers, strict=True))
+    prompts = pick_anchors(lesson_prompts or [], n, seed)
+    if contrast:
+        extra = [q for q in contrast_prompts(lesson_prompts or [], contrast, seed) if q not in prompts]
+        by_prompt.update(_answers_by_prompt(model, tok, extra, cache_dir, fingerprint))
+        prompts += extra
     # Only the opening sentence, with its first tokens and the end left free: the anchor keeps the
     # *content* of the base's answer ("...is Berlin") without forbidding a taught style or format
     # ("Ahoy! ...", "..., Captain.", a sign-off, a JSON list): a whole answer + EOS as the target made
@@ -229,9 +276,24 @@ def anchor_examples(
             source="anchor",
             meta=meta,
         )
-        for p in pick_anchors(lesson_prompts or [], n, seed)
+        for p in prompts
         if by_prompt[p]
     ]
+
+
+def _answers_by_prompt(model, tok, prompts: list[str], cache_dir: Path | None, fingerprint: str) -> dict[str, str]:
+    """The base model's greedy answers to ``prompts``, each cached once per base fingerprint."""
+    f = cache_dir / "contrast.json" if cache_dir else None
+    known: dict[str, str] = {}
+    if f is not None and f.is_file():
+        cached = json.loads(f.read_text())
+        known = cached["answers"] if cached.get("fingerprint") == fingerprint else {}
+    todo = [p for p in prompts if p not in known]
+    if todo:
+        known.update(zip(todo, base_answers(model, tok, todo, 48, None, fingerprint), strict=True))
+        if f is not None:
+            atomic_write(f, json.dumps({"fingerprint": fingerprint, "answers": known}))
+    return {p: known[p] for p in prompts}
 
 
 FREE_PREFIX = 3  # anchor tokens at the start of an answer that carry no loss
@@ -351,6 +413,55 @@ class Snapshots(TrainerCallback):
             self.saved.append((state.global_step, weights))
 
 
+class Learned(TrainerCallback):
+    """Stops the run once the lessons are learned: every ``every`` steps, the lessons' targets
+    (corrections, good replies, note-distilled answers; not anchors, not "don't say this" items)
+    are read back under teacher forcing, and when the model's own greedy choice matches at least
+    ``accuracy`` of their tokens, training ends there.
+
+    Why: a lesson is learned in the first third of a fixed 3-epoch run, and the steps after that
+    only overfit five examples and drag unrelated answers along (bench/lessons.py: the gate's
+    snapshots). Stopping when the model reproduces what it was taught buys both less leaking and
+    seconds from feedback to swap. transformers' EarlyStoppingCallback needs a validation set and
+    checkpoints; a chat job has five examples and no checkpoints, so this one reads the lesson
+    itself."""
+
+    def __init__(self, run, accuracy: float, every: int = 2):
+        self.run, self.accuracy, self.every = run, accuracy, every
+        self.feats: list[dict] = []
+        self.history: list[tuple[int, float]] = []  # (step, token accuracy)
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        # run.train_ex already holds the teacher's answers for distillation examples (fit's first step)
+        lessons = [e for e in self.run.train_ex if e.kind in ("sft", "distill") and e.responses]
+        self.feats = [methods.tokenize_example(self.run.tok, e, self.run.job.args.max_length) for e in lessons]
+
+    def accuracy_now(self, model) -> float:
+        right = total = 0
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for f in self.feats:  # one at a time: no padding, and no batch of full-vocabulary logits
+                ids, labels = f["seqs"][0]
+                lab = torch.tensor(labels[1:], device=model.device)
+                keep = lab != methods.IGNORE
+                logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1]
+                right += int((logits[keep].argmax(-1) == lab[keep]).sum())
+                total += int(keep.sum())
+        model.train(was_training)
+        return right / total if total else 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if not self.feats or model is None or state.global_step % self.every or state.global_step >= state.max_steps:
+            return
+        acc = self.accuracy_now(model)
+        self.history.append((state.global_step, round(acc, 4)))
+        if acc >= self.accuracy:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+
+
 def gate_with_fallback(
     model,
     tok,
@@ -364,7 +475,14 @@ def gate_with_fallback(
     """Gate the final adapter; if it is rejected, try the snapshots newest first and leave the model
     holding the first one that passes (else the final weights). The result says which step won."""
     result = gate(model, tok, parent_path, holdout, cache_dir, fingerprint)
-    tried = [{"step": final_step, "controls": result["controls"], "passed": result["passed"]}]
+    tried = [
+        {
+            "step": final_step,
+            "controls": result["controls"],
+            "lost": result["controls_lost"],
+            "passed": result["passed"],
+        }
+    ]
     if not result["passed"] and snapshots is not None and snapshots.saved:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -372,7 +490,7 @@ def gate_with_fallback(
         for step, weights in reversed(snapshots.saved):
             set_peft_model_state_dict(model, weights)
             r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint)
-            tried.append({"step": step, "controls": r["controls"], "passed": r["passed"]})
+            tried.append({"step": step, "controls": r["controls"], "lost": r["controls_lost"], "passed": r["passed"]})
             if r["passed"]:
                 result = r
                 break
@@ -403,6 +521,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             lesson_prompts=[e.prompt[-1]["content"] for e in run.train_ex if e.prompt],
             seed=a.seed,
             loss=lj.anchor_loss,
+            contrast=lj.contrast,
         )
         if anchors:
             fb_weight = sum(e.weight for e in run.train_ex)
@@ -410,7 +529,10 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             run.extra = [dataclasses.replace(e, weight=w) for e in anchors]
         run.emit({"event": "anchors", "count": len(run.extra)})
     snapshots = Snapshots() if lj.gate else None
-    trainer.fit(run, stop, callbacks=(snapshots,) if snapshots else ())
+    learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy else None
+    trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
+    if learned is not None:
+        run.emit({"event": "learned", "stopped_at": learned.stopped_at, "accuracy": learned.history})
     gate_result = None
     if lj.gate:
         parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
@@ -425,4 +547,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             run.trainer.state.global_step,
         )
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
-    return trainer.save(run, {"gate": gate_result})
+    meta: dict = {"gate": gate_result}
+    if learned is not None:
+        meta["stopped_at"] = learned.stopped_at
+    return trainer.save(run, meta)
