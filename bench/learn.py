@@ -81,12 +81,11 @@ def breakdown(log: Path, total: float) -> str:
             steps.append(e["time"])
     t0 = ev["setup"]
     parts = {
-        "before setup (settle, process start, imports)": total - (ev["done"] - t0),
+        "settle, process start, imports, swap": total - (ev["saved"] - t0),
         "model + anchors": ev["anchors"] - t0,
         "teacher/reference + trainer": ev["start"] - ev["anchors"],
         f"{len(steps)} steps": steps[-1] - ev["start"],
         "gate": ev["saved"] - steps[-1],
-        "save": ev["done"] - ev["saved"],
     }
     return "; ".join(f"{k} {v:.1f} s" for k, v in parts.items())
 
