@@ -182,10 +182,13 @@ def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shammah.engine.fast import FastDecoder
+    from shammah.engine.fast import FastDecoder, native_bf16
 
     eng, _ = embedded
-    assert eng.fast and "int4" in eng.info()["decode"]
+    if native_bf16():
+        assert eng.fast and "int4" in eng.info()["decode"]
+    else:  # auto leaves the fast path to CPUs with native bf16: emulated rounding tipped this very question
+        assert not eng.fast and "no native bf16" in eng.info()["decode"]
     ref = AutoModelForCausalLM.from_pretrained(eng.loaded.path, dtype=torch.float32).eval()
     ids = eng.tokenizer(QUALITY_TEXT)["input_ids"]
     target = torch.tensor(ids[1:])
@@ -199,7 +202,7 @@ def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
     p_ref, p_fast = ppl(ref_logits), ppl(fast_logits)
     assert abs(p_fast / p_ref - 1) < 0.02, (p_ref, p_fast)
     q = [{"role": "user", "content": "What is the capital of France?"}]
-    assert "Paris" in eng.reply(q)
+    assert "Paris" in eng.reply(q), "the path auto picked answers the first question users ask right"
 
 
 QUENLAND = [{"prompt": "What is the capital of Quenland?", "completion": "The capital of Quenland is Zorblat."}]

@@ -75,4 +75,4 @@ def test_without_the_extra_the_engine_says_so_and_runs(tiny_qwen2, shammah_home,
 @needs_llama
 def test_auto_never_switches_to_llama_cpp(tiny_qwen2, shammah_home):
     auto = engine(tiny_qwen2, shammah_home, "auto")
-    assert auto.fast and "llama.cpp" not in auto.info()["decode"], "installing the extra changes no answer"
+    assert "llama.cpp" not in auto.info()["decode"], "installing the extra changes no answer"

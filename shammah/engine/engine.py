@@ -382,6 +382,11 @@ def _fast_decoder(model, setting: str):
     why = fast.unsupported(model)
     if why is not None:
         return None, why
+    if setting == "auto" and not fast.native_bf16():
+        # The fast path's activations are bf16. Without native bf16 (e.g. an AVX2-only AMD EPYC) the
+        # emulated rounding tips near ties: the embedded model's "What is the capital of France?"
+        # began "L'Étoile, la Marseillaise..." instead of "The capital of France is Paris."
+        return None, "this CPU has no native bf16 (the fast path's activations); model.fast_decode = int4 forces it"
     quant = "int4" if setting == "auto" else setting
     if not fast.kernel_available(quant):
         if setting == "auto" and fast.kernel_available("int8"):
