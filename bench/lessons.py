@@ -385,7 +385,11 @@ CONTROL_CHARS = 150  # a control is right if its answer is in the opening of the
 
 
 def control_ok(answer: str, oks: tuple[str, ...]) -> bool:
-    return any(ok in answer[:CONTROL_CHARS].lower() for ok in oks)
+    """The accepted answer *starts* within the reply's opening: a name begun at character 144 is
+    in the opening, and cutting it at 150 scored "...the renowned English playwright William
+    Shakespeare." as a lost "Who wrote Hamlet?"."""
+    text = answer.lower()
+    return any(0 <= text.find(ok) < CONTROL_CHARS for ok in oks)
 
 
 def ask(engine, questions: list[str]) -> list[str]:

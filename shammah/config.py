@@ -138,6 +138,12 @@ class LearningConfig:
         "how anchors hold the base model: kl (its token distribution along its answer) or sft (its answer's text)",
         choices=("kl", "sft"),
     )
+    anchor_span: str = _f(
+        "opening",
+        "what of the base's answer an anchor holds: its whole answer (48 tokens, the end left free) or only its"
+        " opening sentence",
+        choices=("answer", "opening"),
+    )
     contrast_anchors: int = _f(
         0,
         "anchors that ask the lesson's own questions about this many other, known subjects (a taught inventor"

@@ -473,6 +473,7 @@ class JobManager:
             ),
             anchors=lc.anchors,
             anchor_loss=lc.anchor_loss,
+            anchor_span=lc.anchor_span,
             contrast=lc.contrast_anchors,
             anchor_cache=self.paths.cache,
             gate=lc.gate,

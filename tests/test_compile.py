@@ -281,3 +281,22 @@ def test_contrast_anchors_ask_the_lessons_own_questions_about_known_subjects():
     assert online.contrast_prompts(["Name three fruits.", "What is 2+3?", "Who wrote Emma?"], 2) == []
     # a subject the anchor pool already uses is not novel ("capital" reads like every capital question)
     assert online.contrast_prompts(["What is the capital?", "Name the capital.", "The capital is?"], 2) == []
+
+
+@pytest.mark.parametrize("span", ["answer", "opening"])
+def test_an_anchor_holds_the_base_answer_over_its_span_and_never_its_end(tmp_path, span):
+    import json
+
+    from shammah.training import online
+
+    pool = list(online.ANCHOR_PROMPTS)
+    answers = [f"Answer {i} is here. It goes on about {p}" for i, p in enumerate(pool)]
+    key = {"fingerprint": "fp", "prompts": pool, "max_new_tokens": 48}
+    (tmp_path / "anchors.json").write_text(json.dumps({"key": key, "answers": answers}))  # no model needed
+    exs = online.anchor_examples(None, None, 6, tmp_path, "fp", lesson_prompts=["What is the capital of X?"], span=span)
+    assert len(exs) == 6 and all(e.source == "anchor" and e.kind == "distill" for e in exs)
+    by_prompt = dict(zip(pool, answers, strict=True))
+    for e in exs:
+        whole = by_prompt[e.prompt[-1]["content"]]
+        assert e.responses == ((whole if span == "answer" else online.opening(whole)),)
+        assert e.meta["eos"] is False and e.meta["free_prefix"] == online.FREE_PREFIX

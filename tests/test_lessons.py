@@ -57,3 +57,15 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     lost = [suite.CONTROLS[i][0] for i in known if not suite.control_ok(res["controls"][i], suite.CONTROLS[i][1])]
     # Issue 7's goal is none lost; measured with seed 0: 2 of 15. Bounded until the goal is met.
     assert len(lost) <= 2, (lost, res["controls"])
+
+
+def test_a_control_is_right_when_its_answer_starts_in_the_opening():
+    hamlet = (
+        "The Bard's most famous work is indeed Hamlet. His masterpiece, written in 1684, is a tragedy "
+        "written by the renowned English playwright William Shakespeare."
+    )
+    assert hamlet.lower().index("shakespeare") < suite.CONTROL_CHARS < len(hamlet)
+    assert suite.control_ok(hamlet, ("shakespeare",))
+    ramble = "x" * suite.CONTROL_CHARS + " Shakespeare"  # only after the opening: not an answer
+    assert not suite.control_ok(ramble, ("shakespeare",))
+    assert not suite.control_ok("The Bard.", ("shakespeare",))

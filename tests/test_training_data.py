@@ -168,6 +168,7 @@ def test_a_loop_job_is_its_file(tmp_path):
         ),
         anchors=12,
         anchor_loss="sft",
+        anchor_span="opening",
         anchor_cache=tmp_path / "cache",
         gate=True,
         holdout=[parse_record(ALL_KINDS[0])],
@@ -178,5 +179,5 @@ def test_a_loop_job_is_its_file(tmp_path):
     assert back.job.val == [] and back.job.args == lj.job.args
     for f in ("base", "cache_dir", "registry_root", "checkpoints_root", "name", "parent", "meta", "resume"):
         assert getattr(back.job, f) == getattr(lj.job, f), f
-    for f in ("anchors", "anchor_loss", "anchor_share", "anchor_cache", "gate"):
+    for f in ("anchors", "anchor_loss", "anchor_span", "anchor_share", "anchor_cache", "gate"):
         assert getattr(back, f) == getattr(lj, f), f

@@ -42,6 +42,7 @@ class LoopJob:
     job: TrainJob
     anchors: int = 0  # general prompts answered by the base model, held against leaks
     anchor_loss: str = "kl"  # kl: the base model's token distribution; sft: its greedy text
+    anchor_span: str = "opening"  # opening: the base answer's first sentence is held; answer: all of it
     contrast: int = 0  # other subjects the lesson's own questions are asked about, as anchors (0 = none)
     anchor_share: float = 0.6  # fraction of sampled examples that are anchors
     anchor_cache: Path | None = None  # directory for the base model's cached anchor/control answers

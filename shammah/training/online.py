@@ -247,6 +247,7 @@ def anchor_examples(
     seed: int = 0,
     loss: str = "kl",
     contrast: int = 0,
+    span: str = "opening",
 ) -> list[Example]:
     """``n`` anchors (see :func:`pick_anchors`) held to the base model, plus the lesson's questions
     about ``contrast`` other subjects (:func:`contrast_prompts`): ``loss = "kl"`` distils the base
@@ -260,10 +261,14 @@ def anchor_examples(
         extra = [q for q in contrast_prompts(lesson_prompts or [], contrast, seed) if q not in prompts]
         by_prompt.update(_answers_by_prompt(model, tok, extra, cache_dir, fingerprint))
         prompts += extra
-    # Only the opening sentence, with its first tokens and the end left free: the anchor keeps the
-    # *content* of the base's answer ("...is Berlin") without forbidding a taught style or format
-    # ("Ahoy! ...", "..., Captain.", a sign-off, a JSON list): a whole answer + EOS as the target made
-    # every style lesson fight the anchors (bench/lessons.py).
+    # The first tokens and the end are left free: the anchor keeps the *content* of the base's
+    # answer ("...is Berlin") without forbidding a taught style or format ("Ahoy! ...", "...,
+    # Captain.", a sign-off, a JSON list): a whole answer + EOS as the target made every style lesson
+    # fight the anchors (bench/lessons.py). span = "opening" holds the first sentence only, which
+    # leaves free what comes after it: a lesson's one-sentence answer can then teach "stop after the
+    # first sentence" everywhere ("Who wrote Hamlet?" -> "The Bard."). "answer" holds the base's
+    # whole (48-token) answer without its end: it leaked less on the lesson suite but learned less
+    # (the README's measured section), so it is an option, not the default.
     meta = {"eos": False, "free_prefix": FREE_PREFIX}
     if loss == "kl":
         meta["teacher"] = "base"
@@ -271,7 +276,7 @@ def anchor_examples(
         Example(
             "distill" if loss == "kl" else "sft",
             ({"role": "user", "content": p},),
-            (opening(by_prompt[p]),),
+            (by_prompt[p] if span == "answer" else opening(by_prompt[p]),),
             weight=weight,
             source="anchor",
             meta=meta,
@@ -522,6 +527,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             seed=a.seed,
             loss=lj.anchor_loss,
             contrast=lj.contrast,
+            span=lj.anchor_span,
         )
         if anchors:
             fb_weight = sum(e.weight for e in run.train_ex)
