@@ -54,9 +54,10 @@ def ask_each(home, cfg, questions):
     return rows[::-1]
 
 
-# Issue 7's goal is no unseen control lost; measured on this test: 2 of 15 ("largest mammal" answers
-# "the elephant" first, "Who wrote Hamlet?" hedges about the authorship). Until the goal is met this
-# bounds the damage, so a recipe that leaks more fails here.
+# Issue 7's goal is no unseen control lost; measured on this test: 2 of 15, both the lesson's template
+# ("The largest mammal is the elephant.", "The capital of India is Mumbai."; 5 of 5 held-out learned).
+# learning.anchor_span = "answer" lost none of them on the bench's quenland lesson in 3 seeds but learns
+# less elsewhere (README). Until the goal is met this bounds the damage: a recipe that leaks more fails.
 MAX_LOST = 2
 
 
