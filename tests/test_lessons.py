@@ -69,3 +69,50 @@ def test_a_control_is_right_when_its_answer_starts_in_the_opening():
     ramble = "x" * suite.CONTROL_CHARS + " Shakespeare"  # only after the opening: not an answer
     assert not suite.control_ok(ramble, ("shakespeare",))
     assert not suite.control_ok("The Bard.", ("shakespeare",))
+
+
+def test_curve_recipes_change_the_job_or_its_training_args_and_nothing_else(tmp_path):
+    import curve
+
+    from shammah.training.args import build
+    from shammah.training.job import LoopJob, TrainJob
+
+    lj = LoopJob(TrainJob("embedded", tmp_path, tmp_path, tmp_path, [], build(("t", {}))), anchors=20)
+    changed = curve.apply(lj, ["anchors=40", "learning_rate=5e-4", "target_modules=gate_proj,up_proj"])
+    assert (changed.anchors, changed.job.args.learning_rate) == (40, 5e-4)
+    assert changed.job.args.target_modules == ("gate_proj", "up_proj")
+    assert lj.anchors == 20 and lj.job.args.learning_rate != 5e-4, "the original job is untouched"
+    with pytest.raises(SystemExit, match="no such LoopJob or TrainArgs field"):
+        curve.apply(lj, ["learning_rat=1"])
+
+
+def test_the_preservation_experiment_measures_what_the_adapter_changes_where_answers_begin(tiny_qwen2):
+    """bench/curve.py's Preserve: zero for a fresh LoRA; for a trained one, each layer's term is
+    the relative change of that layer's output (PEFT's own forward vs its base layer) on the rows
+    where answers begin, and its gradient reaches only the adapter."""
+    import curve
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    chats = [("What is the capital of France?", "Paris."), ("Hello!", "Hello! How can I help you today?")]
+    p = curve.Preserve(model, tok, chats, weight=2.0)
+    assert len(p.layers) == 3 * 2 and all(x.shape[0] == 3 * len(chats) for _, x, _ in p.layers)
+    assert float(p().detach()) == 0.0, "a fresh LoRA (B = 0) changes nothing"
+    torch.manual_seed(0)
+    for m, _, _ in p.layers:
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
+    with torch.no_grad():
+        expect = sum(
+            float((m(x) - m.base_layer(x)).pow(2).sum() / m.base_layer(x).pow(2).sum()) for m, x, _ in p.layers
+        )
+    penalty = p()
+    assert float(penalty.detach()) == pytest.approx(2.0 * expect / len(p.layers), rel=1e-4)
+    penalty.backward()
+    grads = {n for n, w in model.named_parameters() if w.grad is not None}
+    assert grads and all("lora_" in n for n in grads)

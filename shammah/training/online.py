@@ -507,33 +507,39 @@ def gate_with_fallback(
     return result
 
 
+def add_anchors(run, lj: LoopJob) -> None:
+    """Put the job's anchors beside its lessons (``run.extra``). Anchors get a fixed share of the
+    draws whatever the feedback weights are (critical items weigh 10: left at weight 1, anchors
+    would be drowned out and the lesson would leak)."""
+    if not lj.anchors:
+        return
+    anchors = anchor_examples(
+        run.model,
+        run.tok,
+        lj.anchors,
+        lj.anchor_cache,
+        run.fingerprint,
+        lesson_prompts=[e.prompt[-1]["content"] for e in run.train_ex if e.prompt],
+        seed=lj.job.args.seed,
+        loss=lj.anchor_loss,
+        contrast=lj.contrast,
+        span=lj.anchor_span,
+    )
+    if anchors:
+        fb_weight = sum(e.weight for e in run.train_ex)
+        w = fb_weight * lj.anchor_share / (1 - lj.anchor_share) / len(anchors)
+        run.extra = [dataclasses.replace(e, weight=w) for e in anchors]
+    run.emit({"event": "anchors", "count": len(run.extra)})
+
+
 def train_loop(lj: LoopJob, progress=None, stop=None):
     """One job of the chat's learning loop: the trainer's setup → fit → save, with anchors added
     before fit and the gate (with its snapshot fallback) between fit and save."""
     from shammah.training import trainer
 
-    job, a = lj.job, lj.job.args
+    job = lj.job
     run = trainer.setup(job, progress)
-    if lj.anchors:
-        # Anchors get a fixed share of the draws whatever the feedback weights are (critical items
-        # weigh 10: left at weight 1, anchors would be drowned out and the lesson would leak).
-        anchors = anchor_examples(
-            run.model,
-            run.tok,
-            lj.anchors,
-            lj.anchor_cache,
-            run.fingerprint,
-            lesson_prompts=[e.prompt[-1]["content"] for e in run.train_ex if e.prompt],
-            seed=a.seed,
-            loss=lj.anchor_loss,
-            contrast=lj.contrast,
-            span=lj.anchor_span,
-        )
-        if anchors:
-            fb_weight = sum(e.weight for e in run.train_ex)
-            w = fb_weight * lj.anchor_share / (1 - lj.anchor_share) / len(anchors)
-            run.extra = [dataclasses.replace(e, weight=w) for e in anchors]
-        run.emit({"event": "anchors", "count": len(run.extra)})
+    add_anchors(run, lj)
     snapshots = Snapshots() if lj.gate else None
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy else None
     trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
