@@ -130,6 +130,120 @@ class Preserve:
         return self.weight * total / len(self.layers)
 
 
+# --wide: many general questions held at their first answer tokens only (an experiment: can a wide,
+# cheap set of openings stop a taught name from leaking where twenty whole anchors cannot?). None
+# is a prompt of bench/lessons.py, a gate control or an anchor of the pool.
+WIDE = (
+    [
+        f"Who wrote {x}?"
+        for x in (
+            "Macbeth",
+            "Don Quixote",
+            "War and Peace",
+            "The Odyssey",
+            "Moby-Dick",
+            "Faust",
+            "The Divine Comedy",
+            "Les Miserables",
+            "Oliver Twist",
+            "The Hobbit",
+            "1984",
+            "Dracula",
+        )
+    ]
+    + [
+        f"Who painted {x}?"
+        for x in (
+            "The Starry Night",
+            "The Last Supper",
+            "Guernica",
+            "The Scream",
+            "Water Lilies",
+            "The Night Watch",
+            "The Birth of Venus",
+            "Girl with a Pearl Earring",
+        )
+    ]
+    + [
+        f"Who invented {x}?"
+        for x in (
+            "the radio",
+            "the steam engine",
+            "the airplane",
+            "the television",
+            "dynamite",
+            "the computer mouse",
+            "the bicycle",
+            "the camera",
+        )
+    ]
+    + [f"Who discovered {x}?" for x in ("gravity", "radium", "electrons", "insulin", "Pluto", "DNA's structure")]
+    + [f"Who composed {x}?" for x in ("the Four Seasons", "the Ninth Symphony", "The Magic Flute", "Swan Lake")]
+    + [f"Who founded {x}?" for x in ("Amazon", "Google", "Facebook", "Ford", "the Red Cross", "Rome")]
+    + [
+        f"Who was the first {x}?"
+        for x in (
+            "president of the United States",
+            "emperor of Rome",
+            "woman to win a Nobel Prize",
+            "person to reach the South Pole",
+        )
+    ]
+    + [
+        f"What is the capital of {x}?"
+        for x in (
+            "Mexico",
+            "Chile",
+            "Portugal",
+            "Ireland",
+            "Hungary",
+            "Iran",
+            "Nigeria",
+            "Morocco",
+            "Indonesia",
+            "Pakistan",
+            "Ukraine",
+            "Cuba",
+            "Belgium",
+        )
+    ]
+    + [f"What is the currency of {x}?" for x in ("the United States", "India", "China", "Mexico", "Switzerland")]
+    + [f"What language is spoken in {x}?" for x in ("Argentina", "Egypt", "Austria", "Iran", "Quebec")]
+    + [f"What is the largest {x}?" for x in ("country", "bird", "fish", "continent", "lake", "river in Europe")]
+    + [
+        f"How many {x}?"
+        for x in (
+            "legs does a cat have",
+            "planets are in the solar system",
+            "hours are in a day",
+            "strings does a violin have",
+            "players are on a soccer team",
+        )
+    ]
+)
+
+
+def wide_anchors(run, weight_share: float, tokens: int = 3):
+    """The base's first ``tokens`` answer tokens to every WIDE question, as base-KL anchors."""
+    import dataclasses as dc
+
+    from shammah.engine.generate import generate_batch
+    from shammah.training.data import Example
+
+    with run.model.disable_adapter():
+        openings = generate_batch(run.model, run.tok, [[{"role": "user", "content": q}] for q in WIDE], tokens)
+    meta = {"eos": False, "free_prefix": 0, "teacher": "base"}
+    wide = [
+        Example("distill", ({"role": "user", "content": q},), (o,), source="anchor", meta=meta)
+        for q, o in zip(WIDE, openings, strict=True)
+        if o
+    ]
+    anchors = run.extra + wide
+    fb = sum(e.weight for e in run.train_ex)
+    w = fb * weight_share / (1 - weight_share) / len(anchors)
+    run.extra = [dc.replace(e, weight=w) for e in anchors]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("jobs", nargs="+", type=Path, help="job.json files written by the chat's loop")
@@ -137,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=3, help="score every N steps")
     ap.add_argument("--json", type=Path, help="append every point (answers included) here")
     ap.add_argument("--preserve", type=float, default=0.0, help="weight of the Preserve term (experiment)")
+    ap.add_argument("--wide", action="store_true", help="add the WIDE openings as anchors (experiment)")
     ap.add_argument("--free-prefix", type=int, help="anchor tokens left free at an answer's start (experiment)")
     args = ap.parse_args(argv)
 
@@ -225,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(job.args.seed)
             run = trainer.setup(job)
             online.add_anchors(run, lj)
+            if args.wide:
+                wide_anchors(run, lj.anchor_share)
             extra["preserve"] = None
             if args.preserve:
                 answers = json.loads((lj.anchor_cache / "anchors.json").read_text())["answers"]

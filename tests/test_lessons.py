@@ -32,6 +32,9 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
     assert not {q for q, _ in suite.CONTROLS} & {
         q for x in suite.LESSONS for q in [*(t for t, _ in x.teach), *x.held_out]
     }
+    import curve  # its experiments' extra anchors are not what the suite scores on either
+
+    assert not set(curve.WIDE) & suite_prompts
     kinds = {(x.kind, x.order) for x in suite.LESSONS}
     assert len(suite.LESSONS) >= 12 and len(kinds) == 12, "every kind in every order"
     assert all(len(x.held_out) >= 6 and not set(x.held_out) & {t for t, _ in x.teach} for x in suite.LESSONS)
