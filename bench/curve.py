@@ -133,94 +133,27 @@ class Preserve:
 # --wide: many general questions held at their first answer tokens only (an experiment: can a wide,
 # cheap set of openings stop a taught name from leaking where twenty whole anchors cannot?). None
 # is a prompt of bench/lessons.py, a gate control or an anchor of the pool.
-WIDE = (
-    [
-        f"Who wrote {x}?"
-        for x in (
-            "Macbeth",
-            "Don Quixote",
-            "War and Peace",
-            "The Odyssey",
-            "Moby-Dick",
-            "Faust",
-            "The Divine Comedy",
-            "Les Miserables",
-            "Oliver Twist",
-            "The Hobbit",
-            "1984",
-            "Dracula",
-        )
-    ]
-    + [
-        f"Who painted {x}?"
-        for x in (
-            "The Starry Night",
-            "The Last Supper",
-            "Guernica",
-            "The Scream",
-            "Water Lilies",
-            "The Night Watch",
-            "The Birth of Venus",
-            "Girl with a Pearl Earring",
-        )
-    ]
-    + [
-        f"Who invented {x}?"
-        for x in (
-            "the radio",
-            "the steam engine",
-            "the airplane",
-            "the television",
-            "dynamite",
-            "the computer mouse",
-            "the bicycle",
-            "the camera",
-        )
-    ]
-    + [f"Who discovered {x}?" for x in ("gravity", "radium", "electrons", "insulin", "Pluto", "DNA's structure")]
-    + [f"Who composed {x}?" for x in ("the Four Seasons", "the Ninth Symphony", "The Magic Flute", "Swan Lake")]
-    + [f"Who founded {x}?" for x in ("Amazon", "Google", "Facebook", "Ford", "the Red Cross", "Rome")]
-    + [
-        f"Who was the first {x}?"
-        for x in (
-            "president of the United States",
-            "emperor of Rome",
-            "woman to win a Nobel Prize",
-            "person to reach the South Pole",
-        )
-    ]
-    + [
-        f"What is the capital of {x}?"
-        for x in (
-            "Mexico",
-            "Chile",
-            "Portugal",
-            "Ireland",
-            "Hungary",
-            "Iran",
-            "Nigeria",
-            "Morocco",
-            "Indonesia",
-            "Pakistan",
-            "Ukraine",
-            "Cuba",
-            "Belgium",
-        )
-    ]
-    + [f"What is the currency of {x}?" for x in ("the United States", "India", "China", "Mexico", "Switzerland")]
-    + [f"What language is spoken in {x}?" for x in ("Argentina", "Egypt", "Austria", "Iran", "Quebec")]
-    + [f"What is the largest {x}?" for x in ("country", "bird", "fish", "continent", "lake", "river in Europe")]
-    + [
-        f"How many {x}?"
-        for x in (
-            "legs does a cat have",
-            "planets are in the solar system",
-            "hours are in a day",
-            "strings does a violin have",
-            "players are on a soccer team",
-        )
-    ]
-)
+WIDE_FORMS = {
+    "Who wrote {}?": "Macbeth|Don Quixote|War and Peace|The Odyssey|Moby-Dick|Faust|The Divine Comedy|Les Miserables|"
+    "Oliver Twist|The Hobbit|1984|Dracula",
+    "Who painted {}?": "The Starry Night|The Last Supper|Guernica|The Scream|Water Lilies|The Night Watch|"
+    "The Birth of Venus|Girl with a Pearl Earring",
+    "Who invented {}?": "the radio|the steam engine|the airplane|the television|dynamite|the computer mouse|the bicycle|"
+    "the camera",
+    "Who discovered {}?": "gravity|radium|electrons|insulin|Pluto|DNA's structure",
+    "Who composed {}?": "the Four Seasons|the Ninth Symphony|The Magic Flute|Swan Lake",
+    "Who founded {}?": "Amazon|Google|Facebook|Ford|the Red Cross|Rome",
+    "Who was the first {}?": "president of the United States|emperor of Rome|woman to win a Nobel Prize|"
+    "person to reach the South Pole",
+    "What is the capital of {}?": "Mexico|Chile|Portugal|Ireland|Hungary|Iran|Nigeria|Morocco|Indonesia|Pakistan|"
+    "Ukraine|Cuba|Belgium",
+    "What is the currency of {}?": "the United States|India|China|Mexico|Switzerland",
+    "What language is spoken in {}?": "Argentina|Egypt|Austria|Iran|Quebec",
+    "What is the largest {}?": "country|bird|fish|continent|lake|river in Europe",
+    "How many {}?": "legs does a cat have|planets are in the solar system|hours are in a day|strings does a violin have|"
+    "players are on a soccer team",
+}
+WIDE = tuple(form.format(x) for form, xs in WIDE_FORMS.items() for x in xs.split("|"))
 
 
 def wide_anchors(run, weight_share: float, tokens: int = 3):
