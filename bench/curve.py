@@ -156,12 +156,12 @@ WIDE_FORMS = {
 WIDE = tuple(form.format(x) for form, xs in WIDE_FORMS.items() for x in xs.split("|"))
 
 
-def wide_anchors(run, weight_share: float, tokens: int = 3):
-    """The base's first ``tokens`` answer tokens to every WIDE question, as base-KL anchors."""
-    import dataclasses as dc
-
+def wide_anchors(run, share: float, tokens: int = 3):
+    """The base's first ``tokens`` answer tokens to every WIDE question, as base-KL anchors beside
+    the job's own, all of them together at ``share`` of the draws."""
     from shammah.engine.generate import generate_batch
     from shammah.training.data import Example
+    from shammah.training.online import at_share
 
     with run.model.disable_adapter():
         openings = generate_batch(run.model, run.tok, [[{"role": "user", "content": q}] for q in WIDE], tokens)
@@ -171,10 +171,7 @@ def wide_anchors(run, weight_share: float, tokens: int = 3):
         for q, o in zip(WIDE, openings, strict=True)
         if o
     ]
-    anchors = run.extra + wide
-    fb = sum(e.weight for e in run.train_ex)
-    w = fb * weight_share / (1 - weight_share) / len(anchors)
-    run.extra = [dc.replace(e, weight=w) for e in anchors]
+    run.extra = at_share(run.extra + wide, run.train_ex, share)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer._Trainer.compute_loss = with_penalty
 
+    recipe = [*args.set]
+    recipe += [f"--preserve {args.preserve:g}"] if args.preserve else []
+    recipe += ["--wide"] if args.wide else []
+    recipe += [f"--free-prefix {args.free_prefix}"] if args.free_prefix is not None else []
     for path in args.jobs:
-        lesson = by_name[path.parent.parent.parent.name.rsplit("-", 1)[0]]
+        home = path.parent.parent.parent.name  # <lesson>-<seed>
+        lesson = by_name[home.rsplit("-", 1)[0]]
         lj = apply(LoopJob.read(path), args.set)
         with tempfile.TemporaryDirectory() as tmp:
             job = dataclasses.replace(lj.job, registry_root=Path(tmp) / "a", checkpoints_root=Path(tmp) / "c")
@@ -277,11 +279,14 @@ def main(argv: list[str] | None = None) -> int:
                 wide_anchors(run, lj.anchor_share)
             extra["preserve"] = None
             if args.preserve:
-                answers = json.loads((lj.anchor_cache / "anchors.json").read_text())["answers"]
-                pairs = list(zip(online.ANCHOR_PROMPTS, answers, strict=True))
+                pool = list(online.ANCHOR_PROMPTS)
+                answers = online.base_answers(
+                    run.model, run.tok, pool, 48, lj.anchor_cache and lj.anchor_cache / "anchors.json", run.fingerprint
+                )
+                pairs = list(zip(pool, answers, strict=True))
                 extra["preserve"] = Preserve(run.model, run.tok, pairs, args.preserve)
             curve = Curve(run, lesson, args.every)
-            print(f"{path.parent.parent.parent.name}  ({' '.join(sys.argv[2:]) or 'as trained'})", flush=True)
+            print(f"{home}  ({' '.join(recipe) or 'as trained'})", flush=True)
             trainer.fit(run, callbacks=(curve,))
             print(f"  {time.perf_counter() - t0:.0f} s, {run.trainer.state.global_step} steps", flush=True)
         if args.json:

@@ -168,7 +168,7 @@ def test_a_loop_job_is_its_file(tmp_path):
         ),
         anchors=12,
         anchor_loss="sft",
-        anchor_span="opening",
+        anchor_span="answer",  # not the default: the round trip must carry it
         anchor_cache=tmp_path / "cache",
         gate=True,
         holdout=[parse_record(ALL_KINDS[0])],

@@ -526,10 +526,14 @@ def add_anchors(run, lj: LoopJob) -> None:
         span=lj.anchor_span,
     )
     if anchors:
-        fb_weight = sum(e.weight for e in run.train_ex)
-        w = fb_weight * lj.anchor_share / (1 - lj.anchor_share) / len(anchors)
-        run.extra = [dataclasses.replace(e, weight=w) for e in anchors]
+        run.extra = at_share(anchors, run.train_ex, lj.anchor_share)
     run.emit({"event": "anchors", "count": len(run.extra)})
+
+
+def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
+    """``anchors`` weighted alike so that they get ``share`` of the draws beside ``lessons``."""
+    w = sum(e.weight for e in lessons) * share / (1 - share) / len(anchors)
+    return [dataclasses.replace(e, weight=w) for e in anchors]
 
 
 def train_loop(lj: LoopJob, progress=None, stop=None):
