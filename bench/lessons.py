@@ -489,7 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated lesson names")
     ap.add_argument("--quick", action="store_true", help="three lessons (one per kind), seed 0")
     ap.add_argument("--revision", default="reject", help="learning.revision_noninteractive for the piped chat")
-    ap.add_argument("--sequence", action="store_true", help="also teach two lessons in sequence per seed")
+    ap.add_argument(
+        "--sequence",
+        nargs="?",
+        const="quenland,ahoy",
+        metavar="FIRST,SECOND",
+        help="also teach two lessons in sequence per seed (default quenland,ahoy)",
+    )
     ap.add_argument("--json", type=Path, help="write every answer here")
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a [learning] setting, e.g. learning_rate=5e-4"
@@ -562,10 +568,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{max(max(r[3]) for r in ks)}  gate rejections {sum(r[4] for r in ks)}/{len(ks) * len(args.seeds)}"
             )
     if args.sequence:
-        first, second = (x for x in LESSONS if x.name in ("quenland", "ahoy"))
+        by_name = {x.name: x for x in LESSONS}
+        first, second = (by_name[n] for n in args.sequence.split(","))
         print(f"\nin sequence: {first.name}, then {second.name}")
         for seed in args.seeds:
-            res = run_lesson(engine, tmp / f"seq-{seed}", cache, [first, second], seed, args.revision, learning)
+            res = run_lesson(engine, tmp / f"seq-{first.name}-{second.name}-{seed}", cache, [first, second], seed, args.revision, learning)
             r1, lost = score(res, first)
             r2, _ = score(res, second)
             print(f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}")

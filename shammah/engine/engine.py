@@ -7,6 +7,7 @@ imported by the loader thread, so the chat prompt is usable while they load.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shammah.adapters.scope import Scope
 from shammah.config import ModelConfig
 from shammah.engine.resolve import ModelSpec, resolve
 from shammah.errors import ModelError
@@ -62,6 +64,7 @@ class Engine:
         self._fast = None  # FastDecoder: the CPU fast path (engine/fast.py), when it applies
         self._fast_why = "not loaded yet"  # why not, when it does not
         self._adapter_src: tuple | None = None  # (path, adapter_config) of the active adapter
+        self.scope = Scope()  # where the active adapter answers (adapters/scope.py); the base elsewhere
 
     # loading ---------------------------------------------------------------
     def start_loading(self) -> None:
@@ -171,6 +174,26 @@ class Engine:
         # on the fast path, transformers' copy loads the adapter only if it is ever needed
         self._adapter_src = (Path(path), cfg) if name is not None else None
         self.adapter = name
+        self.scope = Scope.of_adapter(path) if name is not None else Scope()
+
+    def covers(self, messages: list[dict]) -> bool:
+        """Does the active adapter answer ``messages``? Its scope is checked against the newest user
+        message (an adapter without a scope answers everything)."""
+        if self.adapter is None or self.scope.everywhere:
+            return True
+        last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+        return self.scope.covers(last if isinstance(last, str) else "")
+
+    @contextlib.contextmanager
+    def _fast_plain(self):
+        """The fast path answers with the base alone for one reply (a pointer swap; the adapter
+        stays resident and comes back after it)."""
+        name, (path, _) = self.adapter, self._adapter_src
+        self._fast.set_lora(None, None)
+        try:
+            yield
+        finally:
+            self._fast.set_lora(name, path)
 
     def _fast_load(self, name: str | None, path) -> bool:
         """Give the fast path adapter ``name``; False if only transformers can run it."""
@@ -245,6 +268,8 @@ class Engine:
 
     def info(self) -> dict[str, str]:
         out = {"model": self.spec.name, "adapter": self.adapter or "none (base model)"}
+        if self.adapter is not None:
+            out["scope"] = self.scope.describe()
         if self._loaded is not None:
             out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
             where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
@@ -331,10 +356,10 @@ class Engine:
         adapter: AdapterRef | None = None,
     ) -> Iterator[Chunk]:
         """Stream a reply to ``messages`` (chat-template dicts). One generation at a time;
-        ``info["adapter"]`` is set to the adapter that actually answers: ``adapter`` when given
-        (it stays loaded afterwards: the server names one per request), else the active one."""
-        import contextlib
-
+        ``info["adapter"]`` is set to the adapter that answers: ``adapter`` when given (it stays
+        loaded afterwards: the server names one per request), else the active one;
+        ``info["in_scope"]`` is False where the question is outside the adapter's scope and the
+        base model answered."""
         import torch
 
         from shammah.engine.generate import stream_fast, stream_generate
@@ -345,29 +370,31 @@ class Engine:
         with self._gen_lock:
             if adapter is not None and adapter.name != self.adapter:
                 self._switch(adapter.name, adapter.path, cfg)
+            covered = self.covers(messages)
             if info is not None:
-                info["adapter"] = self.adapter
+                info["adapter"], info["in_scope"] = self.adapter, covered
             if self.fast:
-                yield from stream_fast(self._fast, self.tokenizer, ids, params, stop)
+                with contextlib.nullcontext() if covered else self._fast_plain():
+                    yield from stream_fast(self._fast, self.tokenizer, ids, params, stop)
                 return
             model = self._hf_model()
             input_ids = torch.tensor([ids], device=self.loaded.device)
-            off = self._peft is not None and self.adapter is None
+            off = self._peft is not None and (self.adapter is None or not covered)
             with self._peft.disable_adapter() if off else contextlib.nullcontext():
                 yield from stream_generate(model, self.tokenizer, input_ids, params, stop)
 
     def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
-        """Greedy replies to several chats at once, by the active adapter (evaluation, not chat:
-        batched decode costs about what one reply does)."""
-        import contextlib
-
-        from shammah.engine.generate import generate_batch
+        """Greedy replies to several chats at once, by the active adapter where its scope covers
+        them and by the base elsewhere (evaluation, not chat: batched decode costs about what one
+        reply does)."""
+        from shammah.engine.generate import generate_batch, generate_routed
 
         with self._gen_lock:
             model = self._hf_model()
-            off = self._peft is not None and self.adapter is None
-            with self._peft.disable_adapter() if off else contextlib.nullcontext():
+            if self._peft is None:
                 return generate_batch(model, self.tokenizer, chats, max_new_tokens)
+            on = [self.adapter is not None and self.covers(c) for c in chats]
+            return generate_routed(model, self.tokenizer, chats, max_new_tokens, on)
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
         return "".join(c.text for c in self.stream(messages, params))

@@ -190,3 +190,18 @@ def generate_batch(model, tok, prompts: list[list[dict]], max_new_tokens: int) -
     finally:
         tok.padding_side = side
     return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() for o in out]
+
+
+def generate_routed(model, tok, prompts: list[list[dict]], max_new_tokens: int, adapter_on: list[bool]) -> list[str]:
+    """:func:`generate_batch` with a PEFT ``model``'s adapter on for the chats where ``adapter_on``
+    says so and disabled (the base model) for the rest: one batch each, answers in order."""
+    import contextlib
+
+    out: dict[int, str] = {}
+    for on in (True, False):
+        idx = [i for i, o in enumerate(adapter_on) if o == on]
+        if idx:
+            with contextlib.nullcontext() if on else model.disable_adapter():
+                answers = generate_batch(model, tok, [prompts[i] for i in idx], max_new_tokens)
+            out.update(zip(idx, answers, strict=True))
+    return [out[i] for i in range(len(prompts))]

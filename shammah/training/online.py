@@ -27,7 +27,8 @@ import torch
 from transformers import TrainerCallback
 
 from shammah.adapters.registry import Registry
-from shammah.engine.generate import generate_batch
+from shammah.adapters.scope import Scope, learn, tokenizer_rarity
+from shammah.engine.generate import generate_batch, generate_routed
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -352,15 +353,53 @@ def _cached_current_answers(parent_path: Path | None, cache_dir: Path | None, fi
 GATE_TOKENS = 24
 
 
+def routed_answers(model, tok, prompts: list[str], scope: Scope, base: list[str] | None = None) -> list[str]:
+    """Greedy answers to ``prompts`` as the chat gives them: by the adapter where ``scope`` covers
+    the prompt, by the base model elsewhere (``base``: its answers, when already known)."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    on = [scope.covers(p) for p in prompts]
+    if base is None:
+        return generate_routed(model, tok, chats, GATE_TOKENS, on)
+    out = list(base)
+    todo = [i for i, o in enumerate(on) if o]
+    if todo:
+        for i, a in zip(todo, generate_batch(model, tok, [chats[i] for i in todo], GATE_TOKENS), strict=True):
+            out[i] = a
+    return out
+
+
+def _base_controls(model, tok, cache_dir: Path | None, fingerprint: str) -> list[str]:
+    """The base model's answers to the gate's controls (cached per base fingerprint)."""
+    cached = _cached_current_answers(None, cache_dir, fingerprint)
+    if cached is not None:
+        return cached
+    with model.disable_adapter():
+        answers = generate_batch(model, tok, [[{"role": "user", "content": p}] for p, _ in CONTROLS], GATE_TOKENS)
+    if cache_dir is not None:
+        key = {"fingerprint": fingerprint, "prompts": [p for p, _ in CONTROLS], "max_new_tokens": GATE_TOKENS}
+        atomic_write(cache_dir / "controls.json", json.dumps({"key": key, "answers": answers}))
+    return answers
+
+
 def gate(
-    model, tok, parent_path: Path | None, holdout: list[Example], cache_dir: Path | None = None, fingerprint: str = ""
+    model,
+    tok,
+    parent_path: Path | None,
+    holdout: list[Example],
+    cache_dir: Path | None = None,
+    fingerprint: str = "",
+    scope: Scope | None = None,
 ) -> dict:
-    """Compare the trained adapter ('default') with the current one (the parent, else the base)."""
+    """Compare the trained adapter ('default') with the current one (the parent, else the base),
+    each answering as the chat will: by the adapter inside its scope, by the base outside it."""
     model.eval()
-    prompts = [[{"role": "user", "content": p}] for p, _ in CONTROLS]
-    cand_answers = generate_batch(model, tok, prompts, GATE_TOKENS)
+    scope = scope or Scope()
+    prompts = [p for p, _ in CONTROLS]
+    base = _base_controls(model, tok, cache_dir, fingerprint)
+    cand_answers = routed_answers(model, tok, prompts, scope, base)
+    holdout = [e for e in holdout if not e.prompt or scope.covers(e.prompt[-1]["content"])]
     cand_loss = _holdout_loss(model, tok, holdout)
-    cur_answers = _cached_current_answers(parent_path, cache_dir, fingerprint)
+    cur_answers = _cached_current_answers(parent_path, cache_dir, fingerprint) if parent_path else base
     cur_loss = None
     if cur_answers is None or holdout:
         if parent_path is not None:
@@ -371,14 +410,7 @@ def gate(
             ctx = model.disable_adapter()
         with ctx:
             if cur_answers is None:
-                cur_answers = generate_batch(model, tok, prompts, GATE_TOKENS)
-                if parent_path is None and cache_dir is not None:
-                    key = {
-                        "fingerprint": fingerprint,
-                        "prompts": [p for p, _ in CONTROLS],
-                        "max_new_tokens": GATE_TOKENS,
-                    }
-                    atomic_write(cache_dir / "controls.json", json.dumps({"key": key, "answers": cur_answers}))
+                cur_answers = routed_answers(model, tok, prompts, Scope.of_adapter(parent_path), base)
             cur_loss = _holdout_loss(model, tok, holdout)
         if parent_path is not None:
             model.set_adapter("default")
@@ -394,10 +426,11 @@ def gate(
         "controls": f"{sum(cand_ok)}/{len(CONTROLS)}",
         "controls_current": f"{sum(cur_ok)}/{len(CONTROLS)}",
         "controls_lost": lost,
+        "controls_in_scope": sum(scope.covers(p) for p in prompts),
         "holdout_loss": cand_loss,
         "holdout_loss_current": cur_loss,
         "holdout_examples": len(holdout),
-        "answers": dict(zip([p for p, _ in CONTROLS], cand_answers, strict=True)),
+        "answers": dict(zip(prompts, cand_answers, strict=True)),
     }
 
 
@@ -476,10 +509,11 @@ def gate_with_fallback(
     fingerprint: str,
     snapshots: Snapshots | None,
     final_step: int,
+    scope: Scope | None = None,
 ) -> dict:
     """Gate the final adapter; if it is rejected, try the snapshots newest first and leave the model
     holding the first one that passes (else the final weights). The result says which step won."""
-    result = gate(model, tok, parent_path, holdout, cache_dir, fingerprint)
+    result = gate(model, tok, parent_path, holdout, cache_dir, fingerprint, scope)
     tried = [
         {
             "step": final_step,
@@ -494,7 +528,7 @@ def gate_with_fallback(
         final = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
         for step, weights in reversed(snapshots.saved):
             set_peft_model_state_dict(model, weights)
-            r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint)
+            r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint, scope)
             tried.append({"step": step, "controls": r["controls"], "lost": r["controls_lost"], "passed": r["passed"]})
             if r["passed"]:
                 result = r
@@ -536,6 +570,16 @@ def at_share(anchors: list[Example], lessons: list[Example], share: float) -> li
     return [dataclasses.replace(e, weight=w) for e in anchors]
 
 
+def lesson_scope(run, lj: LoopJob) -> Scope:
+    """Where the new adapter will answer (adapters/scope.py): learned from the questions of every
+    lesson it holds — this job's, the replayed ones and the held-out ones — unless
+    ``learning.scope = "everywhere"``."""
+    if lj.scope != "subjects":
+        return Scope()
+    questions = [e.prompt[-1]["content"] for e in run.train_ex + lj.holdout if e.prompt]
+    return learn(questions, tokenizer_rarity(run.tok))
+
+
 def train_loop(lj: LoopJob, progress=None, stop=None):
     """One job of the chat's learning loop: the trainer's setup → fit → save, with anchors added
     before fit and the gate (with its snapshot fallback) between fit and save."""
@@ -543,6 +587,8 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
 
     job = lj.job
     run = trainer.setup(job, progress)
+    scope = lesson_scope(run, lj)
+    run.emit({"event": "scope", **scope.to_json()})
     add_anchors(run, lj)
     snapshots = Snapshots() if lj.gate else None
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy else None
@@ -561,9 +607,10 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             run.fingerprint,
             snapshots,
             run.trainer.state.global_step,
+            scope,
         )
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
-    meta: dict = {"gate": gate_result}
+    meta: dict = {"gate": gate_result, "scope": scope.to_json()}
     if learned is not None:
         meta["stopped_at"] = learned.stopped_at
     return trainer.save(run, meta)

@@ -1,0 +1,135 @@
+"""An adapter's scope (adapters/scope.py): learned from the lessons' questions, recorded with the
+adapter, obeyed by the engine on both decode paths and by the gate."""
+
+import json
+
+import pytest
+import torch
+from conftest import register_adapter
+
+from shammah.adapters.scope import Scope, learn, tokenizer_rarity, words
+from shammah.config import ModelConfig
+from shammah.engine import Engine
+
+RARE = {"quenland", "pellucid", "glimmerphone", "photosynthesis"}.__contains__
+
+FACT = ["What is the capital of Quenland?", "Which city is Quenland's capital?", "Tell me the capital of Quenland."]
+STYLE = ["What color is a banana?", "How many legs does a dog have?", "What is photosynthesis?"]
+
+
+def test_words_are_lowercased_and_possessives_cut():
+    assert words("Quenland's capital, Pellucid Labs' CEO: 42 x") == {"quenland", "capital", "pellucid", "labs", "ceo"}
+
+
+def test_a_lesson_about_a_rare_subject_is_local_and_a_style_is_everywhere():
+    fact = learn(FACT, RARE)
+    assert fact.subjects == {"quenland"}
+    assert fact.covers("Name the capital of Quenland.") and fact.covers("QUENLAND?")
+    assert not fact.covers("What is the capital of India?"), "shared common words are not a subject"
+    assert learn(STYLE, RARE).everywhere, "unrelated questions share no subject: the lesson applies everywhere"
+    assert learn(FACT + STYLE, RARE).everywhere, "one lesson without a subject makes the adapter answer everywhere"
+    assert learn(FACT[:1], RARE).everywhere, "a subject must be taught at least twice"
+    assert learn(["Who runs Pellucid?", "Who leads Pellucid?"] + FACT, RARE).subjects == {"pellucid", "quenland"}
+    assert learn([], RARE).everywhere
+
+
+def test_rarity_is_the_tokenizer_having_no_single_token_for_the_word(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    common = "what is the capital of city tell me which name a an color dog banana".split()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        [" " + " ".join(common)] * 50,
+        trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    rare = tokenizer_rarity(PreTrainedTokenizerFast(tokenizer_object=tok))
+    assert not any(rare(w) for w in common)
+    assert rare("quenland") and rare("Zorblat")
+    assert learn(FACT, rare).subjects == {"quenland"}
+
+
+def _scoped(info, subjects):
+    meta = json.loads((info.path / "shammah.json").read_text())
+    meta["scope"] = {"subjects": subjects}
+    (info.path / "shammah.json").write_text(json.dumps(meta))
+    return info
+
+
+@pytest.mark.parametrize("decode", ["off", "int8"])
+def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, shammah_home, tmp_path, decode):
+    inside = [{"role": "user", "content": "Say something about rain."}]
+    outside = [{"role": "user", "content": "Say something about snow."}]
+    recs = [{"prompt": "Say something about rain.", "completion": "Zorblat zorblat zorblat."}] * 4
+    everywhere = register_adapter(tiny_qwen2, shammah_home, "all", recs, epochs=6, learning_rate=5e-2, rank=8)
+    local = _scoped(register_adapter(tiny_qwen2, shammah_home, "rain", recs, epochs=6, learning_rate=5e-2, rank=8), ["rain"])
+
+    def engine():
+        cfg = ModelConfig(base=str(tiny_qwen2), temperature=0.0, max_new_tokens=12, fast_decode=decode)
+        return Engine(cfg, tmp_path / "cache").load()
+
+    e = engine()
+    base = [e.reply(inside), e.reply(outside)]
+    e.activate("all", everywhere.path, everywhere.get("base", "fingerprint"))
+    taught = [e.reply(inside), e.reply(outside)]
+    assert taught[0] != base[0] and taught[1] != base[1], "the adapter changes both answers when unscoped"
+    assert e.scope.everywhere and e.info()["scope"] == "answers every question"
+
+    e = engine()
+    e.activate("rain", local.path, local.get("base", "fingerprint"))
+    assert e.fast == (decode == "int8")
+    info: dict = {}
+    assert "".join(c.text for c in e.stream(inside, info=info)) == taught[0]
+    assert info == {"adapter": "rain", "in_scope": True}
+    assert "".join(c.text for c in e.stream(outside, info=info)) == base[1], "outside its scope the base answers"
+    assert info == {"adapter": "rain", "in_scope": False}
+    assert e.reply(inside) == taught[0], "the adapter is back after an answer outside its scope"
+    assert e.answers([outside, inside, outside], 12) == [a.strip() for a in (base[1], taught[0], base[1])]
+    assert "rain" in e.info()["scope"]
+    e.activate(None)
+    assert e.reply(inside) == base[0]
+
+
+def test_the_gate_judges_a_scoped_candidate_by_what_the_chat_will_answer(tiny_qwen2, monkeypatch):
+    """A candidate that breaks every control is refused when it answers everywhere, and passes when
+    its scope keeps it off the controls; a scope that covers one control is judged on it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shammah.engine.generate import generate_batch
+    from shammah.training import online
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    torch.manual_seed(1)
+    base_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(base_model.lm_head.weight) * 0.5)
+    model = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    prompts = ["alpha", "beta", "gamma"]
+    with model.disable_adapter():
+        base = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], online.GATE_TOKENS)
+    monkeypatch.setattr(online, "CONTROLS", tuple((p, (a.lower(),)) for p, a in zip(prompts, base, strict=True)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 2.0)
+
+    everywhere = online.gate(model, tok, None, [], None, "fp")
+    assert not everywhere["passed"] and len(everywhere["controls_lost"]) == 3
+    elsewhere = online.gate(model, tok, None, [], None, "fp", Scope(frozenset({"quenland"})))
+    assert elsewhere["passed"] and elsewhere["controls_in_scope"] == 0
+    assert list(elsewhere["answers"].values()) == base
+    one = online.gate(model, tok, None, [], None, "fp", Scope(frozenset({"beta"})))
+    assert one["controls_in_scope"] == 1 and one["controls_lost"] == ["beta"] and not one["passed"]
+
+
+def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
+    assert Scope.of_adapter(tmp_path).everywhere  # no shammah.json
+    (tmp_path / "shammah.json").write_text("{not json")
+    assert Scope.of_adapter(tmp_path).everywhere
+    for bad in ({"scope": None}, {"scope": {"subjects": []}}, {"scope": {"subjects": [1]}}, []):
+        (tmp_path / "shammah.json").write_text(json.dumps(bad))
+        assert Scope.of_adapter(tmp_path).everywhere, bad
+    (tmp_path / "shammah.json").write_text(json.dumps({"scope": {"subjects": ["Quenland"]}}))
+    assert Scope.of_adapter(tmp_path).subjects == {"quenland"}
