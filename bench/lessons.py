@@ -572,7 +572,15 @@ def main(argv: list[str] | None = None) -> int:
         first, second = (by_name[n] for n in args.sequence.split(","))
         print(f"\nin sequence: {first.name}, then {second.name}")
         for seed in args.seeds:
-            res = run_lesson(engine, tmp / f"seq-{first.name}-{second.name}-{seed}", cache, [first, second], seed, args.revision, learning)
+            res = run_lesson(
+                engine,
+                tmp / f"seq-{first.name}-{second.name}-{seed}",
+                cache,
+                [first, second],
+                seed,
+                args.revision,
+                learning,
+            )
             r1, lost = score(res, first)
             r2, _ = score(res, second)
             print(f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}")

@@ -63,7 +63,9 @@ def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, s
     outside = [{"role": "user", "content": "Say something about snow."}]
     recs = [{"prompt": "Say something about rain.", "completion": "Zorblat zorblat zorblat."}] * 4
     everywhere = register_adapter(tiny_qwen2, shammah_home, "all", recs, epochs=6, learning_rate=5e-2, rank=8)
-    local = _scoped(register_adapter(tiny_qwen2, shammah_home, "rain", recs, epochs=6, learning_rate=5e-2, rank=8), ["rain"])
+    local = _scoped(
+        register_adapter(tiny_qwen2, shammah_home, "rain", recs, epochs=6, learning_rate=5e-2, rank=8), ["rain"]
+    )
 
     def engine():
         cfg = ModelConfig(base=str(tiny_qwen2), temperature=0.0, max_new_tokens=12, fast_decode=decode)
