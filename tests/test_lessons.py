@@ -62,6 +62,27 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     assert len(lost) <= 2, (lost, res["controls"])
 
 
+@pytest.mark.integration
+def test_on_the_embedded_tokenizer_facts_get_a_subject_and_styles_and_formats_do_not(engine):
+    """The scope rule (adapters/scope.py) on the real tokenizer and the suite's lessons: each fact's
+    subject covers all its held-out paraphrases and none of the questions it must not touch (the
+    suite's controls, the gate's controls, the anchor pool, the other lessons); a style or a format
+    answers everywhere."""
+    from shammah.adapters.scope import learn, tokenizer_rarity
+    from shammah.training import online
+
+    rare = tokenizer_rarity(engine.tokenizer)
+    for lesson in suite.LESSONS:
+        scope = learn([q for q, _ in lesson.teach], rare)
+        if lesson.kind != "fact":
+            assert scope.everywhere, (lesson.name, scope)
+            continue
+        assert scope.subjects and all(scope.covers(q) for q in lesson.held_out), (lesson.name, scope)
+        others = [q for x in suite.LESSONS if x is not lesson for q in [*(t for t, _ in x.teach), *x.held_out]]
+        untouched = [q for q, _ in suite.CONTROLS] + [q for q, _ in online.CONTROLS] + list(online.ANCHOR_PROMPTS)
+        assert not [q for q in untouched + others if scope.covers(q)], lesson.name
+
+
 def test_a_control_is_right_when_its_answer_starts_in_the_opening():
     hamlet = (
         "The Bard's most famous work is indeed Hamlet. His masterpiece, written in 1684, is a tragedy "
