@@ -1,9 +1,10 @@
 """Proof that it learns: the real embedded model, taught through the piped chat exactly as a
-user would type it, learns a made-up fact that holds on paraphrases it never saw, while the
-answers it already got right stay right. The controls scored here are bench/lessons.py's: they
+user would type it, learns a made-up fact that holds on paraphrases it never saw, while not one
+of the answers it already got right changes. The controls scored here are bench/lessons.py's: they
 appear nowhere in shammah's anchors or gate controls, so the loop was never tuned on them.
 Deterministic: greedy decoding, seeded training."""
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -54,13 +55,6 @@ def ask_each(home, cfg, questions):
     return rows[::-1]
 
 
-# Issue 7's goal is no unseen control lost; measured on this test: 2 of 15, both the lesson's template
-# ("The largest mammal is the elephant.", "The capital of India is Mumbai."; 5 of 5 held-out learned).
-# learning.anchor_span = "answer" lost none of them on the bench's quenland lesson in 3 seeds but learns
-# less elsewhere (README). Until the goal is met this bounds the damage: a recipe that leaks more fails.
-MAX_LOST = 2
-
-
 @pytest.mark.timeout(1200)  # four chats with the real model and one training job: ~5-9 min on 2 cores
 def test_a_handful_of_corrections_teach_a_fact_without_breaking_others(embedded_home, tmp_path):
     home = tmp_path / "home"  # a clean home, sharing the cache (converted model, anchors) of the other tests
@@ -93,9 +87,13 @@ def test_a_handful_of_corrections_teach_a_fact_without_breaking_others(embedded_
     ctrl = ask_each(home, cfg, [q for q, _ in CONTROLS])
     adapter = held[0][1]
     assert adapter and adapter.startswith("learned-") and all(a == adapter for _, a in held + ctrl)
+    # The adapter answers questions that name Quenland; the base model answers the rest (adapters/scope.py).
+    # Learned from the taught questions alone: the controls below were never seen by the loop.
+    scope = json.loads((home / "adapters" / adapter / "shammah.json").read_text())["scope"]
+    assert scope == {"subjects": ["quenland"]}, scope
     learned = sum("zorblat" in r.lower() for r, _ in held)
     assert learned >= 4, [r for r, _ in held]
     still_right = [control_ok(r, oks) for (r, _), (_, oks) in zip(ctrl, CONTROLS, strict=True)]
     lost = [CONTROLS[i][0] for i, (b, a) in enumerate(zip(base_right, still_right, strict=True)) if b and not a]
-    assert len(lost) <= MAX_LOST, f"lost: {lost}; answers: {[r for r, _ in ctrl]}"
+    assert not lost, f"lost: {lost}; answers: {[r for r, _ in ctrl]}"
     assert not any("zorblat" in r.lower() for r, _ in ctrl), "the lesson does not leak into unrelated answers"
