@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shammah.adapters.active import ActiveAdapter
@@ -40,6 +40,7 @@ from shammah.training.job import LoopJob, TrainJob
 log = logging.getLogger(__name__)
 
 KEEP_JOB_DIRS = 20  # job directories (data, logs) kept for inspection; older ones are removed
+REPLAY_WEIGHT = 0.25  # a replayed lesson's sampling weight relative to a new one (see _snapshot)
 HOLDOUT_MIN = 10  # with at least this many new items, 20% are held out for the gate
 
 
@@ -441,7 +442,13 @@ class JobManager:
         holdout_ids = [i for x in held for i in x.feedback_ids]
         job = Job(job_id, trigger, ids, holdout_ids, snapshot_time)
         d = ensure_dir(self.paths.root / "jobs" / job_id)
-        examples = examples_of(trained + replay, lc.note_only)
+        # Replayed lessons are already in the adapter this job starts from: they are rehearsed, not
+        # taught. At full weight they took half of the lesson draws from a new lesson taught second
+        # (bench/lessons.py --sequence quenland,pellucid, seeds 0-2: pellucid 0%/100%/67%, quenland
+        # 83%/100%/100%); at REPLAY_WEIGHT the new lessons get about the draws they would get alone
+        # (67%/100%/100%, quenland 100% x3).
+        rehearse = [replace(e, weight=e.weight * REPLAY_WEIGHT) for e in examples_of(replay, lc.note_only)]
+        examples = examples_of(trained, lc.note_only) + rehearse
         if not lc.preference_pairs:  # see LearningConfig.preference_pairs
             examples = [e for e in examples if e.kind != "pair"]
         replay_ids = [i for x in replay for i in x.feedback_ids]

@@ -581,3 +581,20 @@ def test_a_spare_worker_waits_during_the_feedback_and_runs_the_job(shammah_home,
     assert "Traceback" not in log, "the job ran in the spare and its stderr went to the job's log"
     assert nxt is not None and nxt.pid != job_pid and nxt.returncode is not None, "the last spare was ended"
     s.store.close()
+
+
+def test_replayed_lessons_are_rehearsed_at_a_quarter_of_their_weight(tiny_qwen2, shammah_home):
+    """A lesson already trained into the adapter the job starts from is replayed at REPLAY_WEIGHT of
+    its weight, so a new lesson is not starved of draws by the old ones (bench/lessons.py --sequence)."""
+    from shammah import jobs
+    from shammah.training.job import LoopJob
+
+    s, _ = make_session(tiny_qwen2, shammah_home)
+    old = _turn(s.store, "What is the capital of Quenland?", "Paris.")
+    s.store.mark_trained([s.store.fix(old, "Zorblat.").id], "learned-1", time.time())
+    new = _turn(s.store, "Who runs Pellucid Labs?", "Nobody.")
+    s.store.fix(new, "Mara Okafor.")
+    _, d = s.jobs._snapshot("test", "job-test")
+    weights = {e.prompt[-1]["content"]: e.weight for e in LoopJob.read(d / "job.json").job.train}
+    assert weights == {"Who runs Pellucid Labs?": 3.0, "What is the capital of Quenland?": 3.0 * jobs.REPLAY_WEIGHT}
+    s.store.close()
