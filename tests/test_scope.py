@@ -135,3 +135,49 @@ def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
         assert Scope.of_adapter(tmp_path).everywhere, bad
     (tmp_path / "shammah.json").write_text(json.dumps({"scope": {"subjects": ["Quenland"]}}))
     assert Scope.of_adapter(tmp_path).subjects == {"quenland"}
+
+
+def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shammah_home, monkeypatch):
+    """A real loop job on a tiny model: lessons about one rare subject give an adapter scoped to it
+    and no anchors (nothing outside the subject sees the adapter); lessons on unrelated questions
+    give an adapter that answers everywhere, trained beside its anchors."""
+    from shammah.adapters.registry import Registry
+    from shammah.engine.fingerprint import fingerprint
+    from shammah.training import online
+    from shammah.training.args import build
+    from shammah.training.data import parse_record
+    from shammah.training.job import LoopJob, TrainJob
+
+    monkeypatch.setattr(online, "tokenizer_rarity", lambda tok: RARE)
+    cache = shammah_home / "anchor-cache"
+    cache.mkdir(parents=True)
+    prompts = list(online.ANCHOR_PROMPTS)
+    key = {"fingerprint": fingerprint(tiny_qwen2), "prompts": prompts, "max_new_tokens": 48}
+    (cache / "anchors.json").write_text(json.dumps({"key": key, "answers": [f"Answer {i}." for i in prompts]}))
+
+    def run(name, questions):
+        events = []
+        online.train_loop(
+            LoopJob(
+                TrainJob(
+                    base=str(tiny_qwen2),
+                    cache_dir=cache,
+                    registry_root=shammah_home / "adapters",
+                    checkpoints_root=shammah_home / "checkpoints",
+                    train=[parse_record({"prompt": q, "completion": "Zorblat."}) for q in questions],
+                    args=build(("t", {"epochs": 1, "rank": 4, "save_steps": 0})),
+                    name=name,
+                ),
+                anchors=4,
+                anchor_cache=cache,
+            ),
+            progress=events.append,
+        )
+        return Registry(shammah_home / "adapters").get(name).meta, events
+
+    meta, events = run("fact", FACT)
+    assert meta["scope"] == {"subjects": ["quenland"]} and meta["report"]["anchors"] == 0
+    assert [e["subjects"] for e in events if e["event"] == "scope"] == [["quenland"]]
+    assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
+    meta, _ = run("style", STYLE)
+    assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4

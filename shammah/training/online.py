@@ -589,7 +589,11 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     run = trainer.setup(job, progress)
     scope = lesson_scope(run, lj)
     run.emit({"event": "scope", **scope.to_json()})
-    add_anchors(run, lj)
+    if scope.everywhere:
+        add_anchors(run, lj)
+    # else no anchors: they hold what the adapter answers outside its lessons, and a scoped adapter
+    # answers nothing outside its subjects (the base does). Measured on the four fact lessons over
+    # three seeds (README): the same held-out rate, no unseen control lost, 6 steps instead of 21.
     snapshots = Snapshots() if lj.gate else None
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy else None
     trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
