@@ -591,6 +591,8 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     run.emit({"event": "scope", **scope.to_json()})
     if scope.everywhere:
         add_anchors(run, lj)
+    else:
+        run.emit({"event": "anchors", "count": 0, "why": "scoped"})
     # else no anchors: they hold what the adapter answers outside its lessons, and a scoped adapter
     # answers nothing outside its subjects (the base does). Measured on the four fact lessons over
     # three seeds (README): the same held-out rate, no unseen control lost, 6 steps instead of 21.
