@@ -72,3 +72,38 @@ def register_adapter(base, home, name, records=None, **settings):
         )
     )
     return Registry(paths.adapters).get(name)
+
+
+def gate_on_tiny_controls(base, monkeypatch):
+    """A tiny PEFT model (LoRA still zero) whose gate controls are three prompts with the base
+    model's own answers as the right ones: (model, tokenizer, base answers). The untied random
+    output layer makes the tiny model say varied words, not blank lines."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shammah.engine.generate import generate_batch
+    from shammah.training import online
+
+    tok = AutoTokenizer.from_pretrained(base)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(1)
+    base_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(base_model.lm_head.weight) * 0.5)
+    model = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    prompts = ["alpha", "beta", "gamma"]
+    with model.disable_adapter():
+        answers = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], online.GATE_TOKENS)
+    monkeypatch.setattr(online, "CONTROLS", tuple((p, (a.lower(),)) for p, a in zip(prompts, answers, strict=True)))
+    assert all(answers), "the tiny model says something to each control"
+    return model, tok, answers
+
+
+def scramble_lora(model) -> None:
+    """Large random LoRA weights: an adapter that changes every answer."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 2.0)

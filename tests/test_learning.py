@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import register_adapter
+from conftest import gate_on_tiny_controls, register_adapter, scramble_lora
 
 from shammah.config import Config, FeedbackConfig, LearningConfig, ModelConfig
 from shammah.engine import Engine
@@ -370,30 +370,14 @@ def test_a_rejected_adapter_falls_back_to_the_last_snapshot_that_passes(tiny_qwe
     adapter (large random LoRA weights) changes the answers and is refused; the snapshot taken
     earlier in the run (still the base's behaviour) passes, and the model is left holding it."""
     import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import get_peft_model_state_dict
 
-    from shammah.engine.generate import generate_batch
     from shammah.training import online
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
-    base_model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
-    torch.manual_seed(1)  # an untied random output layer: the tiny model then says varied words, not blank lines
-    base_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(base_model.lm_head.weight) * 0.5)
-    model = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    prompts = ["alpha", "beta", "gamma"]
-    with model.disable_adapter():
-        base = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], online.GATE_TOKENS)
-    monkeypatch.setattr(online, "CONTROLS", tuple((p, (a.lower(),)) for p, a in zip(prompts, base, strict=True)))
-    assert all(base), "the tiny model says something to each control"
-
+    model, tok, _ = gate_on_tiny_controls(tiny_qwen2, monkeypatch)
     snaps = online.Snapshots()
     snaps.saved.append((4, {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}))  # B = 0: the base
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 2.0)
+    scramble_lora(model)
     result = online.gate_with_fallback(model, tok, None, [], None, "fp", snaps, final_step=8)
     assert [t["passed"] for t in result["tried"]] == [False, True]
     assert result["passed"] and (result["step"], result["final_step"]) == (4, 8)

@@ -4,8 +4,7 @@ adapter, obeyed by the engine on both decode paths and by the gate."""
 import json
 
 import pytest
-import torch
-from conftest import register_adapter
+from conftest import gate_on_tiny_controls, register_adapter, scramble_lora
 
 from shammah.adapters.scope import Scope, learn, tokenizer_rarity, words
 from shammah.config import ModelConfig
@@ -96,26 +95,10 @@ def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, s
 def test_the_gate_judges_a_scoped_candidate_by_what_the_chat_will_answer(tiny_qwen2, monkeypatch):
     """A candidate that breaks every control is refused when it answers everywhere, and passes when
     its scope keeps it off the controls; a scope that covers one control is judged on it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from shammah.engine.generate import generate_batch
     from shammah.training import online
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
-    base_model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
-    torch.manual_seed(1)
-    base_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(base_model.lm_head.weight) * 0.5)
-    model = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    prompts = ["alpha", "beta", "gamma"]
-    with model.disable_adapter():
-        base = generate_batch(model, tok, [[{"role": "user", "content": p}] for p in prompts], online.GATE_TOKENS)
-    monkeypatch.setattr(online, "CONTROLS", tuple((p, (a.lower(),)) for p, a in zip(prompts, base, strict=True)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 2.0)
+    model, tok, base = gate_on_tiny_controls(tiny_qwen2, monkeypatch)
+    scramble_lora(model)
 
     everywhere = online.gate(model, tok, None, [], None, "fp")
     assert not everywhere["passed"] and len(everywhere["controls_lost"]) == 3
