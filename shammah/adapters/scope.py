@@ -42,9 +42,10 @@ def words(text: str) -> set[str]:
 
 def tokenizer_rarity(tok) -> Callable[[str], bool]:
     """A word is rare if the tokenizer splits it, in every casing (words() lower-cases; "ceo" is
-    " CEO"), into more than one piece after a space: common words are single tokens in a byte-level
-    BPE of 49k–152k entries, names the model never saw are not. Measured on the embedded model's tokenizer: of the lesson suite's and the
-    controls' words only the made-up names and "Sistine" are rare."""
+    " CEO"), into more than one piece after a space: common words are single tokens in a
+    byte-level BPE of 49k–152k entries, names the model never saw are not. Measured on the
+    embedded model's tokenizer: of the lesson suite's and the controls' words only the made-up
+    names and "Sistine" are rare (tests/test_lessons.py)."""
     base = len(tok.encode("a", add_special_tokens=False))
 
     def rare(word: str) -> bool:
