@@ -529,7 +529,12 @@ def test_a_spare_worker_waits_during_the_feedback_and_runs_the_job(shammah_home,
         await s.handle("/critical wrong: it is A")  # 10 of 20: no job yet, a spare starts
         assert s.jobs.current is None
         spare = s.jobs._spare
-        assert spare is not None and "--wait" in psutil.Process(spare.pid).cmdline()
+        assert spare is not None
+        for _ in range(100):  # /proc/PID/cmdline reads empty while the new process is still in exec
+            if psutil.Process(spare.pid).cmdline():
+                break
+            await asyncio.sleep(0.05)
+        assert "--wait" in psutil.Process(spare.pid).cmdline()
         spare_pid.append(spare.pid)
         seen = []
         real = s.engine.stream
