@@ -341,16 +341,17 @@ def _cached_current_answers(parent_path: Path | None, cache_dir: Path | None, fi
     f = cache_dir / "controls.json"
     if f.is_file():
         cached = json.loads(f.read_text())
-        if cached.get("key") == {
-            "fingerprint": fingerprint,
-            "prompts": [p for p, _ in CONTROLS],
-            "max_new_tokens": GATE_TOKENS,
-        }:
+        if cached.get("key") == _controls_key(fingerprint):
             return cached["answers"]
     return None
 
 
 GATE_TOKENS = 24
+
+
+def _controls_key(fingerprint: str) -> dict:
+    """What the cached base answers to the controls depend on (controls.json)."""
+    return {"fingerprint": fingerprint, "prompts": [p for p, _ in CONTROLS], "max_new_tokens": GATE_TOKENS}
 
 
 def routed_answers(model, tok, prompts: list[str], scope: Scope, base: list[str] | None = None) -> list[str]:
@@ -376,8 +377,7 @@ def _base_controls(model, tok, cache_dir: Path | None, fingerprint: str) -> list
     with model.disable_adapter():
         answers = generate_batch(model, tok, [[{"role": "user", "content": p}] for p, _ in CONTROLS], GATE_TOKENS)
     if cache_dir is not None:
-        key = {"fingerprint": fingerprint, "prompts": [p for p, _ in CONTROLS], "max_new_tokens": GATE_TOKENS}
-        atomic_write(cache_dir / "controls.json", json.dumps({"key": key, "answers": answers}))
+        atomic_write(cache_dir / "controls.json", json.dumps({"key": _controls_key(fingerprint), "answers": answers}))
     return answers
 
 
