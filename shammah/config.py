@@ -114,11 +114,12 @@ class LearningConfig:
     )
     gate: bool = _f(True, "swap a new adapter in only if it is not worse than the current one")
     scope: str = _f(
-        "subjects",
-        "where a learned adapter answers: subjects = only questions that name its lessons' subject (a name the"
-        " model had no token for, e.g. a made-up place), the base model elsewhere, and everywhere when a lesson"
-        " has no such subject (a style, a format); everywhere = always",
-        choices=("subjects", "everywhere"),
+        "auto",
+        "where a learned adapter answers: auto = questions that name its lessons' subject (a name the model had"
+        " no token for, e.g. a made-up place) or are asked like its lessons' questions (a format taught on one"
+        " kind of question), the base model elsewhere, and everywhere when a lesson has neither (a style);"
+        " subjects = by subject only; everywhere = always",
+        choices=("auto", "subjects", "everywhere"),
     )
     learning_rate: float = _f(1e-3, "learning rate of background training", lo=1e-6, hi=0.1)
     epochs: int = _f(3, "passes over the compiled feedback per job", lo=1, hi=100)

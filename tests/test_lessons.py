@@ -1,5 +1,5 @@
 """The lesson suite's fast subset (bench/lessons.py) on the real embedded model: a style rule that
-applies to every answer, taught through the piped chat, scored on questions the loop never saw and
+applies to every answer and a format, each taught through the piped chat, scored on questions the loop never saw and
 on controls that appear nowhere in shammah's anchors or gate controls. (The fact lesson runs through
 the real CLI in test_learns_e2e.py.)"""
 
@@ -42,8 +42,10 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["ahoy"])
-def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name):
+@pytest.mark.parametrize(("name", "max_lost"), [("ahoy", 2), ("jsonlist", 0)])
+def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name, max_lost):
+    """ahoy: a style rule, so its adapter answers everywhere; jsonlist: a format, scoped to its
+    form (adapters/scope.py), which keeps every unseen control with the base model."""
     lesson = next(x for x in suite.LESSONS if x.name == name)
     before = suite.ask(engine, list(lesson.held_out))
     assert not any(lesson.follows(a) for a in before), "the base model does not know it yet"
@@ -58,29 +60,42 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     rate = statistics.mean(lesson.follows(a) for a in res["held"][name])
     assert rate >= 5 / 6, res["held"][name]
     lost = [suite.CONTROLS[i][0] for i in known if not suite.control_ok(res["controls"][i], suite.CONTROLS[i][1])]
-    # Issue 7's goal is none lost; measured with seed 0: 2 of 15. Bounded until the goal is met.
-    assert len(lost) <= 2, (lost, res["controls"])
+    # Issue 7's goal is none lost. A style rule answers everywhere and, measured over seeds 0-2, loses
+    # up to 3 of 15 (README); bounded here until the goal is met. A format is scoped: none.
+    assert len(lost) <= max_lost, (lost, res["controls"])
 
 
 @pytest.mark.integration
-def test_on_the_embedded_tokenizer_facts_get_a_subject_and_styles_and_formats_do_not(engine):
-    """The scope rule (adapters/scope.py) on the real tokenizer and the suite's lessons: each fact's
-    subject covers all its held-out paraphrases and none of the questions it must not touch (the
-    suite's controls, the gate's controls, the anchor pool, the other lessons); a style or a format
-    answers everywhere."""
+def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_scope(engine):
+    """The scope rules (adapters/scope.py) on the real model and the suite's lessons: each fact's
+    subject, and each format's form, covers all its held-out paraphrases; a subject covers none of
+    the questions it must not touch (the suite's controls, the gate's controls, the anchor pool, the
+    other lessons), a form at most one of the suite's controls and one of the gate's; a style answers
+    everywhere."""
     from shammah.adapters.scope import learn, tokenizer_rarity
+    from shammah.engine.keys import default_layer
     from shammah.training import online
 
     rare = tokenizer_rarity(engine.tokenizer)
+    layer = default_layer(engine.model)
+    keys = online.key_of(engine.model, engine.tokenizer, layer)
+    controls = [q for q, _ in suite.CONTROLS]
+    gate_controls = [q for q, _ in online.CONTROLS]
     for lesson in suite.LESSONS:
-        scope = learn([q for q, _ in lesson.teach], rare)
-        if lesson.kind != "fact":
-            assert scope.everywhere, (lesson.name, scope)
+        scope = learn([q for q, _ in lesson.teach], rare, keys, online.ANCHOR_PROMPTS, layer)
+        if lesson.kind == "style":
+            assert scope.everywhere, (lesson.name, scope.describe())
             continue
-        assert scope.subjects and all(scope.covers(q) for q in lesson.held_out), (lesson.name, scope)
+        assert all(scope.covers(q, keys) for q in lesson.held_out), lesson.name
+        if lesson.kind == "format":
+            assert scope.subjects is None and scope.form is not None, lesson.name
+            assert sum(scope.covers(q, keys) for q in controls) <= 1, lesson.name
+            assert sum(scope.covers(q, keys) for q in gate_controls) <= 1, lesson.name  # "What is 2+2?" is arithmetic
+            continue
+        assert scope.subjects and scope.form is None, (lesson.name, scope.describe())
         others = [q for x in suite.LESSONS if x is not lesson for q in [*(t for t, _ in x.teach), *x.held_out]]
-        untouched = [q for q, _ in suite.CONTROLS] + [q for q, _ in online.CONTROLS] + list(online.ANCHOR_PROMPTS)
-        assert not [q for q in untouched + others if scope.covers(q)], lesson.name
+        untouched = controls + gate_controls + list(online.ANCHOR_PROMPTS)
+        assert not [q for q in untouched + others if scope.covers(q, keys)], lesson.name
 
 
 def test_a_control_is_right_when_its_answer_starts_in_the_opening():

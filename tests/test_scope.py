@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import gate_on_tiny_controls, register_adapter, scramble_lora
 
-from shammah.adapters.scope import Scope, learn, tokenizer_rarity, words
+from shammah.adapters.scope import Form, Scope, learn, tokenizer_rarity, words
 from shammah.config import ModelConfig
 from shammah.engine import Engine
 
@@ -32,6 +32,94 @@ def test_a_lesson_about_a_rare_subject_is_local_and_a_style_is_everywhere():
     assert learn([], RARE).everywhere
 
 
+VOCAB = "what is the capital of name list three who wrote color a how many when did + fruits birds".split()
+
+
+def bag(text: str) -> list[float]:
+    """A stand-in key for the pure tests: word counts over VOCAB (the real key is a hidden state)."""
+    ws = [w.strip("?.,").lower() for w in text.split()]
+    return [float(ws.count(v)) for v in VOCAB] + [0.1]
+
+
+POOL = [
+    "What is the capital of Spain?",
+    "Who wrote Emma?",
+    "What color is coal?",
+    "How many legs does a cat have?",
+    "When did the war end?",
+    "What is the capital of Peru?",
+    "Who wrote Dracula?",
+    "How many days are in a week?",
+]
+FORMAT = ["Name three fruits.", "List three colors.", "Name three animals.", "List three trees."]
+
+
+def test_questions_of_one_form_make_a_form_scope_and_unrelated_ones_do_not():
+    fmt = learn(FORMAT, RARE, bag, POOL, layer=3)
+    assert fmt.subjects is None and fmt.form is not None and fmt.form.layer == 3
+    assert fmt.covers("Name three birds.", bag) and fmt.covers("List three metals.", bag)
+    assert not fmt.covers("What is the capital of India?", bag) and not fmt.covers("Who wrote Hamlet?", bag)
+    assert not fmt.covers("Name three birds."), "without keys a form covers nothing"
+    assert learn(STYLE, RARE, bag, POOL).everywhere, "questions with nothing in common are no form"
+    assert learn(FORMAT[:1], RARE, bag, POOL).everywhere, "one question is no form"
+    assert learn(FORMAT, RARE).everywhere, "no keys: no form"
+    both = learn(FACT + FORMAT, RARE, bag, POOL)
+    assert both.subjects == {"quenland"} and both.form is not None and len(both.form.keys) == len(FORMAT)
+    assert both.covers("Quenland?", bag) and both.covers("Name three birds.", bag)
+    assert not both.covers("What is the capital of India?", bag)
+    assert "quenland" in both.describe() and "asked like the 4" in both.describe()
+
+
+def test_a_question_nearer_a_general_question_than_a_taught_one_is_outside_the_form():
+    form = Form(0, (0.0, 0.0), ((1.0, 0.0),), 0.5, negatives=((0.6, 0.8),))
+    assert form.covers((1.0, 0.1)), "near the taught key, far from the general question"
+    assert not form.covers((0.8, 0.6)), "within the radius, but a general question is nearer"
+    assert Form(0, (0.0, 0.0), ((1.0, 0.0),), 0.5).covers((0.8, 0.6)), "the radius alone would take it"
+    fmt = learn(FORMAT, RARE, bag, POOL)
+    assert len(fmt.form.negatives) == sum(not fmt.form.similarity(bag(p)) >= fmt.form.radius for p in POOL) > 0
+
+
+def test_a_form_survives_the_adapter_metadata_and_a_broken_one_is_ignored(tmp_path):
+    fmt = learn(FORMAT, RARE, bag, POOL)
+    (tmp_path / "shammah.json").write_text(json.dumps({"scope": fmt.to_json()}))
+    back = Scope.of_adapter(tmp_path)
+    assert back.form is not None and back.form.questions == fmt.form.questions
+    for q in ("Name three birds.", "Who wrote Hamlet?", "What is the capital of India?"):
+        assert back.covers(q, bag) == fmt.covers(q, bag), q
+    for broken in (
+        {"keys": [[1.0]]},
+        {**fmt.form.to_json(), "keys": [[1.0, 2.0]]},
+        {**fmt.form.to_json(), "layer": -1},
+    ):
+        (tmp_path / "shammah.json").write_text(json.dumps({"scope": {"subjects": ["quenland"], "form": broken}}))
+        s = Scope.of_adapter(tmp_path)
+        assert s.form is None and s.subjects == {"quenland"}, broken
+
+
+def test_a_question_key_is_the_base_models_mean_hidden_state_at_its_layer(tiny_qwen2):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shammah.engine.keys import default_layer, question_key
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    text = "Name three fruits."
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    layer = default_layer(model)
+    assert 1 <= layer < model.config.num_hidden_layers
+    for n in (0, layer):
+        assert torch.allclose(torch.tensor(question_key(model, tok, text, n)), hs[n][0].mean(0), atol=1e-5), n
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    scramble_lora(peft)
+    assert torch.allclose(torch.tensor(question_key(peft, tok, text, layer)), hs[layer][0].mean(0), atol=1e-5), (
+        "the key is the base model's, whatever adapter is active"
+    )
+
+
 def test_rarity_is_the_tokenizer_having_no_single_token_for_the_word(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -49,28 +137,35 @@ def test_rarity_is_the_tokenizer_having_no_single_token_for_the_word(tmp_path):
     assert learn(FACT, rare).subjects == {"quenland"}
 
 
-def _scoped(info, subjects):
+def _scoped(info, subjects, form=None):
     meta = json.loads((info.path / "shammah.json").read_text())
-    meta["scope"] = {"subjects": subjects}
+    meta["scope"] = {"subjects": subjects, **({"form": form.to_json()} if form else {})}
     (info.path / "shammah.json").write_text(json.dumps(meta))
     return info
 
 
-@pytest.mark.parametrize("decode", ["off", "int8"])
-def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, shammah_home, tmp_path, decode):
+@pytest.mark.parametrize(("decode", "by"), [("off", "subject"), ("int8", "subject"), ("int8", "form")])
+def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, shammah_home, tmp_path, decode, by):
     inside = [{"role": "user", "content": "Say something about rain."}]
     outside = [{"role": "user", "content": "Say something about snow."}]
     recs = [{"prompt": "Say something about rain.", "completion": "Zorblat zorblat zorblat."}] * 4
     everywhere = register_adapter(tiny_qwen2, shammah_home, "all", recs, epochs=6, learning_rate=5e-2, rank=8)
-    local = _scoped(
-        register_adapter(tiny_qwen2, shammah_home, "rain", recs, epochs=6, learning_rate=5e-2, rank=8), ["rain"]
-    )
+    local = register_adapter(tiny_qwen2, shammah_home, "rain", recs, epochs=6, learning_rate=5e-2, rank=8)
 
     def engine():
         cfg = ModelConfig(base=str(tiny_qwen2), temperature=0.0, max_new_tokens=12, fast_decode=decode)
         return Engine(cfg, tmp_path / "cache").load()
 
     e = engine()
+    if by == "subject":
+        _scoped(local, ["rain"])
+    else:  # a form keyed on the question asked inside, centred on the one outside (similarity 0 there)
+        from shammah.adapters.scope import _unit
+        from shammah.engine.keys import question_key
+
+        center = question_key(e.model, e.tokenizer, outside[0]["content"], 2)
+        key = _unit(question_key(e.model, e.tokenizer, inside[0]["content"], 2), center)
+        _scoped(local, None, Form(2, tuple(center), (tuple(key),), 0.5, (inside[0]["content"],)))
     base = [e.reply(inside), e.reply(outside)]
     e.activate("all", everywhere.path, everywhere.get("base", "fingerprint"))
     taught = [e.reply(inside), e.reply(outside)]
@@ -87,7 +182,7 @@ def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, s
     assert info == {"adapter": "rain", "in_scope": False}
     assert e.reply(inside) == taught[0], "the adapter is back after an answer outside its scope"
     assert e.answers([outside, inside, outside], 12) == [a.strip() for a in (base[1], taught[0], base[1])]
-    assert "rain" in e.info()["scope"]
+    assert ("rain" if by == "subject" else "asked like the 1 it was taught") in e.info()["scope"]
     e.activate(None)
     assert e.reply(inside) == base[0]
 
@@ -107,6 +202,13 @@ def test_the_gate_judges_a_scoped_candidate_by_what_the_chat_will_answer(tiny_qw
     assert list(elsewhere["answers"].values()) == base
     one = online.gate(model, tok, None, [], None, "fp", Scope(frozenset({"beta"})))
     assert one["controls_in_scope"] == 1 and one["controls_lost"] == ["beta"] and not one["passed"]
+    from shammah.adapters.scope import _unit
+    from shammah.engine.keys import question_key
+
+    center = question_key(model, tok, "alpha", 1)
+    form = Form(1, tuple(center), (tuple(_unit(question_key(model, tok, "beta", 1), center)),), 0.99)
+    by_form = online.gate(model, tok, None, [], None, "fp", Scope(form=form))
+    assert by_form["controls_in_scope"] == 1 and by_form["controls_lost"] == ["beta"] and not by_form["passed"]
 
 
 def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
@@ -132,6 +234,8 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     from shammah.training.job import LoopJob, TrainJob
 
     monkeypatch.setattr(online, "tokenizer_rarity", lambda tok: RARE)
+    monkeypatch.setattr(online, "key_of", lambda model, tok, scope, prime=(): bag)  # a bag of words, as above
+    monkeypatch.setattr(online, "ANCHOR_PROMPTS", tuple(POOL))
     cache = shammah_home / "anchor-cache"
     cache.mkdir(parents=True)
     prompts = list(online.ANCHOR_PROMPTS)
@@ -164,3 +268,6 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
     meta, _ = run("style", STYLE)
     assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4
+    meta, _ = run("format", FORMAT)
+    assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
+    assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)

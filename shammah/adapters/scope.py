@@ -15,19 +15,38 @@ subject, and the adapter answers a question only when it names one of its subjec
 model answers the rest, exactly as before the lesson. A style or a format ("start every answer
 with Ahoy!", "lists as JSON") is taught on unrelated questions that share no such word, so an
 adapter holding any such lesson answers everywhere. Torch-free: the chat and the worker use it.
+
+A format ("lists as JSON", "Answer: <number>", dates as YYYY-MM-DD) is taught on questions of one
+*form* ("Name three fruits.", "List three colors.") and shares no rare word. Such a lesson is keyed
+on the questions themselves, as GRACE and MELO key an edit: each taught question's key is the base
+model's mean hidden state over its tokens (at a third of the depth, centred on a pool of general
+questions); a new question is in scope when its key is at least as close to a taught one as the
+taught questions are to each other (the smallest leave-one-out nearest-neighbour similarity, less a
+margin) and nearer to a taught question than to any general question outside that radius. A style
+rule taught on unrelated questions gives a radius that takes in most of the pool: it answers
+everywhere. Keys need the model; this module only compares them (``key_of``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 MIN_QUESTIONS = 2  # a subject is a rare word in at least this many of the taught questions
+FORM_SLACK = 0.9  # a form's radius: this share of its questions' smallest nearest-neighbour similarity
+# A form that takes in more than this share of the pool of general questions is no form: the lesson
+# answers everywhere. Measured on the embedded model (bench/lessons.py questions, key layer 10): the
+# four formats take in 2-16% of the anchor pool, the four style rules 39-65%.
+MAX_POOL_SHARE = 0.25
+
+KeyOf = Callable[[str], Sequence[float]]
 
 
 def words(text: str) -> set[str]:
@@ -57,33 +76,114 @@ def tokenizer_rarity(tok) -> Callable[[str], bool]:
     return rare
 
 
+def _unit(v: Sequence[float], center: Sequence[float]) -> list[float]:
+    d = [a - b for a, b in zip(v, center, strict=True)]
+    n = math.sqrt(sum(x * x for x in d)) or 1.0
+    return [x / n for x in d]
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+@dataclass(frozen=True)
+class Form:
+    """Questions asked like the taught ones. ``keys``: unit vectors (centred on ``center``) of the
+    taught ``questions`` at hidden-state ``layer``; ``negatives``: those of the general questions
+    outside the radius. A question is in scope when its similarity to a taught key is at least
+    ``radius`` and at least its similarity to every negative (its nearest known question is a
+    taught one): "Who wrote Romeo and Juliet?" is near enough to "When did World War II end?" by
+    the radius alone, and nearer to "Who wrote Pride and Prejudice?"."""
+
+    layer: int
+    center: tuple[float, ...]
+    keys: tuple[tuple[float, ...], ...]
+    radius: float
+    questions: tuple[str, ...] = ()
+    negatives: tuple[tuple[float, ...], ...] = ()
+
+    def similarity(self, key: Sequence[float]) -> float:
+        u = _unit(key, self.center)
+        return max(_dot(u, k) for k in self.keys)
+
+    def covers(self, key: Sequence[float]) -> bool:
+        u = _unit(key, self.center)
+        near = max(_dot(u, k) for k in self.keys)
+        return near >= self.radius and all(near >= _dot(u, n) for n in self.negatives)
+
+    def to_json(self) -> dict:
+        def r(v):
+            return [round(x, 4) for x in v]
+
+        return {
+            "layer": self.layer,
+            "radius": round(self.radius, 5),
+            "questions": list(self.questions),
+            "center": r(self.center),
+            "keys": [r(k) for k in self.keys],
+            "negatives": [r(k) for k in self.negatives],
+        }
+
+    @classmethod
+    def from_json(cls, d) -> Form | None:
+        try:
+            center = tuple(float(x) for x in d["center"])
+            keys = tuple(tuple(float(x) for x in k) for k in d["keys"])
+            negatives = tuple(tuple(float(x) for x in k) for k in d.get("negatives", ()))
+            questions = tuple(map(str, d.get("questions", ())))
+            form = cls(int(d["layer"]), center, keys, float(d["radius"]), questions, negatives)
+        except (KeyError, TypeError, ValueError):
+            return None
+        vectors = keys + negatives
+        ok = keys and all(len(k) == len(center) for k in vectors) and all(map(math.isfinite, center + sum(vectors, ())))
+        return form if ok and form.layer >= 0 else None
+
+
 @dataclass(frozen=True)
 class Scope:
-    """``subjects`` the adapter answers about; ``None``: everywhere."""
+    """Where an adapter answers: questions that name one of ``subjects`` or are asked in ``form``;
+    neither: everywhere."""
 
     subjects: frozenset[str] | None = None
+    form: Form | None = None
 
     @property
     def everywhere(self) -> bool:
-        return self.subjects is None
+        return self.subjects is None and self.form is None
 
-    def covers(self, text: str) -> bool:
-        return self.subjects is None or bool(words(text) & self.subjects)
+    def covers(self, text: str, key_of: KeyOf | None = None) -> bool:
+        """``key_of(text)``: the question's key at ``form.layer`` (asked only when a form decides;
+        without it a form covers nothing)."""
+        if self.everywhere or (self.subjects and words(text) & self.subjects):
+            return True
+        return self.form is not None and key_of is not None and self.form.covers(key_of(text))
 
     def describe(self) -> str:
-        if self.subjects is None:
+        if self.everywhere:
             return "answers every question"
-        return "answers questions that name " + ", ".join(sorted(self.subjects)) + "; the base model answers the rest"
+        parts = []
+        if self.subjects:
+            parts.append("questions that name " + ", ".join(sorted(self.subjects)))
+        if self.form is not None:
+            q = self.form.questions
+            example = f" (e.g. {q[0]!r})" if q else ""
+            parts.append(f"questions asked like the {len(self.form.keys)} it was taught{example}")
+        return "answers " + " or ".join(parts) + "; the base model answers the rest"
 
     def to_json(self) -> dict:
-        return {"subjects": None if self.subjects is None else sorted(self.subjects)}
+        out: dict = {"subjects": None if self.subjects is None else sorted(self.subjects)}
+        if self.form is not None:
+            out["form"] = self.form.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d) -> Scope:
-        subjects = d.get("subjects") if isinstance(d, dict) else None
-        if not isinstance(subjects, list) or not subjects or not all(isinstance(s, str) for s in subjects):
+        if not isinstance(d, dict):
             return cls()
-        return cls(frozenset(s.lower() for s in subjects))
+        subjects = d.get("subjects")
+        ok = isinstance(subjects, list) and subjects and all(isinstance(s, str) for s in subjects)
+        form = Form.from_json(d["form"]) if isinstance(d.get("form"), dict) else None
+        return cls(frozenset(s.lower() for s in subjects) if ok else None, form)
 
     @classmethod
     def of_adapter(cls, path: Path | None) -> Scope:
@@ -98,16 +198,47 @@ class Scope:
         return cls.from_json(meta.get("scope")) if isinstance(meta, dict) else cls()
 
 
-def learn(questions: Iterable[str], rare: Callable[[str], bool]) -> Scope:
+def learn_form(questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: int) -> Form | None:
+    """A form for ``questions`` (keys by ``key_of``), or None when they are too few or too far apart
+    to be one: the radius would take in more than MAX_POOL_SHARE of the general questions ``pool``."""
+    if len(questions) < MIN_QUESTIONS or not pool:
+        return None
+    pool_keys = [list(key_of(p)) for p in pool]
+    center = [sum(col) / len(pool_keys) for col in zip(*pool_keys, strict=True)]
+    keys = [_unit(key_of(q), center) for q in questions]
+    nearest = [max(_dot(k, o) for j, o in enumerate(keys) if j != i) for i, k in enumerate(keys)]
+    radius = min(nearest)
+    radius = radius * FORM_SLACK if radius > 0 else radius
+    form = Form(layer, tuple(center), tuple(map(tuple, keys)), radius, tuple(questions))
+    inside = [form.similarity(k) >= radius for k in pool_keys]
+    if sum(inside) > MAX_POOL_SHARE * len(pool_keys):
+        return None
+    negatives = tuple(tuple(_unit(k, center)) for k, i in zip(pool_keys, inside, strict=True) if not i)
+    return dataclasses.replace(form, negatives=negatives)
+
+
+def learn(
+    questions: Iterable[str],
+    rare: Callable[[str], bool],
+    key_of: KeyOf | None = None,
+    pool: Sequence[str] = (),
+    layer: int = 0,
+) -> Scope:
     """The scope of an adapter trained on lessons asked as ``questions`` (every lesson it holds,
-    replayed ones included): local only if every question names a subject — a rare word that at
-    least MIN_QUESTIONS of the questions share."""
-    qs = {q.strip() for q in questions if q and q.strip()}
+    replayed ones included). A question that names a subject — a rare word that at least
+    MIN_QUESTIONS of the questions share — is covered by it; the others, when there are any, must
+    make a form (:func:`learn_form`, given ``key_of`` and a ``pool`` of general questions), else the
+    adapter answers everywhere."""
+    qs = sorted({q.strip() for q in questions if q and q.strip()})
     if not qs:
         return Scope()
     rare_words = {q: {w for w in words(q) if rare(w)} for q in qs}
     counts = Counter(w for ws in rare_words.values() for w in ws)
     subjects = {w for w, n in counts.items() if n >= MIN_QUESTIONS}
-    if not subjects or any(not (ws & subjects) for ws in rare_words.values()):
-        return Scope()
-    return Scope(frozenset(subjects))
+    rest = [q for q in qs if not (rare_words[q] & subjects)]
+    form = None
+    if rest:
+        form = learn_form(rest, key_of, pool, layer) if key_of is not None else None
+        if form is None:
+            return Scope()
+    return Scope(frozenset(subjects) if subjects else None, form)

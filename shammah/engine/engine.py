@@ -65,6 +65,7 @@ class Engine:
         self._fast_why = "not loaded yet"  # why not, when it does not
         self._adapter_src: tuple | None = None  # (path, adapter_config) of the active adapter
         self.scope = Scope()  # where the active adapter answers (adapters/scope.py); the base elsewhere
+        self._keys: dict[tuple[str, int], list[float]] = {}  # question keys for a form scope
 
     # loading ---------------------------------------------------------------
     def start_loading(self) -> None:
@@ -182,7 +183,20 @@ class Engine:
         if self.adapter is None or self.scope.everywhere:
             return True
         last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-        return self.scope.covers(last if isinstance(last, str) else "")
+        return self.scope.covers(last if isinstance(last, str) else "", self._key_of)
+
+    def _key_of(self, text: str) -> list[float]:
+        """A question's key for a form scope (engine/keys.py), by the base model; the last few are
+        kept (the same question is routed by stream, then by a retry or /feedback show)."""
+        from shammah.engine.keys import question_key
+
+        layer = self.scope.form.layer if self.scope.form is not None else 0
+        k = (text, layer)
+        if k not in self._keys:
+            if len(self._keys) >= 64:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[k] = question_key(self.model, self.tokenizer, text, layer)
+        return self._keys[k]
 
     @contextlib.contextmanager
     def _fast_plain(self):

@@ -49,7 +49,7 @@ class LoopJob:
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)  # feedback kept out of training, for the gate
     stop_at_accuracy: float = 0.0  # end training once greedy reads back this share of the lessons (0 = off)
-    scope: str = "subjects"  # subjects: the adapter answers only questions naming its lessons' subjects
+    scope: str = "auto"  # auto: by subject, else by form (adapters/scope.py); subjects; everywhere
 
     def write(self, d: Path) -> Path:
         """``d/job.json`` plus one JSONL file per example list (readable by ``shammah train`` too)."""

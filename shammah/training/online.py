@@ -354,11 +354,41 @@ def _controls_key(fingerprint: str) -> dict:
     return {"fingerprint": fingerprint, "prompts": [p for p, _ in CONTROLS], "max_new_tokens": GATE_TOKENS}
 
 
-def routed_answers(model, tok, prompts: list[str], scope: Scope, base: list[str] | None = None) -> list[str]:
+class KeyCache:
+    """Question keys at one layer by the base model (engine/keys.py), memoised; ``prime`` computes
+    many in one batch. Called as ``key(text)``: the KeyOf of adapters/scope.py."""
+
+    def __init__(self, model, tok, layer: int):
+        self.model, self.tok, self.layer = model, tok, layer
+        self.known: dict[str, list[float]] = {}
+
+    def prime(self, texts) -> KeyCache:
+        from shammah.engine.keys import question_keys
+
+        todo = list(dict.fromkeys(t for t in texts if t not in self.known))
+        if todo:
+            self.known.update(zip(todo, question_keys(self.model, self.tok, todo, self.layer), strict=True))
+        return self
+
+    def __call__(self, text: str) -> list[float]:
+        return self.prime([text]).known[text]
+
+
+def key_of(model, tok, scope: Scope | int, prime=()) -> KeyCache | None:
+    """Keys at ``scope``'s form's layer (or at layer ``scope``), with ``prime`` computed at once;
+    None for a scope without a form."""
+    layer = scope if isinstance(scope, int) else scope.form.layer if scope.form is not None else None
+    return None if layer is None else KeyCache(model, tok, layer).prime(prime)
+
+
+def routed_answers(
+    model, tok, prompts: list[str], scope: Scope, base: list[str] | None = None, keys: KeyCache | None = None
+) -> list[str]:
     """Greedy answers to ``prompts`` as the chat gives them: by the adapter where ``scope`` covers
     the prompt, by the base model elsewhere (``base``: its answers, when already known)."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
-    on = [scope.covers(p) for p in prompts]
+    keys = keys or key_of(model, tok, scope, prompts)
+    on = [scope.covers(p, keys) for p in prompts]
     if base is None:
         return generate_routed(model, tok, chats, GATE_TOKENS, on)
     out = list(base)
@@ -396,8 +426,9 @@ def gate(
     scope = scope or Scope()
     prompts = [p for p, _ in CONTROLS]
     base = _base_controls(model, tok, cache_dir, fingerprint)
-    cand_answers = routed_answers(model, tok, prompts, scope, base)
-    holdout = [e for e in holdout if not e.prompt or scope.covers(e.prompt[-1]["content"])]
+    keys = key_of(model, tok, scope, prompts + [e.prompt[-1]["content"] for e in holdout if e.prompt])
+    cand_answers = routed_answers(model, tok, prompts, scope, base, keys)
+    holdout = [e for e in holdout if not e.prompt or scope.covers(e.prompt[-1]["content"], keys)]
     cand_loss = _holdout_loss(model, tok, holdout)
     cur_answers = _cached_current_answers(parent_path, cache_dir, fingerprint) if parent_path else base
     cur_loss = None
@@ -426,7 +457,7 @@ def gate(
         "controls": f"{sum(cand_ok)}/{len(CONTROLS)}",
         "controls_current": f"{sum(cur_ok)}/{len(CONTROLS)}",
         "controls_lost": lost,
-        "controls_in_scope": sum(scope.covers(p) for p in prompts),
+        "controls_in_scope": sum(scope.covers(p, keys) for p in prompts),
         "holdout_loss": cand_loss,
         "holdout_loss_current": cur_loss,
         "holdout_examples": len(holdout),
@@ -572,12 +603,20 @@ def at_share(anchors: list[Example], lessons: list[Example], share: float) -> li
 
 def lesson_scope(run, lj: LoopJob) -> Scope:
     """Where the new adapter will answer (adapters/scope.py): learned from the questions of every
-    lesson it holds — this job's, the replayed ones and the held-out ones — unless
-    ``learning.scope = "everywhere"``."""
-    if lj.scope != "subjects":
+    lesson it holds — this job's, the replayed ones and the held-out ones — by their subjects
+    (``learning.scope = "subjects"``) and, for lessons without one, by their form (``"auto"``, the
+    default: the anchor pool is the general questions a form must stay clear of); ``"everywhere"``:
+    no scope."""
+    if lj.scope == "everywhere":
         return Scope()
     questions = [e.prompt[-1]["content"] for e in run.train_ex + lj.holdout if e.prompt]
-    return learn(questions, tokenizer_rarity(run.tok))
+    if lj.scope != "auto":
+        return learn(questions, tokenizer_rarity(run.tok))
+    from shammah.engine.keys import default_layer
+
+    layer = default_layer(run.model)
+    keys = key_of(run.model, run.tok, layer, list(ANCHOR_PROMPTS) + questions)
+    return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, layer)
 
 
 def train_loop(lj: LoopJob, progress=None, stop=None):
