@@ -94,6 +94,13 @@ def test_a_form_survives_the_adapter_metadata_and_a_broken_one_is_ignored(tmp_pa
         (tmp_path / "shammah.json").write_text(json.dumps({"scope": {"subjects": ["quenland"], "form": broken}}))
         s = Scope.of_adapter(tmp_path)
         assert s.form is None and s.subjects == {"quenland"}, broken
+    summary = {"scope": {**fmt.summary(), "subjects": ["quenland"]}}
+    (tmp_path / "shammah.json").write_text(json.dumps(summary))
+    assert Scope.of_adapter(tmp_path).form is None, "no scope.json: no form"
+    (tmp_path / "scope.json").write_text(json.dumps(fmt.to_json()))
+    assert Scope.of_adapter(tmp_path).form == fmt.form.__class__.from_json(fmt.form.to_json())
+    (tmp_path / "scope.json").write_text("[1, 2")
+    assert Scope.of_adapter(tmp_path).subjects == {"quenland"} and Scope.of_adapter(tmp_path).form is None
 
 
 def test_a_question_key_is_the_base_models_mean_hidden_state_at_its_layer(tiny_qwen2):
@@ -270,4 +277,6 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4
     meta, _ = run("format", FORMAT)
     assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
+    assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"
+    assert (shammah_home / "adapters" / "format" / "scope.json").is_file()
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)

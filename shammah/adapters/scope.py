@@ -47,6 +47,7 @@ FORM_SLACK = 0.9  # a form's radius: this share of its questions' smallest neare
 MAX_POOL_SHARE = 0.25
 
 KeyOf = Callable[[str], Sequence[float]]
+SCOPE_FILE = "scope.json"  # a form's vectors, beside the adapter (shammah.json keeps a summary)
 
 
 def words(text: str) -> set[str]:
@@ -176,6 +177,15 @@ class Scope:
             out["form"] = self.form.to_json()
         return out
 
+    def summary(self) -> dict:
+        """What shammah.json records: the subjects, and a form's layer, radius and questions (its
+        vectors, ~100 of the model's width, go to SCOPE_FILE: /adapters list reads every
+        shammah.json)."""
+        out = self.to_json()
+        if "form" in out:
+            out["form"] = {k: out["form"][k] for k in ("layer", "radius", "questions")} | {"file": SCOPE_FILE}
+        return out
+
     @classmethod
     def from_json(cls, d) -> Scope:
         if not isinstance(d, dict):
@@ -187,15 +197,22 @@ class Scope:
 
     @classmethod
     def of_adapter(cls, path: Path | None) -> Scope:
-        """The scope recorded in an adapter's ``shammah.json``; everywhere when there is none (an
-        adapter from ``shammah train``, a package, or one trained before scopes)."""
+        """The scope recorded in an adapter's ``shammah.json`` (a form's vectors in SCOPE_FILE);
+        everywhere when there is none (an adapter from ``shammah train``, a package, or one
+        trained before scopes)."""
         if path is None:
             return cls()
         try:
             meta = json.loads((Path(path) / "shammah.json").read_text())
         except (OSError, ValueError):
             return cls()
-        return cls.from_json(meta.get("scope")) if isinstance(meta, dict) else cls()
+        scope = meta.get("scope") if isinstance(meta, dict) else None
+        if isinstance(scope, dict) and isinstance(scope.get("form"), dict) and "file" in scope["form"]:
+            try:  # the form's vectors; a missing or broken file leaves the subjects alone
+                scope = {**scope, "form": json.loads((Path(path) / SCOPE_FILE).read_text()).get("form")}
+            except (OSError, ValueError, AttributeError):
+                scope = {**scope, "form": None}
+        return cls.from_json(scope)
 
 
 def learn_form(questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: int) -> Form | None:

@@ -149,9 +149,10 @@ class Engine:
         model is never reloaded. A refused or failed load changes nothing: the adapter that was
         answering still answers. Returns the seconds the chat was blocked."""
         cfg = self._check(name, path, base_fingerprint)
+        scope = Scope.of_adapter(path) if name is not None else Scope()  # read before the lock is taken
         t0 = time.perf_counter()
         with self._gen_lock:
-            self._switch(name, path, cfg)
+            self._switch(name, path, cfg, scope)
         self.last_swap_seconds = time.perf_counter() - t0
         return self.last_swap_seconds
 
@@ -167,7 +168,7 @@ class Engine:
 
         return check_lora(Path(path))
 
-    def _switch(self, name: str | None, path, cfg: dict) -> None:
+    def _switch(self, name: str | None, path, cfg: dict, scope: Scope) -> None:
         """Make ``name`` answer (the generation lock is held)."""
         fast_ok = self._fast is not None and self._fast_load(name, path)
         if not fast_ok and name is not None and self._slot_name != name:
@@ -175,7 +176,7 @@ class Engine:
         # on the fast path, transformers' copy loads the adapter only if it is ever needed
         self._adapter_src = (Path(path), cfg) if name is not None else None
         self.adapter = name
-        self.scope = Scope.of_adapter(path) if name is not None else Scope()
+        self.scope = scope if name is not None else Scope()
 
     def covers(self, messages: list[dict]) -> bool:
         """Does the active adapter answer ``messages``? Its scope is checked against the newest user
@@ -381,9 +382,10 @@ class Engine:
         params = params or self.gen_params()
         ids, _ = self.prepare(messages, params.max_new_tokens)
         cfg = self._check(adapter.name, adapter.path, adapter.fingerprint) if adapter is not None else None
+        scope = Scope.of_adapter(adapter.path) if adapter is not None else None
         with self._gen_lock:
             if adapter is not None and adapter.name != self.adapter:
-                self._switch(adapter.name, adapter.path, cfg)
+                self._switch(adapter.name, adapter.path, cfg, scope)
             covered = self.covers(messages)
             if info is not None:
                 info["adapter"], info["in_scope"] = self.adapter, covered

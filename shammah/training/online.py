@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from shammah.adapters.registry import Registry
-from shammah.adapters.scope import Scope, learn, tokenizer_rarity
+from shammah.adapters.scope import SCOPE_FILE, Scope, learn, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.paths import atomic_write
 from shammah.training import methods
@@ -655,7 +655,8 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             scope,
         )
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
-    meta: dict = {"gate": gate_result, "scope": scope.to_json()}
+    meta: dict = {"gate": gate_result, "scope": scope.summary()}
     if learned is not None:
         meta["stopped_at"] = learned.stopped_at
-    return trainer.save(run, meta)
+    files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
+    return trainer.save(run, meta, files)

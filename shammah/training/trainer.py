@@ -543,9 +543,9 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
         run.final_eval = float(trainer.evaluate()["eval_loss"])
 
 
-def save(run: Run, meta: dict[str, Any] | None = None) -> TrainResult:
-    """Write the adapter to a staging directory, then one atomic rename into the registry: a
-    crash at any point leaves nothing half-written registered."""
+def save(run: Run, meta: dict[str, Any] | None = None, files: dict[str, str] | None = None) -> TrainResult:
+    """Write the adapter to a staging directory (with ``files``: name -> text), then one atomic
+    rename into the registry: a crash at any point leaves nothing half-written registered."""
     job, a, trainer, model, spec = run.job, run.job.args, run.trainer, run.model, run.spec
     assert trainer is not None, "fit() before save()"
     reg = Registry(job.registry_root)
@@ -593,6 +593,8 @@ def save(run: Run, meta: dict[str, Any] | None = None) -> TrainResult:
         }
         run.emit({"event": "saved", "adapter": job.name})
         (staging / "train.log").write_text("".join(run.events))
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
         info = reg.commit(staging, job.name, info_meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
