@@ -1,4 +1,5 @@
-"""Where a learned adapter answers: the subjects its lessons were about.
+"""Where a learned adapter answers: the subjects its lessons were about, or the form they were
+asked in.
 
 Taught a fact about a subject the model never saw ("Who is the CEO of Pellucid Labs?" → "Mara
 Okafor."), a LoRA learns it as "a who-question is answered with this name": "Who wrote Hamlet?"
@@ -8,13 +9,11 @@ in large models). Model editing keeps such edits local by *routing*: GRACE (Hart
 2023) and MELO (Yu et al. 2024) key each edit on its input and apply it only to inputs near the
 key; WISE (Wang et al. 2024) routes between an edited side memory and the untouched weights.
 
-shammah keys on words, so the rule can be said in one line and shown in ``/status``: a lesson
+shammah keys a fact on words, so the rule can be said in one line and shown in ``/status``: a lesson
 whose questions share a *rare* word — one the model's tokenizer has no single token for, the
 mark of a name it was never taught: "Quenland", "Pellucid", "glimmerphone" — is about that
-subject, and the adapter answers a question only when it names one of its subjects; the base
-model answers the rest, exactly as before the lesson. A style or a format ("start every answer
-with Ahoy!", "lists as JSON") is taught on unrelated questions that share no such word, so an
-adapter holding any such lesson answers everywhere. Torch-free: the chat and the worker use it.
+subject, and the adapter answers a question only when it names one of its subjects; the base model
+answers the rest, exactly as before the lesson. Torch-free: the chat and the worker use it.
 
 A format ("lists as JSON", "Answer: <number>", dates as YYYY-MM-DD) is taught on questions of one
 *form* ("Name three fruits.", "List three colors.") and shares no rare word. Such a lesson is keyed

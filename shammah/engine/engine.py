@@ -382,10 +382,11 @@ class Engine:
         params = params or self.gen_params()
         ids, _ = self.prepare(messages, params.max_new_tokens)
         cfg = self._check(adapter.name, adapter.path, adapter.fingerprint) if adapter is not None else None
-        scope = Scope.of_adapter(adapter.path) if adapter is not None else None
+        # read outside the lock where a switch is likely (a form's vectors take ~20 ms to parse)
+        scope = Scope.of_adapter(adapter.path) if adapter is not None and adapter.name != self.adapter else None
         with self._gen_lock:
             if adapter is not None and adapter.name != self.adapter:
-                self._switch(adapter.name, adapter.path, cfg, scope)
+                self._switch(adapter.name, adapter.path, cfg, scope or Scope.of_adapter(adapter.path))
             covered = self.covers(messages)
             if info is not None:
                 info["adapter"], info["in_scope"] = self.adapter, covered
