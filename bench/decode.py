@@ -206,6 +206,8 @@ def run(tokens: int = 128, reps: int = 3) -> None:
             "(goal < 100 ms; a new adapter, converted on first use)"
         )
 
+    form_scope_cost(fast, lora, params, reps, tmp)
+
     # quality against the float model
     from transformers import AutoModelForCausalLM
 
@@ -256,6 +258,46 @@ QWEN = {
         rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
     ),
 }  # fmt: skip
+
+
+def form_scope_cost(eng, lora: Path, params, reps: int, tmp: Path) -> None:
+    """What routing by a form scope (adapters/scope.py) adds to the first token: the same LoRA
+    scoped by subject (a word test) and by a form (a key: a partial prefill of the base model, for a
+    question it has not seen yet), each answering a question inside its scope."""
+    import shutil
+
+    from shammah.adapters.scope import SCOPE_FILE, Scope, learn
+    from shammah.engine.keys import default_layer
+    from shammah.training import online
+
+    layer = default_layer(eng.loaded.model)
+    keys = online.key_of(eng.loaded.model, eng.tokenizer, layer)
+    taught = ["Name three fruits.", "List three colors.", "Name three animals.", "List three vegetables."]
+    taught += ["Name three countries.", "List three musical instruments."]  # bench/lessons.py's jsonlist
+    asked = ["Name three birds.", "List three sports.", "Name three flowers.", "List three metals."]
+    asked += ["Name three planets.", "List three drinks."]
+    form = learn(taught, lambda w: False, keys, online.ANCHOR_PROMPTS, layer)
+    rows = {}
+    for label, scope, suffix in (
+        ("no scope", Scope(), ""),
+        ("subject scope", Scope(frozenset({"quenland"})), " (Quenland)"),
+        ("form scope", form, ""),
+    ):
+        d = tmp / f"scoped-{label.replace(' ', '-')}"
+        shutil.copytree(lora, d)
+        (d / "shammah.json").write_text(json.dumps({"scope": scope.summary()}))
+        if scope.form is not None:
+            (d / SCOPE_FILE).write_text(json.dumps(scope.to_json()))
+        eng.activate(label, d)
+        chats = [[{"role": "user", "content": q.rstrip(".") + suffix + "."}] for q in asked[: reps + 1]]
+        assert all(eng.covers(c) for c in chats), label
+        # a new question each time: a key is memoised per question, and a user asks new ones
+        runs = [stream_once(eng, c, params) for c in chats][1:]
+        rows[label] = statistics.median(r[0] for r in runs)
+    print("first token with the LoRA active, a question inside its scope (fast path):")
+    for label, ttft in rows.items():
+        print(f"  {label:14} {ttft * 1000:5.0f} ms   {ttft / rows['no scope']:.2f}x no scope")
+    eng.activate(None)
 
 
 def timed(gen, n: int) -> tuple[float, float]:
