@@ -390,15 +390,12 @@ def qwen_sizes(tokens: int, reps: int) -> None:
         h_lora = hf_rate(peft)
         model = peft.unload()
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-        fast_mb = (
-            sum(
-                sum(x.numel() * x.element_size() for x in (getattr(lin, a) for a in vars(lin)) if torch.is_tensor(x))
-                for ly in dec.layers
-                for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)
-            )
-            / 2**20
-            + (dec.embed.numel() * 2 + dec.head.weight.numel()) / 2**20
-        )
+
+        def nbytes(lin) -> int:
+            return sum(x.numel() * x.element_size() for x in vars(lin).values() if torch.is_tensor(x))
+
+        lins = [lin for ly in dec.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [dec.head]
+        fast_mb = (sum(nbytes(lin) for lin in lins) + dec.embed.numel() * 2) / 2**20
         print(
             f"  {name}: weights {fast_mb:.0f} MB packed vs {weights:.0f} MB bf16, GGUF {gguf.stat().st_size / 2**20:.0f} MB"
         )

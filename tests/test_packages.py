@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,6 +20,7 @@ from conftest import register_adapter, subprocess_env
 from shammah.adapters import keys, package
 from shammah.adapters.package import Limits, PackageError
 from shammah.adapters.registry import Registry
+from shammah.adapters.scope import SCOPE_FILE, Form, Scope
 from shammah.engine.fingerprint import fingerprint
 
 
@@ -255,3 +257,58 @@ def test_count_and_size_limits(signed, tiny_qwen2, tmp_path):
     no_weights = rebuild(tmp_path / "nw.expert", {k: v for k, v in files.items() if "safetensors" not in k})
     with pytest.raises(PackageError, match="adapter_model.safetensors is missing"):
         package.open_package(no_weights)
+
+
+FORM = Form(
+    2,
+    (0.0, 0.0, 0.0, 0.0),
+    ((1.0, 0.0, 0.0, 0.0), (0.96, 0.28, 0.0, 0.0)),
+    0.8,
+    ("List three birds.", "Name two fish."),
+)
+
+
+def test_a_scoped_adapter_answers_where_it_did_once_installed(adapter, tiny_qwen2, tmp_path):
+    """A chat-learned adapter answers only inside its scope; packed and installed elsewhere it keeps
+    that scope (subjects, and a form's vectors in scope.json, signed with the rest) instead of
+    answering everywhere. A scope whose vectors are missing or broken is refused, nothing written."""
+    src = Registry(tmp_path / "src")
+    staging = src.stage("scoped")
+    for f in adapter.path.iterdir():
+        if f.name != "shammah.json":
+            shutil.copy(f, staging / f.name)
+    (staging / SCOPE_FILE).write_text(json.dumps({"form": FORM.to_json()}))
+    scope = Scope(frozenset({"quenland"}), FORM)
+    info = src.commit(staging, "scoped", {**adapter.meta, "scope": scope.summary()})
+    key_home = tmp_path / "keys"
+    pub = keys.generate(key_home)
+    path = tmp_path / "scoped.expert"
+    manifest = package.pack(info, path, signing_key=keys.load_private(key_home), publisher="alice")
+    assert manifest["scope"]["subjects"] == ["quenland"] and f"adapter/{SCOPE_FILE}" in members(path)
+    shown = dict(package.describe(package.open_package(path), (pub,)))
+    assert "name quenland" in shown["scope"] and "asked like the 2" in shown["scope"]
+
+    reg, run = install_into(tmp_path, path, tiny_qwen2, trusted=(pub,))
+    got = Scope.of_adapter(run().path)
+    assert got.subjects == {"quenland"} and got.form == FORM
+    keyed = {"Name two fish.": (1.0, 0.0, 0.0, 0.0), "Who wrote Hamlet?": (0.0, 0.0, 1.0, 0.0)}
+    assert got.covers("What is the capital of Quenland?") and got.covers("Name two fish.", keyed.get)
+    assert not got.covers("Who wrote Hamlet?", keyed.get)
+
+    files = members(path)
+    m = json.loads(files["manifest.json"])
+    del m["integrity"]["signature"], m["integrity"]["files"][f"adapter/{SCOPE_FILE}"]
+    m["integrity"]["pubkey"] = None
+    gone = {k: v for k, v in files.items() if k != f"adapter/{SCOPE_FILE}"} | {"manifest.json": json.dumps(m).encode()}
+    reg2, run2 = install_into(tmp_path / "a", rebuild(tmp_path / "gone.expert", gone), tiny_qwen2, allow=True)
+    with pytest.raises(PackageError, match=f"adapter/{SCOPE_FILE} is missing"):
+        run2()
+    assert nothing_written(reg2.root)
+
+    broken = json.dumps({"form": {"layer": 2, "keys": [[float("nan")]]}}).encode()
+    m["integrity"]["files"][f"adapter/{SCOPE_FILE}"] = hashlib.sha256(broken).hexdigest()
+    bad = {**files, f"adapter/{SCOPE_FILE}": broken, "manifest.json": json.dumps(m).encode()}
+    reg3, run3 = install_into(tmp_path / "b", rebuild(tmp_path / "bad.expert", bad), tiny_qwen2, allow=True)
+    with pytest.raises(PackageError, match="does not hold a form's vectors"):
+        run3()
+    assert not reg3.exists("scoped")

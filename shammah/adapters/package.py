@@ -7,6 +7,12 @@ A package is a gzipped tar holding exactly::
     adapter/adapter_config.json         the PEFT adapter, as the registry keeps it
     adapter/adapter_model.safetensors
     adapter/README.md                   PEFT's model card (when the adapter has one)
+    adapter/scope.json                  a form scope's vectors (when the adapter has one)
+
+An adapter learned in the chat answers only inside its scope (adapters/scope.py): the manifest's
+``scope`` carries it (subjects, and a form's summary whose vectors are scope.json), so an installed
+package answers where it answered on the machine that learned it, not everywhere. The scope is
+signed with the rest.
 
 ``integrity.files`` in the manifest lists the sha256 of every other file; a signed package
 carries the publisher's ed25519 public key and a signature over the canonical manifest (sorted
@@ -37,6 +43,7 @@ from typing import Any
 
 from shammah.adapters import keys
 from shammah.adapters.registry import ALLOWED_SUFFIXES, AdapterError, AdapterInfo, Registry, check_lora, verify_files
+from shammah.adapters.scope import SCOPE_FILE, Form, Scope
 from shammah.errors import ShammahError
 
 FORMAT = "shammah.expert/1"
@@ -92,7 +99,11 @@ def pack(
 ) -> dict:
     """Write ``info``'s adapter as a package at ``out`` (atomically); returns the manifest."""
     cfg = check_adapter_dir(info.path)
-    files = {f"adapter/{n}": info.path / n for n in ("adapter_config.json", "adapter_model.safetensors", "README.md")}
+    scope = info.get("scope")
+    names = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    if isinstance(scope, dict) and isinstance(scope.get("form"), dict):
+        names.append(SCOPE_FILE)
+    files = {f"adapter/{n}": info.path / n for n in names}
     files = {k: p for k, p in files.items() if p.is_file()}
     license_bytes = (license_text if license_text is not None else f"License: {license_name}\n").encode()
     hashes = {k: _sha256_file(p) for k, p in files.items()}
@@ -126,6 +137,7 @@ def pack(
             }
         ],
         "capabilities": ["chat"],
+        "scope": scope if isinstance(scope, dict) else None,
         "routing": {"keywords": list(keywords), "priority": priority},
         "training": {
             "dataset": info.get("dataset_hash"),
@@ -388,7 +400,9 @@ def install(
             raise PackageError(f"{path}: the file changed while it was being installed")
         check_adapter_dir(staging)
         m = pkg.manifest
+        scope = _scope(pkg, staging)
         meta = {
+            "scope": scope,
             "base": {**base, "installed_on": base_name},
             "method": m.get("training", {}).get("method"),
             "adapter_type": (m["adapters"][0].get("type") if m["adapters"] else None),
@@ -412,6 +426,44 @@ def install(
         raise
 
 
+def _scope(pkg: Package, staging: Path | None) -> dict | None:
+    """The manifest's scope summary, checked (and its form's vectors in ``staging``, when given)."""
+    scope = pkg.manifest.get("scope")
+    if scope is None:
+        return None
+    subjects = scope.get("subjects") if isinstance(scope, dict) else None
+    form = scope.get("form") if isinstance(scope, dict) else None
+    if (
+        not isinstance(scope, dict)
+        or not (subjects is None or (isinstance(subjects, list) and all(isinstance(x, str) for x in subjects)))
+        or not (form is None or (isinstance(form, dict) and form.get("file") == SCOPE_FILE))
+    ):
+        raise PackageError(f"{pkg.path}: manifest.json: scope is not a shammah scope (subjects, form)")
+    if form is not None:
+        if f"adapter/{SCOPE_FILE}" not in pkg.hashes:
+            raise PackageError(f"{pkg.path}: the manifest's scope has a form but adapter/{SCOPE_FILE} is missing")
+        if staging is not None:
+            try:
+                vectors = json.loads((staging / SCOPE_FILE).read_text()).get("form")
+            except (OSError, ValueError, AttributeError):
+                vectors = None
+            if Form.from_json(vectors) is None:
+                raise PackageError(f"{pkg.path}: adapter/{SCOPE_FILE} does not hold a form's vectors")
+    return scope
+
+
+def _scope_text(scope: dict | None) -> str:
+    if scope is None:
+        return "none recorded: answers every question"
+    parts = []
+    if scope.get("subjects"):
+        parts.append("questions that name " + ", ".join(scope["subjects"]))
+    if scope.get("form"):
+        q = scope["form"].get("questions") or []
+        parts.append(f"questions asked like the {len(q)} it was taught" + (f" (e.g. {q[0]!r})" if q else ""))
+    return ("answers " + " or ".join(parts)) if parts else Scope().describe()
+
+
 def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
     m = pkg.manifest
     a = m["adapters"][0] if m["adapters"] else {}
@@ -426,6 +478,7 @@ def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
             "adapter",
             f"{a.get('type')} r={a.get('r')} alpha={a.get('alpha')} on {', '.join(a.get('target_modules', []))}",
         ),
+        ("scope", _scope_text(_scope(pkg, None))),
         ("license", str(m.get("license"))),
     ]
 
