@@ -159,17 +159,30 @@ def run(tokens: int = 128, reps: int = 3) -> None:
     lora = random_lora(fast.loaded.path, tmp / "lora")
     lora2 = random_lora(fast.loaded.path, tmp / "lora2")
 
-    rows = {}
-    for label, eng in engines.items():
-        for with_lora in (False, True):
-            eng.activate("bench" if with_lora else None, lora if with_lora else None)
-            stream_once(eng, msgs, params)  # warm-up
-            runs = [stream_once(eng, msgs, params) for _ in range(reps)]
-            rows[(label, with_lora)] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-    ids = fast.encode(msgs)
-    llama = llama_cpp(embedded_gguf(), ids, tokens, reps, threads)
+    # Round-robin: each round runs llama.cpp once and every setup once, so a machine that slows
+    # down for a while (a shared host) slows the baseline and the setups alike.
+    setups = [(label, with_lora) for label in engines for with_lora in (False, True)]
 
-    print(f"decode, embedded SmolLM2-135M, {tokens} new tokens, greedy, {threads} threads, median of {reps}")
+    def run_setup(label: str, with_lora: bool):
+        eng = engines[label]
+        eng.activate("bench" if with_lora else None, lora if with_lora else None)  # resident: not timed
+        return stream_once(eng, msgs, params)
+
+    for setup in setups:
+        run_setup(*setup)  # warm-up
+    ids = fast.encode(msgs)
+    runs: dict = {setup: [] for setup in setups}
+    llama: list | None = []
+    for _ in range(reps):
+        got = llama_cpp(embedded_gguf(), ids, tokens, 1, threads)
+        llama = llama + got if (llama is not None and got) else None
+        for setup in setups:
+            runs[setup].append(run_setup(*setup))
+    rows = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
+
+    print(
+        f"decode, embedded SmolLM2-135M, {tokens} new tokens, greedy, {threads} threads, median of {reps} rounds (each round: llama.cpp, then every setup)"
+    )
     base = None
     if llama:
         base = (statistics.median(r[0] for r in llama), statistics.median(r[1] for r in llama))
