@@ -6,15 +6,15 @@ per-token Python. Here:
 
 - **Weights**: the linear layers of the transformer blocks in torch's packed int4 layout
   (asymmetric, groups of 32: exactly the embedded GGUF's Q4_1 blocks, so for that model this loses
-  nothing), used through ``_weight_int4pack_mm_for_cpu``; the output head int8 per channel
-  (``_weight_int8pack_mm``), the likeliest logits recomputed in fp32 so near ties resolve as the
-  float model would. q/k/v and gate/up are fused into one matmul each.
-- **Loop**: RMSNorm, RoPE (the model's own inverse frequencies), attention against a KV cache kept
-  in fp32 (a query of one token is a few small matmuls, not a kernel launch per head), and nothing
-  else per token: no logits processors for greedy, no streamer object, no stopping criteria.
-- **LoRA**: kept unmerged (fp32, small) beside the quantized base, fused the same way (the A matrices of
-  q/k/v stacked, the B matrices block-diagonal), so a swap is loading a few MB and replacing
-  tensors: the quantized base is never touched or reloaded.
+  nothing), used through ``_weight_int4pack_mm_for_cpu``; the output head packed the same way,
+  but only to pick the REFINE likeliest tokens, whose logits are recomputed in fp32 so near ties
+  resolve as the float model would. q/k/v and gate/up are fused into one matmul each.
+- **Loop**: the residual stream in fp32, RMSNorm, RoPE as one complex multiply (q/k rows permuted
+  at load so each rotated pair is adjacent), SDPA against a KV cache kept in fp32, and nothing else
+  per token: no logits processors for greedy, no streamer object, no stopping criteria.
+- **LoRA**: kept unmerged (fp32, small) beside the quantized base, fused the same way (the A
+  matrices of q/k/v stacked; the B matrices in equal-width blocks, one batched matmul), so a swap
+  is loading a few MB and replacing tensors: the quantized base is never touched or reloaded.
 
 Supported: Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms) with static RoPE, and plain
 LoRA adapters. Anything else (DoRA, IA3, prompt tuning, sliding windows, dynamic RoPE, a GPU)
