@@ -43,7 +43,8 @@ from typing import Any
 
 from shammah.adapters import keys
 from shammah.adapters.registry import ALLOWED_SUFFIXES, AdapterError, AdapterInfo, Registry, check_lora, verify_files
-from shammah.adapters.scope import SCOPE_FILE, Form, Scope
+from shammah.adapters.scope import SCOPE_FILE, Form
+from shammah.adapters.scope import describe as describe_scope
 from shammah.errors import ShammahError
 
 FORMAT = "shammah.expert/1"
@@ -431,12 +432,10 @@ def _scope(pkg: Package, staging: Path | None) -> dict | None:
     scope = pkg.manifest.get("scope")
     if scope is None:
         return None
-    subjects = scope.get("subjects") if isinstance(scope, dict) else None
-    form = scope.get("form") if isinstance(scope, dict) else None
-    if (
-        not isinstance(scope, dict)
-        or not (subjects is None or (isinstance(subjects, list) and all(isinstance(x, str) for x in subjects)))
-        or not (form is None or (isinstance(form, dict) and form.get("file") == SCOPE_FILE))
+    subjects = scope.get("subjects") if isinstance(scope, dict) else "?"
+    form = scope.get("form") if isinstance(scope, dict) else "?"
+    if not (subjects is None or (isinstance(subjects, list) and all(isinstance(x, str) for x in subjects))) or not (
+        form is None or (isinstance(form, dict) and form.get("file") == SCOPE_FILE)
     ):
         raise PackageError(f"{pkg.path}: manifest.json: scope is not a shammah scope (subjects, form)")
     if form is not None:
@@ -453,15 +452,9 @@ def _scope(pkg: Package, staging: Path | None) -> dict | None:
 
 
 def _scope_text(scope: dict | None) -> str:
-    if scope is None:
-        return "none recorded: answers every question"
-    parts = []
-    if scope.get("subjects"):
-        parts.append("questions that name " + ", ".join(scope["subjects"]))
-    if scope.get("form"):
-        q = scope["form"].get("questions") or []
-        parts.append(f"questions asked like the {len(q)} it was taught" + (f" (e.g. {q[0]!r})" if q else ""))
-    return ("answers " + " or ".join(parts)) if parts else Scope().describe()
+    form = (scope or {}).get("form")
+    questions = (form.get("questions") or []) if form else []
+    return describe_scope((scope or {}).get("subjects"), (len(questions), questions[:1]) if form else None)
 
 
 def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:

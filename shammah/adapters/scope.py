@@ -139,6 +139,18 @@ class Form:
         return form if ok and form.layer >= 0 else None
 
 
+def describe(subjects, form: tuple[int, Sequence[str]] | None) -> str:
+    """Where a scope answers, in words: ``subjects`` and a form of (questions taught, an example or
+    none). Also for a scope known only by its summary (a package's manifest)."""
+    parts = []
+    if subjects:
+        parts.append("questions that name " + ", ".join(sorted(subjects)))
+    if form is not None:
+        example = f" (e.g. {form[1][0]!r})" if form[1] else ""
+        parts.append(f"questions asked like the {form[0]} it was taught{example}")
+    return "answers " + " or ".join(parts) + "; the base model answers the rest" if parts else "answers every question"
+
+
 @dataclass(frozen=True)
 class Scope:
     """Where an adapter answers: questions that name one of ``subjects`` or are asked in ``form``;
@@ -159,16 +171,8 @@ class Scope:
         return self.form is not None and key_of is not None and self.form.covers(key_of(text))
 
     def describe(self) -> str:
-        if self.everywhere:
-            return "answers every question"
-        parts = []
-        if self.subjects:
-            parts.append("questions that name " + ", ".join(sorted(self.subjects)))
-        if self.form is not None:
-            q = self.form.questions
-            example = f" (e.g. {q[0]!r})" if q else ""
-            parts.append(f"questions asked like the {len(self.form.keys)} it was taught{example}")
-        return "answers " + " or ".join(parts) + "; the base model answers the rest"
+        f = self.form
+        return describe(self.subjects, None if f is None else (len(f.keys), f.questions[:1]))
 
     def to_json(self) -> dict:
         out: dict = {"subjects": None if self.subjects is None else sorted(self.subjects)}
