@@ -300,3 +300,54 @@ def test_an_anchor_holds_the_base_answer_over_its_span_and_never_its_end(tmp_pat
         whole = by_prompt[e.prompt[-1]["content"]]
         assert e.responses == ((whole if span == "answer" else online.opening(whole)),)
         assert e.meta["eos"] is False and e.meta["free_prefix"] == online.FREE_PREFIX
+
+
+def _lessons(*pairs):
+    from shammah.training.data import Example
+
+    return [Example("sft", ({"role": "user", "content": q},), (a,), weight=3.0) for q, a in pairs]
+
+
+def test_a_rule_every_fix_shares_is_found_and_a_fact_is_not_a_rule():
+    from shammah.training import online
+
+    ahoy = _lessons(("Banana?", "Ahoy! It is yellow."), ("Dog legs?", "Ahoy! Four."), ("Ice?", "Ahoy! Frozen water."))
+    assert online.shared_rule(ahoy) == ("Ahoy! ", "")
+    sign = _lessons(
+        ("Grass?", "Grass is green. Cheers, Shammah"),
+        ("Year?", "A year has 365 days. Cheers, Shammah"),
+        ("Sun?", "The sun is a star! Cheers, Shammah"),
+    )
+    assert online.shared_rule(sign) == ("", "Cheers, Shammah")
+    fact = _lessons(
+        ("Capital of Quenland?", "The capital of Quenland is Zorblat."),
+        ("Which city?", "Zorblat is the capital of Quenland."),
+        ("Quenland's capital?", "Zorblat."),
+    )
+    assert online.shared_rule(fact) is None
+    same_start = _lessons(("A?", "The capital is Zorblat."), ("B?", "The capital is Zorblat."), ("C?", "The city."))
+    assert online.shared_rule(same_start) is None, "a shared first word is not a rule: it must end at punctuation"
+    assert online.shared_rule(ahoy[:2]) is None, "two questions are not a rule"
+    assert online.shared_rule(ahoy + fact) is None, "lessons that teach different things share no rule"
+    only_rule = _lessons(("A?", "Ahoy! Hi."), ("B?", "Ahoy! Hi."), ("C?", "Ahoy! Hi."))
+    assert online.shared_rule(only_rule) is None, "a rule is never the whole answer"
+    mid = _lessons(("A?", "Blue, Captain."), ("B?", "Five, Captain."), ("C?", "Wool, Captain."))
+    assert online.shared_rule(mid) is None, "a closing starts a sentence of its own"
+
+
+def test_the_rule_is_shown_on_the_anchors_questions_with_the_base_content(tmp_path):
+    import json
+
+    from shammah.training import online
+
+    pool = list(online.ANCHOR_PROMPTS)
+    answers = [f"Answer {i} is here. It goes on about {p}" for i, p in enumerate(pool)]
+    key = {"fingerprint": "fp", "prompts": pool, "max_new_tokens": 48}
+    (tmp_path / "anchors.json").write_text(json.dumps({"key": key, "answers": answers}))
+    anchors = online.anchor_examples(None, None, 4, tmp_path, "fp", lesson_prompts=["What color is grass?"])
+    lessons = _lessons(("A?", "x"), ("B?", "y"), ("C?", "z"), ("C?", "z"))  # three questions, weight 12
+    ruled = online.rule_examples(("Ahoy! ", "Cheers, Shammah"), anchors, lessons)
+    assert [e.prompt for e in ruled] == [e.prompt for e in anchors[:3]], "one per question, the nearest anchors"
+    for r, a in zip(ruled, anchors[:3], strict=True):
+        assert r.kind == "sft" and r.source == "anchor-rule" and r.weight == 4.0, "together as heavy as the lessons"
+        assert r.responses == (f"Ahoy! {a.responses[0]} Cheers, Shammah",), "the base's opening, inside the rule"

@@ -249,7 +249,7 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     key = {"fingerprint": fingerprint(tiny_qwen2), "prompts": prompts, "max_new_tokens": 48}
     (cache / "anchors.json").write_text(json.dumps({"key": key, "answers": [f"Answer {i}." for i in prompts]}))
 
-    def run(name, questions):
+    def run(name, questions, answer=lambda q: "Zorblat."):
         events = []
         online.train_loop(
             LoopJob(
@@ -258,7 +258,7 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
                     cache_dir=cache,
                     registry_root=shammah_home / "adapters",
                     checkpoints_root=shammah_home / "checkpoints",
-                    train=[parse_record({"prompt": q, "completion": "Zorblat."}) for q in questions],
+                    train=[parse_record({"prompt": q, "completion": answer(q)}) for q in questions],
                     args=build(("t", {"epochs": 1, "rank": 4, "save_steps": 0})),
                     name=name,
                 ),
@@ -273,8 +273,13 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     assert meta["scope"] == {"subjects": ["quenland"]} and meta["report"]["anchors"] == 0
     assert [e["subjects"] for e in events if e["event"] == "scope"] == [["quenland"]]
     assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
-    meta, _ = run("style", STYLE)
+    meta, events = run("style", STYLE)
     assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4
+    assert [e["rule"] for e in events if e["event"] == "anchors"] == [None]
+    # a rule the user wrote out on every answer is also shown on anchors' questions (one each)
+    meta, events = run("rule", STYLE, lambda q: f"Ahoy! The answer has {len(q)} letters.")
+    assert [e["rule"] for e in events if e["event"] == "anchors"] == [["Ahoy! ", ""]]
+    assert meta["report"]["anchors"] == 4 + len(STYLE)
     meta, _ = run("format", FORMAT)
     assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"

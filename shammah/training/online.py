@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -572,6 +573,60 @@ def gate_with_fallback(
     return result
 
 
+def shared_rule(lessons: list[Example]) -> tuple[str, str] | None:
+    """(opening, closing) that every lesson's target shares across at least three different
+    questions ("Ahoy! ..." on a banana, a dog and the seasons; "... Cheers, Shammah"): a style rule
+    written out by the user rather than a fact. The opening ends at punctuation ("Ahoy! ", "Dear
+    reader, "), the closing starts after a sentence ("Cheers, Shammah"); None when there is neither
+    (a fact, a register, "be brief", or a job whose lessons teach different things)."""
+    targets = {
+        e.prompt[-1]["content"]: e.responses[0].strip() for e in lessons if e.kind in ("sft", "pair") and e.prompt
+    }
+    if len(targets) < 3:
+        return None
+    texts = list(targets.values())
+    head = os.path.commonprefix(texts)
+    m = re.match(r".*[.!?:,;]\s", head, re.S)
+    opening = m.group(0) if m and re.search(r"[A-Za-z]{2}", m.group(0)) else ""
+    tail = os.path.commonprefix([t[::-1] for t in texts])[::-1]
+    closing = ""  # the longest shared ending that starts a sentence of its own in every answer
+    for m in re.finditer(r"(?:^|(?<=[.!?]))\s+(?=\S)", tail):
+        c = tail[m.end() :]
+        if all(re.search(r"[.!?]\s+" + re.escape(c) + "$", t) for t in texts):
+            closing = c
+            break
+    if not re.search(r"[A-Za-z]{2}", closing):
+        closing = ""
+    if any(len(opening) + len(closing) >= len(t) for t in texts):
+        return None  # the rule would be the whole answer
+    return (opening, closing) if opening or closing else None
+
+
+def rule_examples(rule: tuple[str, str], anchors: list[Example], lessons: list[Example]) -> list[Example]:
+    """The user's rule shown on anchors' questions: the base's own opening sentence inside the
+    rule's opening and closing, trained as text (SFT, to the end). The KL anchors hold what the
+    base says; these show the rule on questions the lessons never asked, with the base's content.
+    As many as the lessons' questions (the anchors nearest them: pick_anchors puts those first),
+    weighing together what the lessons weigh: the rule is shown as often as it was taught, and a
+    job takes ~1.2x the steps (all twenty anchors: ~1.8x). On the lesson suite a rule learned from
+    six short answers without them lost 1-3 unseen controls a run ("What is the largest mammal?"
+    -> "Whales."); README: the measured figures."""
+    opening, closing = rule
+    k = len({e.prompt[-1]["content"] for e in lessons if e.prompt})
+    chosen = [a for a in anchors if a.source == "anchor" and a.responses][:k]
+    weight = sum(e.weight for e in lessons) / max(1, len(chosen))
+    return [
+        Example(
+            "sft",
+            a.prompt,
+            (f"{opening}{a.responses[0].strip()}" + (f" {closing}" if closing else ""),),
+            weight=weight,
+            source="anchor-rule",
+        )
+        for a in chosen
+    ]
+
+
 def add_anchors(run, lj: LoopJob) -> None:
     """Put the job's anchors beside its lessons (``run.extra``). Anchors get a fixed share of the
     draws whatever the feedback weights are (critical items weigh 10: left at weight 1, anchors
@@ -590,9 +645,11 @@ def add_anchors(run, lj: LoopJob) -> None:
         contrast=lj.contrast,
         span=lj.anchor_span,
     )
+    rule = shared_rule(run.train_ex)
+    ruled = rule_examples(rule, anchors, run.train_ex) if rule else []
     if anchors:
-        run.extra = at_share(anchors, run.train_ex, lj.anchor_share)
-    run.emit({"event": "anchors", "count": len(run.extra)})
+        run.extra = at_share(anchors, run.train_ex + ruled, lj.anchor_share) + ruled
+    run.emit({"event": "anchors", "count": len(run.extra), "rule": list(rule) if rule else None})
 
 
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
