@@ -432,10 +432,12 @@ def _scope(pkg: Package, staging: Path | None) -> dict | None:
     scope = pkg.manifest.get("scope")
     if scope is None:
         return None
-    subjects = scope.get("subjects") if isinstance(scope, dict) else "?"
-    form = scope.get("form") if isinstance(scope, dict) else "?"
-    if not (subjects is None or (isinstance(subjects, list) and all(isinstance(x, str) for x in subjects))) or not (
-        form is None or (isinstance(form, dict) and form.get("file") == SCOPE_FILE)
+    ok = isinstance(scope, dict)
+    subjects, form = (scope.get("subjects"), scope.get("form")) if ok else (None, None)
+    if (
+        not ok
+        or not (subjects is None or (isinstance(subjects, list) and all(isinstance(x, str) for x in subjects)))
+        or not (form is None or (isinstance(form, dict) and form.get("file") == SCOPE_FILE))
     ):
         raise PackageError(f"{pkg.path}: manifest.json: scope is not a shammah scope (subjects, form)")
     if form is not None:

@@ -593,10 +593,8 @@ def shared_rule(lessons: list[Example]) -> tuple[str, str] | None:
     for m in re.finditer(r"(?:^|(?<=[.!?]))\s+(?=\S)", tail):
         c = tail[m.end() :]
         if all(re.search(r"[.!?]\s+" + re.escape(c) + "$", t) for t in texts):
-            closing = c
+            closing = c if re.search(r"[A-Za-z]{2}", c) else ""
             break
-    if not re.search(r"[A-Za-z]{2}", closing):
-        closing = ""
     if any(len(opening) + len(closing) >= len(t) for t in texts):
         return None  # the rule would be the whole answer
     return (opening, closing) if opening or closing else None
@@ -609,11 +607,11 @@ def rule_examples(rule: tuple[str, str], anchors: list[Example], lessons: list[E
     As many as the lessons' questions (the anchors nearest them: pick_anchors puts those first),
     weighing together what the lessons weigh: the rule is shown as often as it was taught, and a
     job takes ~1.2x the steps (all twenty anchors: ~1.8x). On the lesson suite a rule learned from
-    six short answers without them lost 1-3 unseen controls a run ("What is the largest mammal?"
+    six short answers without them lost 1-4 unseen controls a run ("What is the largest mammal?"
     -> "Whales."); README: the measured figures."""
     opening, closing = rule
     k = len({e.prompt[-1]["content"] for e in lessons if e.prompt})
-    chosen = [a for a in anchors if a.source == "anchor" and a.responses][:k]
+    chosen = anchors[:k]
     weight = sum(e.weight for e in lessons) / max(1, len(chosen))
     return [
         Example(
@@ -645,7 +643,7 @@ def add_anchors(run, lj: LoopJob) -> None:
         contrast=lj.contrast,
         span=lj.anchor_span,
     )
-    rule = shared_rule(run.train_ex)
+    rule = shared_rule(run.train_ex) if anchors else None
     ruled = rule_examples(rule, anchors, run.train_ex) if rule else []
     if anchors:
         run.extra = at_share(anchors, run.train_ex + ruled, lj.anchor_share) + ruled
