@@ -448,9 +448,10 @@ class JobManager:
         # 83%/100%/100%); at REPLAY_WEIGHT the new lessons get about the draws they would get alone
         # (67%/100%/100%, quenland 100% x3).
         rehearse = [replace(e, weight=e.weight * REPLAY_WEIGHT) for e in examples_of(replay, lc.note_only)]
-        examples = examples_of(trained, lc.note_only) + rehearse
+        own = examples_of(trained, lc.note_only)
         if not lc.preference_pairs:  # see LearningConfig.preference_pairs
-            examples = [e for e in examples if e.kind != "pair"]
+            own, rehearse = ([e for e in x if e.kind != "pair"] for x in (own, rehearse))
+        examples = own + rehearse
         replay_ids = [i for x in replay for i in x.feedback_ids]
         parent = self.active.name  # the default adapter (a server answers each request with the one it names)
         if parent is not None and not self.registry.exists(parent):  # deleted by another process
@@ -478,6 +479,7 @@ class JobManager:
                     "holdout_feedback_ids": holdout_ids,
                 },
             ),
+            lessons=len(own),
             anchors=lc.anchors,
             anchor_loss=lc.anchor_loss,
             anchor_span=lc.anchor_span,

@@ -335,6 +335,72 @@ def test_a_rule_every_fix_shares_is_found_and_a_fact_is_not_a_rule():
     assert online.shared_rule(mid) is None, "a closing starts a sentence of its own"
 
 
+def test_a_second_rule_adds_to_the_first_and_a_fact_keeps_it(tmp_path):
+    import dataclasses
+    import json
+
+    from shammah.training import online
+
+    def replayed(lessons):  # rehearsed at a quarter of their weight, as jobs.py does
+        return [dataclasses.replace(e, weight=e.weight / 4) for e in lessons]
+
+    ahoy = _lessons(("Banana?", "Ahoy! It is yellow."), ("Dog legs?", "Ahoy! Four."), ("Ice?", "Ahoy! Frozen water."))
+    sign = _lessons(
+        ("Grass?", "Grass is green. Cheers, Shammah"),
+        ("Year?", "A year has 365 days. Cheers, Shammah"),
+        ("Sun?", "The sun is a star! Cheers, Shammah"),
+    )
+    fact = _lessons(("Quenland?", "Zorblat."), ("Which city?", "Zorblat is it."), ("Its capital?", "Zorblat, yes."))
+    first = online.job_rule(ahoy, None)
+    assert first == ("Ahoy! ", "")
+    assert online.shared_rule(sign + replayed(ahoy)) is None, "what every lesson shares finds nothing"
+    both = online.job_rule(sign + replayed(ahoy), first)
+    assert both == ("Ahoy! ", "Cheers, Shammah"), "the second rule adds to the one the parent holds"
+    assert online.job_rule(fact + replayed(ahoy), first) == first, "a fact taught next keeps the rule"
+    assert online.job_rule(_lessons(*[(q, "Howdy! " + a[6:]) for q, a in [("A?", "Ahoy! x y"), ("B?", "Ahoy! z w"),
+                                                                           ("C?", "Ahoy! v u")]]) + replayed(ahoy),
+                           first) == ("Howdy! ", ""), "a new opening replaces the old one"  # fmt: skip
+    assert online.job_rule(fact, None) is None
+    assert online.job_rule(ahoy + replayed(fact), None) is None, "which lessons are new is not known"
+    assert online.job_rule(ahoy + replayed(fact), None, own=ahoy) == first, "a rule taught after a fact"
+    assert online.job_rule(sign + replayed(ahoy), first, own=sign) == both
+
+    from shammah.training.data import Example
+
+    q = ({"role": "user", "content": "Moon?"},)
+    others = [Example("pair", q, ("It orbits us.", "Cheese.")), Example("unpaired", q, ("Cheese.",), label=False)]
+    ruled = online.with_rule(both, sign + replayed(ahoy) + others)
+    assert [e.responses[0] for e in ruled[:4]] == [
+        "Ahoy! Grass is green. Cheers, Shammah",
+        "Ahoy! A year has 365 days. Cheers, Shammah",
+        "Ahoy! The sun is a star! Cheers, Shammah",
+        "Ahoy! It is yellow. Cheers, Shammah",
+    ], "every lesson shows the whole rule: the later lessons do not teach answers without the first"
+    assert ruled[6].responses == ("Ahoy! It orbits us. Cheers, Shammah", "Cheese.") and ruled[7] == others[1]
+    assert [e.weight for e in ruled] == [e.weight for e in sign + replayed(ahoy) + others]
+
+    pool = list(online.ANCHOR_PROMPTS)
+    key = {"fingerprint": "fp", "prompts": pool, "max_new_tokens": 48}
+    (tmp_path / "anchors.json").write_text(json.dumps({"key": key, "answers": [f"About {p}" for p in pool]}))
+    anchors = online.anchor_examples(None, None, 8, tmp_path, "fp", lesson_prompts=["What color is grass?"])
+    ruled = online.rule_examples(both, anchors, sign + replayed(ahoy))
+    assert len(ruled) == 6 and all(r.responses[0].startswith("Ahoy! About ") for r in ruled)
+    assert all(r.responses[0].endswith(". Cheers, Shammah") or r.responses[0].endswith("? Cheers, Shammah")
+               for r in ruled)  # fmt: skip
+    assert sum(r.weight for r in ruled) == sum(e.weight for e in sign + replayed(ahoy))
+    kept = online.rule_examples(first, anchors, fact + replayed(ahoy))
+    assert len(kept) == 3 and sum(r.weight for r in kept) == 3 * 0.75, "shown as often as it is rehearsed"
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    assert online.recorded_rule(d) is None
+    (d / "shammah.json").write_text(json.dumps({"rule": ["Ahoy! ", ""]}))
+    assert online.recorded_rule(d) == ("Ahoy! ", "")
+    for bad in ('{"rule": ["x"]}', '{"rule": [1, 2]}', '{"rule": ["", ""]}', "[1]", "{"):
+        (d / "shammah.json").write_text(bad)
+        assert online.recorded_rule(d) is None, bad
+
+
 def test_the_rule_is_shown_on_the_anchors_questions_with_the_base_content(tmp_path):
     import json
 
@@ -345,7 +411,7 @@ def test_the_rule_is_shown_on_the_anchors_questions_with_the_base_content(tmp_pa
     key = {"fingerprint": "fp", "prompts": pool, "max_new_tokens": 48}
     (tmp_path / "anchors.json").write_text(json.dumps({"key": key, "answers": answers}))
     anchors = online.anchor_examples(None, None, 4, tmp_path, "fp", lesson_prompts=["What color is grass?"])
-    lessons = _lessons(("A?", "x"), ("B?", "y"), ("C?", "z"), ("C?", "z"))  # three questions, weight 12
+    lessons = _lessons(*[(q, f"Ahoy! {q} Cheers, Shammah") for q in ("A?", "B?", "C?", "C?")])  # three questions
     ruled = online.rule_examples(("Ahoy! ", "Cheers, Shammah"), anchors, lessons)
     assert [e.prompt for e in ruled] == [e.prompt for e in anchors[:3]], "one per question, the nearest anchors"
     for r, a in zip(ruled, anchors[:3], strict=True):

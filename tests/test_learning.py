@@ -584,6 +584,9 @@ def test_replayed_lessons_are_rehearsed_at_a_quarter_of_their_weight(tiny_qwen2,
     new = _turn(s.store, "Who runs Pellucid Labs?", "Nobody.")
     s.store.fix(new, "Mara Okafor.")
     _, d = s.jobs._snapshot("test", "job-test")
-    weights = {e.prompt[-1]["content"]: e.weight for e in LoopJob.read(d / "job.json").job.train}
+    lj = LoopJob.read(d / "job.json")
+    weights = {e.prompt[-1]["content"]: e.weight for e in lj.job.train}
     assert weights == {"Who runs Pellucid Labs?": 3.0, "What is the capital of Quenland?": 3.0 * jobs.REPLAY_WEIGHT}
+    own = {e.prompt[-1]["content"] for e in lj.job.train[: lj.lessons]}
+    assert own == {"Who runs Pellucid Labs?"}, "the job says which lessons are its own (a rule is found in them)"
     s.store.close()

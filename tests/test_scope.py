@@ -249,8 +249,10 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     key = {"fingerprint": fingerprint(tiny_qwen2), "prompts": prompts, "max_new_tokens": 48}
     (cache / "anchors.json").write_text(json.dumps({"key": key, "answers": [f"Answer {i}." for i in prompts]}))
 
-    def run(name, questions, answer=lambda q: "Zorblat."):
+    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=()):
         events = []
+        train = [parse_record({"prompt": q, "completion": answer(q)}) for q in questions]
+        train += [parse_record({"prompt": q, "completion": a, "weight": 0.25}) for q, a in replay]
         online.train_loop(
             LoopJob(
                 TrainJob(
@@ -258,12 +260,14 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
                     cache_dir=cache,
                     registry_root=shammah_home / "adapters",
                     checkpoints_root=shammah_home / "checkpoints",
-                    train=[parse_record({"prompt": q, "completion": answer(q)}) for q in questions],
+                    train=train,
                     args=build(("t", {"epochs": 1, "rank": 4, "save_steps": 0})),
                     name=name,
+                    parent=parent,
                 ),
                 anchors=4,
                 anchor_cache=cache,
+                lessons=len(questions),  # the replayed ones come after
             ),
             progress=events.append,
         )
@@ -279,7 +283,12 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     # a rule the user wrote out on every answer is also shown on anchors' questions (one each)
     meta, events = run("rule", STYLE, lambda q: f"Ahoy! The answer has {len(q)} letters.")
     assert [e["rule"] for e in events if e["event"] == "anchors"] == [["Ahoy! ", ""]]
-    assert meta["report"]["anchors"] == 4 + len(STYLE)
+    assert meta["report"]["anchors"] == 4 + len(STYLE) and meta["rule"] == ["Ahoy! ", ""]
+    # a second rule taught on top (its lessons beside the first's, replayed) adds to the first
+    ahoy = [(q, f"Ahoy! The answer has {len(q)} letters.") for q in STYLE]
+    meta, events = run("rule2", STYLE, lambda q: f"It has {len(q)} letters. Cheers, Shammah", "rule", ahoy)
+    assert [e["rule"] for e in events if e["event"] == "anchors"] == [["Ahoy! ", "Cheers, Shammah"]]
+    assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["report"]["anchors"] == 4 + len(STYLE)
     meta, _ = run("format", FORMAT)
     assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"

@@ -50,6 +50,7 @@ class LoopJob:
     holdout: list[Example] = field(default_factory=list)  # feedback kept out of training, for the gate
     stop_at_accuracy: float = 0.0  # end training once greedy reads back this share of the lessons (0 = off)
     scope: str = "auto"  # auto: by subject, else by form (adapters/scope.py); subjects; everywhere
+    lessons: int = -1  # how many of job.train come first as this job's own lessons (the rest are replayed); -1: unknown
 
     def write(self, d: Path) -> Path:
         """``d/job.json`` plus one JSONL file per example list (readable by ``shammah train`` too)."""

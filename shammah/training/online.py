@@ -600,19 +600,45 @@ def shared_rule(lessons: list[Example]) -> tuple[str, str] | None:
     return (opening, closing) if opening or closing else None
 
 
+def carries(e: Example, rule: tuple[str, str]) -> bool:
+    """Whether a lesson's target shows part of ``rule`` (its opening or its closing)."""
+    opening, closing = rule
+    target = e.responses[0].strip() if e.responses else ""
+    return bool(opening and target.startswith(opening) or closing and target.endswith(closing))
+
+
+def job_rule(
+    lessons: list[Example], parent: tuple[str, str] | None, own: list[Example] | None = None
+) -> tuple[str, str] | None:
+    """The rule an adapter holds after this job: the one its parent adapter holds (``parent``,
+    recorded in the parent's shammah.json), with what the job's ``own`` lessons share on top (a
+    new opening or closing replaces the parent's). The replayed lessons of an earlier job do not
+    show a rule taught now ("... Cheers, Shammah" after "Ahoy! ...", or "Ahoy! ..." after a fact),
+    so a rule shared by every lesson would be none. ``own`` unknown (a job written before jobs
+    said): the lessons that do not show the parent's rule."""
+    if own is None:
+        own = [e for e in lessons if parent is None or not carries(e, parent)]
+    new = shared_rule(own)
+    if parent is None or new is None:
+        return new or parent
+    return (new[0] or parent[0], new[1] or parent[1])
+
+
 def rule_examples(rule: tuple[str, str], anchors: list[Example], lessons: list[Example]) -> list[Example]:
     """The user's rule shown on anchors' questions: the base's own opening sentence inside the
     rule's opening and closing, trained as text (SFT, to the end). The KL anchors hold what the
     base says; these show the rule on questions the lessons never asked, with the base's content.
-    As many as the lessons' questions (the anchors nearest them: pick_anchors puts those first),
-    weighing together what the lessons weigh: the rule is shown as often as it was taught, and a
-    job takes ~1.2x the steps (all twenty anchors: ~1.8x). On the lesson suite a rule learned from
-    six short answers without them lost 1-4 unseen controls a run ("What is the largest mammal?"
-    -> "Whales."); README: the measured figures."""
+    As many as the questions of the lessons that show the rule (the anchors nearest them:
+    pick_anchors puts those first), weighing together what those lessons weigh: the rule is shown
+    as often as it was taught (a replayed rule, rehearsed at a quarter of its weight, as little),
+    and a job takes ~1.2x the steps (all twenty anchors: ~1.8x). On the lesson suite a rule
+    learned from six short answers without them lost 1-4 unseen controls a run ("What is the
+    largest mammal?" -> "Whales."); README: the measured figures."""
     opening, closing = rule
-    k = len({e.prompt[-1]["content"] for e in lessons if e.prompt})
+    shown = [e for e in lessons if e.prompt and carries(e, rule)]
+    k = len({e.prompt[-1]["content"] for e in shown})
     chosen = anchors[:k]
-    weight = sum(e.weight for e in lessons) / max(1, len(chosen))
+    weight = sum(e.weight for e in shown) / max(1, len(chosen))
     return [
         Example(
             "sft",
@@ -625,12 +651,53 @@ def rule_examples(rule: tuple[str, str], anchors: list[Example], lessons: list[E
     ]
 
 
-def add_anchors(run, lj: LoopJob) -> None:
+def with_rule(rule: tuple[str, str], lessons: list[Example]) -> list[Example]:
+    """The lessons with the rule on every target that lacks a part of it: a rule applies to every
+    answer, so a closing taught after an opening is trained with both, as is a fact taught after
+    them ("Ahoy! The capital of Quenland is Zorblat."). Left as they were, the later lessons teach
+    answers without the earlier rule, at full weight, against its rehearsal at a quarter: on
+    bench/lessons.py --sequence ahoy,signoff seed 0 the rule shown on anchors alone kept ahoy at
+    17% (33% without it)."""
+    opening, closing = rule
+
+    def ruled(text: str) -> str:
+        t = text.strip()
+        if opening and not t.startswith(opening):
+            t = opening + t
+        if closing and not t.endswith(closing):
+            t = f"{t} {closing}"
+        return t
+
+    return [
+        dataclasses.replace(e, responses=(ruled(e.responses[0]), *e.responses[1:]))
+        if e.kind in ("sft", "pair") and e.responses
+        else e
+        for e in lessons
+    ]
+
+
+def recorded_rule(path: Path | None) -> tuple[str, str] | None:
+    """The rule an adapter was trained to hold (``"rule"`` in its shammah.json), if any."""
+    if path is None:
+        return None
+    try:
+        rule = json.loads((Path(path) / "shammah.json").read_text()).get("rule")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(rule, list) and len(rule) == 2 and all(isinstance(x, str) for x in rule) and any(rule)
+    return (rule[0], rule[1]) if ok else None
+
+
+def add_anchors(run, lj: LoopJob, parent_rule: tuple[str, str] | None = None) -> tuple[str, str] | None:
     """Put the job's anchors beside its lessons (``run.extra``). Anchors get a fixed share of the
     draws whatever the feedback weights are (critical items weigh 10: left at weight 1, anchors
-    would be drowned out and the lesson would leak)."""
+    would be drowned out and the lesson would leak). Returns the rule the adapter holds (see
+    :func:`job_rule`): it is put on every lesson (:func:`with_rule`) and shown on anchors."""
+    rule = job_rule(run.train_ex, parent_rule, lj.job.train[: lj.lessons] if lj.lessons >= 0 else None)
+    if rule:
+        run.train_ex = with_rule(rule, run.train_ex)
     if not lj.anchors:
-        return
+        return rule
     anchors = anchor_examples(
         run.model,
         run.tok,
@@ -643,11 +710,11 @@ def add_anchors(run, lj: LoopJob) -> None:
         contrast=lj.contrast,
         span=lj.anchor_span,
     )
-    rule = shared_rule(run.train_ex) if anchors else None
-    ruled = rule_examples(rule, anchors, run.train_ex) if rule else []
+    ruled = rule_examples(rule, anchors, run.train_ex) if rule and anchors else []
     if anchors:
         run.extra = at_share(anchors, run.train_ex + ruled, lj.anchor_share) + ruled
     run.emit({"event": "anchors", "count": len(run.extra), "rule": list(rule) if rule else None})
+    return rule
 
 
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
@@ -681,10 +748,12 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
 
     job = lj.job
     run = trainer.setup(job, progress)
+    parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
     scope = lesson_scope(run, lj)
     run.emit({"event": "scope", **scope.to_json()})
+    rule = recorded_rule(parent_path)
     if scope.everywhere:
-        add_anchors(run, lj)
+        rule = add_anchors(run, lj, rule)
     else:
         run.emit({"event": "anchors", "count": 0, "why": "scoped"})
     # else no anchors: they hold what the adapter answers outside its lessons, and a scoped adapter
@@ -697,7 +766,6 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         run.emit({"event": "learned", "stopped_at": learned.stopped_at, "accuracy": learned.history})
     gate_result = None
     if lj.gate:
-        parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
         gate_result = gate_with_fallback(
             run.model,
             run.tok,
@@ -710,7 +778,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             scope,
         )
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
-    meta: dict = {"gate": gate_result, "scope": scope.summary()}
+    meta: dict = {"gate": gate_result, "scope": scope.summary(), "rule": list(rule) if rule else None}
     if learned is not None:
         meta["stopped_at"] = learned.stopped_at
     files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
