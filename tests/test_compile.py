@@ -357,9 +357,8 @@ def test_a_second_rule_adds_to_the_first_and_a_fact_keeps_it(tmp_path):
     both = online.job_rule(sign + replayed(ahoy), first)
     assert both == ("Ahoy! ", "Cheers, Shammah"), "the second rule adds to the one the parent holds"
     assert online.job_rule(fact + replayed(ahoy), first) == first, "a fact taught next keeps the rule"
-    assert online.job_rule(_lessons(*[(q, "Howdy! " + a[6:]) for q, a in [("A?", "Ahoy! x y"), ("B?", "Ahoy! z w"),
-                                                                           ("C?", "Ahoy! v u")]]) + replayed(ahoy),
-                           first) == ("Howdy! ", ""), "a new opening replaces the old one"  # fmt: skip
+    howdy = _lessons(("A?", "Howdy! It is x."), ("B?", "Howdy! It is y."), ("C?", "Howdy! It is z."))
+    assert online.job_rule(howdy + replayed(ahoy), first) == ("Howdy! ", ""), "a new opening replaces the old one"
     assert online.job_rule(fact, None) is None
     assert online.job_rule(ahoy + replayed(fact), None) is None, "which lessons are new is not known"
     assert online.job_rule(ahoy + replayed(fact), None, own=ahoy) == first, "a rule taught after a fact"
@@ -385,8 +384,7 @@ def test_a_second_rule_adds_to_the_first_and_a_fact_keeps_it(tmp_path):
     anchors = online.anchor_examples(None, None, 8, tmp_path, "fp", lesson_prompts=["What color is grass?"])
     ruled = online.rule_examples(both, anchors, sign + replayed(ahoy))
     assert len(ruled) == 6 and all(r.responses[0].startswith("Ahoy! About ") for r in ruled)
-    assert all(r.responses[0].endswith(". Cheers, Shammah") or r.responses[0].endswith("? Cheers, Shammah")
-               for r in ruled)  # fmt: skip
+    assert all(r.responses[0].endswith(f"{r.prompt[-1]['content']} Cheers, Shammah") for r in ruled), "base, closing"
     assert sum(r.weight for r in ruled) == sum(e.weight for e in sign + replayed(ahoy))
     kept = online.rule_examples(first, anchors, fact + replayed(ahoy))
     assert len(kept) == 3 and sum(r.weight for r in kept) == 3 * 0.75, "shown as often as it is rehearsed"
