@@ -9,9 +9,10 @@ per-token Python. Here:
   nothing), used through ``_weight_int4pack_mm_for_cpu``; the output head packed the same way,
   but only to pick the REFINE likeliest tokens, whose logits are recomputed in fp32 so near ties
   resolve as the float model would. q/k/v and gate/up are fused into one matmul each.
-- **Loop**: the residual stream in fp32, RMSNorm as a LayerNorm (:func:`_twice`), RoPE as one complex multiply (q/k rows permuted
-  at load so each rotated pair is adjacent), SDPA against a KV cache kept in fp32, and nothing else
-  per token: no logits processors for greedy, no streamer object, no stopping criteria.
+- **Loop**: the residual stream in fp32, RMSNorm as a LayerNorm (:func:`_twice`), RoPE as one
+  complex multiply (q/k rows permuted at load so each rotated pair is adjacent), SDPA against a KV
+  cache kept in fp32, and nothing else per token: no logits processors for greedy, no streamer
+  object, no stopping criteria.
 - **LoRA**: kept unmerged (fp32, small) beside the quantized base, fused the same way (the A
   matrices of q/k/v stacked; the B matrices in equal-width blocks, one batched matmul), so a swap
   is loading a few MB and replacing tensors: the quantized base is never touched or reloaded.

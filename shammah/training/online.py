@@ -676,16 +676,10 @@ def with_rule(rule: tuple[str, str], lessons: list[Example]) -> list[Example]:
     ]
 
 
-def recorded_rule(path: Path | None) -> tuple[str, str] | None:
-    """The rule an adapter was trained to hold (``"rule"`` in its shammah.json), if any."""
-    if path is None:
-        return None
-    try:
-        rule = json.loads((Path(path) / "shammah.json").read_text()).get("rule")
-    except (OSError, ValueError, AttributeError):
-        return None
-    ok = isinstance(rule, list) and len(rule) == 2 and all(isinstance(x, str) for x in rule) and any(rule)
-    return (rule[0], rule[1]) if ok else None
+def recorded_rule(value) -> tuple[str, str] | None:
+    """The rule an adapter was trained to hold (``value``: ``"rule"`` in its shammah.json), if any."""
+    ok = isinstance(value, list) and len(value) == 2 and all(isinstance(x, str) for x in value) and any(value)
+    return (value[0], value[1]) if ok else None
 
 
 def add_anchors(run, lj: LoopJob, parent_rule: tuple[str, str] | None = None) -> tuple[str, str] | None:
@@ -748,10 +742,11 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
 
     job = lj.job
     run = trainer.setup(job, progress)
-    parent_path = Registry(job.registry_root).get(job.parent).path if job.parent else None
+    parent = Registry(job.registry_root).get(job.parent) if job.parent else None
+    parent_path = parent.path if parent else None
     scope = lesson_scope(run, lj)
     run.emit({"event": "scope", **scope.to_json()})
-    rule = recorded_rule(parent_path)
+    rule = recorded_rule(parent.get("rule")) if parent else None
     if scope.everywhere:
         rule = add_anchors(run, lj, rule)
     else:
