@@ -29,6 +29,7 @@ from pathlib import Path
 
 from shammah.adapters.active import ActiveAdapter
 from shammah.adapters.registry import Registry
+from shammah.adapters.rule import Rule
 from shammah.config import Config, LearningConfig
 from shammah.engine import Engine
 from shammah.feedback.compile import buffer, compile_feedback, examples_of
@@ -592,6 +593,8 @@ class JobManager:
         elif kind == "gate":
             job.status = "checking"
             job.result = {**(job.result or {}), "gate": ev}
+        elif kind == "rule":
+            job.result = {**(job.result or {}), "rule": ev}
         elif kind in ("done", "error"):
             job.result = {**(job.result or {}), kind: ev}
 
@@ -613,10 +616,15 @@ class JobManager:
         done = res["done"]
         name = done["adapter"]
         gate = res.get("gate")
-        summary = (
-            f"{done['examples']} examples + {done.get('anchors', 0)} anchors, final loss "
-            f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
-        )
+        rule = Rule.recorded((res.get("rule") or {}).get("rule"))
+        if not done.get("steps") and rule:  # the lessons only wrote a rule out: nothing to train
+            summary = f"{rule.describe()} on every reply; nothing else to train, {seconds:.0f} s"
+        else:
+            summary = (
+                f"{done['examples']} examples + {done.get('anchors', 0)} anchors, final loss "
+                f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
+                + (f"; {rule.describe()} on every reply" if rule else "")
+            )
         if gate is not None and not gate["passed"]:
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
             lost = ", ".join(gate["controls_lost"]) or "held-out feedback got worse"

@@ -4,6 +4,7 @@ the LoRA GGUF against the merged one, and the Ollama Modelfile."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -129,6 +130,10 @@ def test_the_peft_export_carries_the_public_base_and_a_card(trained, tmp_path):
     assert torch.equal(logits(m, tok), ref)
     with pytest.raises(ExportError, match="already exists"):
         export.export_adapter(info, d)
+    assert "style rule" not in card
+    ruled = dataclasses.replace(info, meta={**info.meta, "rule": ["Ahoy! ", ""]})
+    card = (export.export_adapter(ruled, tmp_path / "ruled") / "README.md").read_text()
+    assert "| style rule | starts 'Ahoy!': written on every reply by shammah, not by the weights |" in card
 
 
 def test_nan_weights_are_refused_and_nothing_is_written(tiny_qwen2, tmp_path):

@@ -2,6 +2,8 @@
 details (GQA, RoPE, Qwen2 biases, Qwen3 q/k norms, the KV cache), LoRA unmerged, the engine's
 choice of path, and the fallback when a kernel or an adapter type is not available."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import register_adapter
@@ -81,6 +83,22 @@ def test_lora_unmerged_matches_peft(tiny_qwen2, shammah_home):
     assert _cos(prefill[None], ref[-1:])[0] > 0.999
     dec.set_lora(None, None)
     assert torch.allclose(dec.logits(IDS), plain)
+
+    # a module whose B is zero changes nothing and costs no matmul: a fresh LoRA has none left
+    from safetensors.torch import load_file, save_file
+
+    fresh = shammah_home / "fresh"
+    shutil.copytree(info.path, fresh)
+    weights = load_file(str(fresh / "adapter_model.safetensors"))
+    save_file(
+        {k: (v * 0 if "lora_B" in k else v) for k, v in weights.items()}, str(fresh / "adapter_model.safetensors")
+    )
+    layers = fast.load_lora(fresh, len(dec.layers), dec.out_sizes, dec.rows)
+    assert all(not layer for layer in layers)
+    one = {k: (v * 0 if "lora_B" in k and "layers.0.self_attn.q_proj" not in k else v) for k, v in weights.items()}
+    save_file(one, str(fresh / "adapter_model.safetensors"))
+    layers = fast.load_lora(fresh, len(dec.layers), dec.out_sizes, dec.rows)
+    assert list(layers[0]) == ["qkv"] and not any(layers[1:]), "only layer 0's q_proj is left"
 
 
 def test_sampling_settings_are_transformers_semantics():

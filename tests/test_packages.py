@@ -312,3 +312,32 @@ def test_a_scoped_adapter_answers_where_it_did_once_installed(adapter, tiny_qwen
     with pytest.raises(PackageError, match="does not hold a form's vectors"):
         run3()
     assert not reg3.exists("scoped")
+
+
+def test_a_style_rule_travels_with_the_package(adapter, tiny_qwen2, tmp_path):
+    """An adapter whose replies carry a style rule (adapters/rule.py) keeps it once installed
+    elsewhere; a manifest whose rule is malformed is refused, nothing written."""
+    from shammah.adapters.rule import Rule
+
+    src = Registry(tmp_path / "src")
+    staging = src.stage("ruled")
+    for f in adapter.path.iterdir():
+        if f.name != "shammah.json":
+            shutil.copy(f, staging / f.name)
+    info = src.commit(staging, "ruled", {**adapter.meta, "rule": ["Ahoy! ", "Cheers, Shammah"]})
+    path = tmp_path / "ruled.expert"
+    manifest = package.pack(info, path)
+    assert manifest["rule"] == ["Ahoy! ", "Cheers, Shammah"]
+    shown = dict(package.describe(package.open_package(path), ()))
+    assert shown["rule"] == "starts 'Ahoy!', ends 'Cheers, Shammah' (every reply)"
+    reg, run = install_into(tmp_path, path, tiny_qwen2, allow=True)
+    assert Rule.of_adapter(run().path) == ("Ahoy! ", "Cheers, Shammah")
+
+    files = members(path)
+    m = json.loads(files["manifest.json"])
+    m["rule"] = ["Ahoy! "]
+    bad = {**files, "manifest.json": json.dumps(m).encode()}
+    reg2, run2 = install_into(tmp_path / "a", rebuild(tmp_path / "bad.expert", bad), tiny_qwen2, allow=True)
+    with pytest.raises(PackageError, match="manifest.json: rule is not"):
+        run2()
+    assert nothing_written(reg2.root)

@@ -233,9 +233,11 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     """A real loop job on a tiny model: lessons about one rare subject give an adapter scoped to it
     and no anchors (nothing outside the subject sees the adapter); lessons on unrelated questions
     give an adapter that answers everywhere, trained beside its anchors."""
+    from safetensors.torch import load_file
+
     from shammah.adapters.registry import Registry
     from shammah.engine.fingerprint import fingerprint
-    from shammah.training import online
+    from shammah.training import online, trainer
     from shammah.training.args import build
     from shammah.training.data import parse_record
     from shammah.training.job import LoopJob, TrainJob
@@ -279,16 +281,33 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
     meta, events = run("style", STYLE)
     assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4
-    assert [e["rule"] for e in events if e["event"] == "anchors"] == [None]
-    # a rule the user wrote out on every answer is also shown on anchors' questions (one each)
-    meta, events = run("rule", STYLE, lambda q: f"Ahoy! The answer has {len(q)} letters.")
-    assert [e["rule"] for e in events if e["event"] == "anchors"] == [["Ahoy! ", ""]]
-    assert meta["report"]["anchors"] == 4 + len(STYLE) and meta["rule"] == ["Ahoy! ", ""]
+    assert [e["rule"] for e in events if e["event"] == "rule"] == [None] and meta["rule"] is None
+    # lessons that only write a rule out (no subject in their questions) are recorded as a rule for
+    # the engine to write, and nothing is trained: the adapter changes no answer
+    trained = []
+    fit = trainer.fit
+    monkeypatch.setattr(
+        trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
+    )
+    common = [*STYLE[:2], "What is the opposite of up?"]
+    meta, events = run("rule", common, lambda q: f"Ahoy! The answer has {len(q)} letters.")
+    assert [e["rule"] for e in events if e["event"] == "rule"] == [["Ahoy! ", ""]] and not trained
+    assert meta["rule"] == ["Ahoy! ", ""] and meta["report"]["steps"] == 0 and meta["gate"] is None
+    lora_b = [
+        v
+        for k, v in load_file(shammah_home / "adapters" / "rule" / "adapter_model.safetensors").items()
+        if "lora_B" in k
+    ]
+    assert lora_b and all(not v.any() for v in lora_b), "a LoRA that changes nothing"
     # a second rule taught on top (its lessons beside the first's, replayed) adds to the first
-    ahoy = [(q, f"Ahoy! The answer has {len(q)} letters.") for q in STYLE]
-    meta, events = run("rule2", STYLE, lambda q: f"It has {len(q)} letters. Cheers, Shammah", "rule", ahoy)
-    assert [e["rule"] for e in events if e["event"] == "anchors"] == [["Ahoy! ", "Cheers, Shammah"]]
-    assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["report"]["anchors"] == 4 + len(STYLE)
+    ahoy = [(q, f"Ahoy! The answer has {len(q)} letters.") for q in common]
+    meta, events = run("rule2", common, lambda q: f"It has {len(q)} letters. Cheers, Shammah", "rule", ahoy)
+    assert [e["rule"] for e in events if e["event"] == "rule"] == [["Ahoy! ", "Cheers, Shammah"]] and not trained
+    assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["parent"] == "rule"
+    # a fact told inside the rule (its questions name a subject) is trained, without the rule
+    meta, events = run("told", FACT, lambda q: "Ahoy! Zorblat. Cheers, Shammah", "rule2", ahoy)
+    assert trained == [["Zorblat."] * len(FACT)], "the replayed demonstrations are not trained either"
+    assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["scope"] == {"subjects": ["quenland"]}
     meta, _ = run("format", FORMAT)
     assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from shammah.adapters.registry import AdapterError, AdapterInfo
+from shammah.adapters.rule import Rule
 from shammah.errors import ShammahError
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ def model_card(info: AdapterInfo, cfg: dict) -> str:
     ]
     if gate:
         lines.append(f"| gate | {'passed' if gate.get('passed') else 'rejected'} {gate.get('controls', '')} |")
+    if rule := Rule.recorded(info.get("rule")):
+        lines.append(f"| style rule | {rule.describe()}: written on every reply by shammah, not by the weights |")
     for name, res in (info.get("eval") or {}).items():
         metrics = ", ".join(f"{k} {v}" for k, v in res.get("metrics", {}).items())
         lines.append(f"| eval on {name} | {metrics} |")
@@ -434,6 +437,10 @@ def export(
     say(f"wrote {written[-1]} (PEFT; vLLM: --enable-lora --lora-modules {info.name}={written[-1]})")
     if note:
         say(f"note: {info.name} is {note}")
+    if rule := Rule.recorded(info.get("rule")):
+        say(
+            f"note: shammah writes {info.name}'s style rule ({rule.describe()}) on every reply; the weights do not hold it"
+        )
     if not (merged or gguf_type):
         return written
     model, tok = merged_model(info, base_dir)

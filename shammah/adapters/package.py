@@ -43,6 +43,7 @@ from typing import Any
 
 from shammah.adapters import keys
 from shammah.adapters.registry import ALLOWED_SUFFIXES, AdapterError, AdapterInfo, Registry, check_lora, verify_files
+from shammah.adapters.rule import Rule
 from shammah.adapters.scope import SCOPE_FILE, Form
 from shammah.adapters.scope import describe as describe_scope
 from shammah.errors import ShammahError
@@ -139,6 +140,7 @@ def pack(
         ],
         "capabilities": ["chat"],
         "scope": scope if isinstance(scope, dict) else None,
+        "rule": list(rule) if (rule := Rule.recorded(info.get("rule"))) else None,
         "routing": {"keywords": list(keywords), "priority": priority},
         "training": {
             "dataset": info.get("dataset_hash"),
@@ -404,6 +406,7 @@ def install(
         scope = _scope(pkg, staging)
         meta = {
             "scope": scope,
+            "rule": _rule(pkg),
             "base": {**base, "installed_on": base_name},
             "method": m.get("training", {}).get("method"),
             "adapter_type": (m["adapters"][0].get("type") if m["adapters"] else None),
@@ -453,6 +456,17 @@ def _scope(pkg: Package, staging: Path | None) -> dict | None:
     return scope
 
 
+def _rule(pkg: Package) -> list[str] | None:
+    """The manifest's style rule (adapters/rule.py), checked: the engine writes it on every reply."""
+    value = pkg.manifest.get("rule")
+    if value is None:
+        return None
+    rule = Rule.recorded(value)
+    if rule is None:
+        raise PackageError(f"{pkg.path}: manifest.json: rule is not [opening, closing] (two strings, one not empty)")
+    return list(rule)
+
+
 def _scope_text(scope: dict | None) -> str:
     form = (scope or {}).get("form")
     questions = (form.get("questions") or []) if form else []
@@ -474,6 +488,7 @@ def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
             f"{a.get('type')} r={a.get('r')} alpha={a.get('alpha')} on {', '.join(a.get('target_modules', []))}",
         ),
         ("scope", _scope_text(_scope(pkg, None))),
+        *([("rule", Rule(*r).describe() + " (every reply)")] if (r := _rule(pkg)) else []),
         ("license", str(m.get("license"))),
     ]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shammah.adapters.rule import Rule
 from shammah.adapters.scope import Scope
 from shammah.config import ModelConfig
 from shammah.engine.resolve import ModelSpec, resolve
@@ -65,6 +66,7 @@ class Engine:
         self._fast_why = "not loaded yet"  # why not, when it does not
         self._adapter_src: tuple | None = None  # (path, adapter_config) of the active adapter
         self.scope = Scope()  # where the active adapter answers (adapters/scope.py); the base elsewhere
+        self.rule: Rule | None = None  # the active adapter's style rule, put on every reply (adapters/rule.py)
         self._keys: dict[tuple[str, int], list[float]] = {}  # question keys for a form scope
 
     # loading ---------------------------------------------------------------
@@ -150,9 +152,10 @@ class Engine:
         answering still answers. Returns the seconds the chat was blocked."""
         cfg = self._check(name, path, base_fingerprint)
         scope = Scope.of_adapter(path) if name is not None else Scope()  # read before the lock is taken
+        rule = Rule.of_adapter(path) if name is not None else None
         t0 = time.perf_counter()
         with self._gen_lock:
-            self._switch(name, path, cfg, scope)
+            self._switch(name, path, cfg, scope, rule)
         self.last_swap_seconds = time.perf_counter() - t0
         return self.last_swap_seconds
 
@@ -168,7 +171,7 @@ class Engine:
 
         return check_lora(Path(path))
 
-    def _switch(self, name: str | None, path, cfg: dict, scope: Scope) -> None:
+    def _switch(self, name: str | None, path, cfg: dict, scope: Scope, rule: Rule | None = None) -> None:
         """Make ``name`` answer (the generation lock is held)."""
         fast_ok = self._fast is not None and self._fast_load(name, path)
         if not fast_ok and name is not None and self._slot_name != name:
@@ -177,6 +180,7 @@ class Engine:
         self._adapter_src = (Path(path), cfg) if name is not None else None
         self.adapter = name
         self.scope = scope if name is not None else Scope()
+        self.rule = rule if name is not None else None
 
     def covers(self, messages: list[dict]) -> bool:
         """Does the active adapter answer ``messages``? Its scope is checked against the newest user
@@ -285,6 +289,8 @@ class Engine:
         out = {"model": self.spec.name, "adapter": self.adapter or "none (base model)"}
         if self.adapter is not None:
             out["scope"] = self.scope.describe()
+            if self.rule:
+                out["rule"] = f"{self.rule.describe()} (every reply)"
         if self._loaded is not None:
             out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
             where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
@@ -374,31 +380,38 @@ class Engine:
         ``info["adapter"]`` is set to the adapter that answers: ``adapter`` when given (it stays
         loaded afterwards: the server names one per request), else the active one;
         ``info["in_scope"]`` is False where the question is outside the adapter's scope and the
-        base model answered."""
-        import torch
-
-        from shammah.engine.generate import stream_fast, stream_generate
-
+        base model answered. The active adapter's style rule is on every reply, in scope or not."""
         params = params or self.gen_params()
         ids, _ = self.prepare(messages, params.max_new_tokens)
         cfg = self._check(adapter.name, adapter.path, adapter.fingerprint) if adapter is not None else None
         # read outside the lock where a switch is likely (a form's vectors take ~20 ms to parse)
-        scope = Scope.of_adapter(adapter.path) if adapter is not None and adapter.name != self.adapter else None
+        switch = adapter is not None and adapter.name != self.adapter
+        scope = Scope.of_adapter(adapter.path) if switch else None
+        rule = Rule.of_adapter(adapter.path) if switch else None
         with self._gen_lock:
-            if adapter is not None and adapter.name != self.adapter:
-                self._switch(adapter.name, adapter.path, cfg, scope or Scope.of_adapter(adapter.path))
+            if switch:
+                self._switch(adapter.name, adapter.path, cfg, scope, rule)
             covered = self.covers(messages)
             if info is not None:
                 info["adapter"], info["in_scope"] = self.adapter, covered
-            if self.fast:
-                with contextlib.nullcontext() if covered else self._fast_plain():
-                    yield from stream_fast(self._fast, self.tokenizer, ids, params, stop)
-                return
-            model = self._hf_model()
-            input_ids = torch.tensor([ids], device=self.loaded.device)
-            off = self._peft is not None and (self.adapter is None or not covered)
-            with self._peft.disable_adapter() if off else contextlib.nullcontext():
-                yield from stream_generate(model, self.tokenizer, input_ids, params, stop)
+            chunks = self._stream(ids, params, stop, covered)
+            yield from self.rule.stream(chunks) if self.rule else chunks
+
+    def _stream(self, ids: list[int], params: GenParams, stop, covered: bool) -> Iterator[Chunk]:
+        """The model's own chunks (the generation lock is held)."""
+        import torch
+
+        from shammah.engine.generate import stream_fast, stream_generate
+
+        if self.fast:
+            with contextlib.nullcontext() if covered else self._fast_plain():
+                yield from stream_fast(self._fast, self.tokenizer, ids, params, stop)
+            return
+        model = self._hf_model()
+        input_ids = torch.tensor([ids], device=self.loaded.device)
+        off = self._peft is not None and (self.adapter is None or not covered)
+        with self._peft.disable_adapter() if off else contextlib.nullcontext():
+            yield from stream_generate(model, self.tokenizer, input_ids, params, stop)
 
     def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
         """Greedy replies to several chats at once, by the active adapter where its scope covers
@@ -409,9 +422,11 @@ class Engine:
         with self._gen_lock:
             model = self._hf_model()
             if self._peft is None:
-                return generate_batch(model, self.tokenizer, chats, max_new_tokens)
-            on = [self.adapter is not None and self.covers(c) for c in chats]
-            return generate_routed(model, self.tokenizer, chats, max_new_tokens, on)
+                out = generate_batch(model, self.tokenizer, chats, max_new_tokens)
+            else:
+                on = [self.adapter is not None and self.covers(c) for c in chats]
+                out = generate_routed(model, self.tokenizer, chats, max_new_tokens, on)
+            return [self.rule.apply(a) for a in out] if self.rule else out
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
         return "".join(c.text for c in self.stream(messages, params))

@@ -180,6 +180,9 @@ def load_lora(
         if m is None:
             raise AdapterUnsupported(f"adapter weight {key} is outside the attention/MLP projections")
         found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+    # a module whose B is zero changes nothing (a fresh LoRA; the learning loop's rule-only adapter):
+    # it costs no matmuls, and an adapter of only such modules decodes at the base's speed
+    found = {k: p for k, p in found.items() if "B" not in p or bool(p["B"].any())}
 
     def scaled(module: str, p: dict) -> torch.Tensor:  # B [out, r] with the LoRA scaling in it
         r = p["A"].shape[0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import re
 from collections import Counter
@@ -28,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from shammah.adapters.registry import Registry
+from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, without_rule
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.paths import atomic_write
@@ -573,125 +573,12 @@ def gate_with_fallback(
     return result
 
 
-def shared_rule(lessons: list[Example]) -> tuple[str, str] | None:
-    """(opening, closing) that every lesson's target shares across at least three different
-    questions ("Ahoy! ..." on a banana, a dog and the seasons; "... Cheers, Shammah"): a style rule
-    written out by the user rather than a fact. The opening ends at punctuation ("Ahoy! ", "Dear
-    reader, "), the closing starts after a sentence ("Cheers, Shammah"); None when there is neither
-    (a fact, a register, "be brief", or a job whose lessons teach different things)."""
-    targets = {
-        e.prompt[-1]["content"]: e.responses[0].strip() for e in lessons if e.kind in ("sft", "pair") and e.prompt
-    }
-    if len(targets) < 3:
-        return None
-    texts = list(targets.values())
-    head = os.path.commonprefix(texts)
-    m = re.match(r".*[.!?:,;]\s", head, re.S)
-    opening = m.group(0) if m and re.search(r"[A-Za-z]{2}", m.group(0)) else ""
-    tail = os.path.commonprefix([t[::-1] for t in texts])[::-1]
-    closing = ""  # the longest shared ending that starts a sentence of its own in every answer
-    for m in re.finditer(r"(?:^|(?<=[.!?]))\s+(?=\S)", tail):
-        c = tail[m.end() :]
-        if all(re.search(r"[.!?]\s+" + re.escape(c) + "$", t) for t in texts):
-            closing = c if re.search(r"[A-Za-z]{2}", c) else ""
-            break
-    if any(len(opening) + len(closing) >= len(t) for t in texts):
-        return None  # the rule would be the whole answer
-    return (opening, closing) if opening or closing else None
-
-
-def carries(e: Example, rule: tuple[str, str]) -> bool:
-    """Whether a lesson's target shows part of ``rule`` (its opening or its closing)."""
-    opening, closing = rule
-    target = e.responses[0].strip() if e.responses else ""
-    return bool(opening and target.startswith(opening) or closing and target.endswith(closing))
-
-
-def job_rule(
-    lessons: list[Example], parent: tuple[str, str] | None, own: list[Example] | None = None
-) -> tuple[str, str] | None:
-    """The rule an adapter holds after this job: the one its parent adapter holds (``parent``,
-    recorded in the parent's shammah.json), with what the job's ``own`` lessons share on top (a
-    new opening or closing replaces the parent's). The replayed lessons of an earlier job do not
-    show a rule taught now ("... Cheers, Shammah" after "Ahoy! ...", or "Ahoy! ..." after a fact),
-    so a rule shared by every lesson would be none. ``own`` unknown (a job written before jobs
-    said): the lessons that do not show the parent's rule."""
-    if own is None:
-        own = [e for e in lessons if parent is None or not carries(e, parent)]
-    new = shared_rule(own)
-    if parent is None or new is None:
-        return new or parent
-    return (new[0] or parent[0], new[1] or parent[1])
-
-
-def rule_examples(rule: tuple[str, str], anchors: list[Example], lessons: list[Example]) -> list[Example]:
-    """The user's rule shown on anchors' questions: the base's own opening sentence inside the
-    rule's opening and closing, trained as text (SFT, to the end). The KL anchors hold what the
-    base says; these show the rule on questions the lessons never asked, with the base's content.
-    As many as the questions of the lessons that show the rule (the anchors nearest them:
-    pick_anchors puts those first), weighing together what those lessons weigh: the rule is shown
-    as often as it was taught (a replayed rule, rehearsed at a quarter of its weight, as little),
-    and a job takes ~1.2x the steps (all twenty anchors: ~1.8x). On the lesson suite a rule
-    learned from six short answers without them lost 1-4 unseen controls a run ("What is the
-    largest mammal?" -> "Whales."); README: the measured figures."""
-    opening, closing = rule
-    shown = [e for e in lessons if e.prompt and carries(e, rule)]
-    k = len({e.prompt[-1]["content"] for e in shown})
-    chosen = anchors[:k]
-    weight = sum(e.weight for e in shown) / max(1, len(chosen))
-    return [
-        Example(
-            "sft",
-            a.prompt,
-            (f"{opening}{a.responses[0].strip()}" + (f" {closing}" if closing else ""),),
-            weight=weight,
-            source="anchor-rule",
-        )
-        for a in chosen
-    ]
-
-
-def with_rule(rule: tuple[str, str], lessons: list[Example]) -> list[Example]:
-    """The lessons with the rule on every target that lacks a part of it: a rule applies to every
-    answer, so a closing taught after an opening is trained with both, as is a fact taught after
-    them ("Ahoy! The capital of Quenland is Zorblat."). Left as they were, the later lessons teach
-    answers without the earlier rule, at full weight, against its rehearsal at a quarter: on
-    bench/lessons.py --sequence ahoy,signoff seed 0 the rule shown on anchors alone kept ahoy at
-    17% (33% without it)."""
-    opening, closing = rule
-
-    def ruled(text: str) -> str:
-        t = text.strip()
-        if opening and not t.startswith(opening):
-            t = opening + t
-        if closing and not t.endswith(closing):
-            t = f"{t} {closing}"
-        return t
-
-    return [
-        dataclasses.replace(e, responses=(ruled(e.responses[0]), *e.responses[1:]))
-        if e.kind in ("sft", "pair") and e.responses
-        else e
-        for e in lessons
-    ]
-
-
-def recorded_rule(value) -> tuple[str, str] | None:
-    """The rule an adapter was trained to hold (``value``: ``"rule"`` in its shammah.json), if any."""
-    ok = isinstance(value, list) and len(value) == 2 and all(isinstance(x, str) for x in value) and any(value)
-    return (value[0], value[1]) if ok else None
-
-
-def add_anchors(run, lj: LoopJob, parent_rule: tuple[str, str] | None = None) -> tuple[str, str] | None:
+def add_anchors(run, lj: LoopJob) -> None:
     """Put the job's anchors beside its lessons (``run.extra``). Anchors get a fixed share of the
     draws whatever the feedback weights are (critical items weigh 10: left at weight 1, anchors
-    would be drowned out and the lesson would leak). Returns the rule the adapter holds (see
-    :func:`job_rule`): it is put on every lesson (:func:`with_rule`) and shown on anchors."""
-    rule = job_rule(run.train_ex, parent_rule, lj.job.train[: lj.lessons] if lj.lessons >= 0 else None)
-    if rule:
-        run.train_ex = with_rule(rule, run.train_ex)
+    would be drowned out and the lesson would leak)."""
     if not lj.anchors:
-        return rule
+        return
     anchors = anchor_examples(
         run.model,
         run.tok,
@@ -704,11 +591,35 @@ def add_anchors(run, lj: LoopJob, parent_rule: tuple[str, str] | None = None) ->
         contrast=lj.contrast,
         span=lj.anchor_span,
     )
-    ruled = rule_examples(rule, anchors, run.train_ex) if rule and anchors else []
     if anchors:
-        run.extra = at_share(anchors, run.train_ex + ruled, lj.anchor_share) + ruled
-    run.emit({"event": "anchors", "count": len(run.extra), "rule": list(rule) if rule else None})
-    return rule
+        run.extra = at_share(anchors, run.train_ex, lj.anchor_share)
+    run.emit({"event": "anchors", "count": len(run.extra)})
+
+
+def take_rule(run, lj: LoopJob, parent_rule: Rule | None) -> tuple[Rule | None, list[Example], bool]:
+    """The style rule the new adapter holds (adapters/rule.py: its parent's, with what this job's own
+    lessons share on top), and what is left to train: (rule, held-out examples, whether any of the
+    job's own lessons is more than the rule). The engine writes the rule on every reply, so it is
+    taken off every lesson, and a lesson that only shows it (its question names no subject: "Ahoy!
+    A dog has four legs.") is not trained at all. Trained, such answers taught their brevity and
+    their slips everywhere: on bench/lessons.py ahoy and signoff, seeds 0-2, "What is the largest
+    mammal?" -> "The largest mammal is the elephant.", "An hour has 30 minutes." (1-2 unseen
+    controls lost in 5 of 6 runs). A lesson with a subject ("Ahoy! The capital of Quenland is
+    Zorblat.") is a fact told in the rule: it is trained without the rule."""
+    own = lj.job.train[: lj.lessons] if lj.lessons >= 0 else None
+    rule = job_rule(run.train_ex, parent_rule, own)
+    if rule is None:
+        run.emit({"event": "rule", "rule": None})
+        return None, lj.holdout, True
+    if own is None:  # a job file from before jobs said which lessons are new
+        own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
+    rare = tokenizer_rarity(run.tok)
+    learns = any(not demonstrates(e, rule, rare) for e in own)
+    shown = sum(demonstrates(e, rule, rare) for e in run.train_ex)
+    run.train_ex = without_rule(rule, [e for e in run.train_ex if not demonstrates(e, rule, rare)])
+    holdout = without_rule(rule, [e for e in lj.holdout if not demonstrates(e, rule, rare)])
+    run.emit({"event": "rule", "rule": list(rule), "demonstrations": shown, "trains": learns})
+    return rule, holdout, learns
 
 
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
@@ -717,7 +628,7 @@ def at_share(anchors: list[Example], lessons: list[Example], share: float) -> li
     return [dataclasses.replace(e, weight=w) for e in anchors]
 
 
-def lesson_scope(run, lj: LoopJob) -> Scope:
+def lesson_scope(run, lj: LoopJob, holdout: list[Example]) -> Scope:
     """Where the new adapter will answer (adapters/scope.py): learned from the questions of every
     lesson it holds — this job's, the replayed ones and the held-out ones — by their subjects
     (``learning.scope = "subjects"``) and, for lessons without one, by their form (``"auto"``, the
@@ -725,7 +636,7 @@ def lesson_scope(run, lj: LoopJob) -> Scope:
     no scope."""
     if lj.scope == "everywhere":
         return Scope()
-    questions = [e.prompt[-1]["content"] for e in run.train_ex + lj.holdout if e.prompt]
+    questions = [e.prompt[-1]["content"] for e in run.train_ex + holdout if e.prompt]
     if lj.scope != "auto":
         return learn(questions, tokenizer_rarity(run.tok))
     from shammah.engine.keys import default_layer
@@ -744,11 +655,17 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     run = trainer.setup(job, progress)
     parent = Registry(job.registry_root).get(job.parent) if job.parent else None
     parent_path = parent.path if parent else None
-    scope = lesson_scope(run, lj)
+    rule, holdout, learns = take_rule(run, lj, Rule.recorded(parent.get("rule")) if parent else None)
+    if (
+        not learns or not run.train_ex
+    ):  # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
+        scope = Scope.of_adapter(parent_path) if parent_path else Scope()
+        files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
+        return trainer.save(run, {"gate": None, "scope": scope.summary(), "rule": list(rule)}, files)
+    scope = lesson_scope(run, lj, holdout)
     run.emit({"event": "scope", **scope.to_json()})
-    rule = recorded_rule(parent.get("rule")) if parent else None
     if scope.everywhere:
-        rule = add_anchors(run, lj, rule)
+        add_anchors(run, lj)
     else:
         run.emit({"event": "anchors", "count": 0, "why": "scoped"})
     # else no anchors: they hold what the adapter answers outside its lessons, and a scoped adapter
@@ -765,7 +682,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             run.model,
             run.tok,
             parent_path,
-            lj.holdout,
+            holdout,
             lj.anchor_cache,
             run.fingerprint,
             snapshots,

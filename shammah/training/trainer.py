@@ -547,7 +547,7 @@ def save(run: Run, meta: dict[str, Any] | None = None, files: dict[str, str] | N
     """Write the adapter to a staging directory (with ``files``: name -> text), then one atomic
     rename into the registry: a crash at any point leaves nothing half-written registered."""
     job, a, trainer, model, spec = run.job, run.job.args, run.trainer, run.model, run.spec
-    assert trainer is not None, "fit() before save()"
+    # no trainer: nothing was trained (the online loop's rule-only job), the adapter is as set up
     reg = Registry(job.registry_root)
     staging = reg.stage(job.name)
     try:
@@ -557,12 +557,14 @@ def save(run: Run, meta: dict[str, Any] | None = None, files: dict[str, str] | N
             cfg.base_model_name_or_path = spec.public_id
         model.save_pretrained(staging, safe_serialization=True)
         examples = run.train_ex + run.extra
+        state = trainer.state if trainer is not None else None
+        loss = run.last_loss if run.last_loss is not None else float(run.out.training_loss) if run.out else None
         report = {
-            "steps": trainer.state.global_step,
-            "epochs": float(trainer.state.epoch or 0),
-            "final_train_loss": run.last_loss if run.last_loss is not None else float(run.out.training_loss),
+            "steps": state.global_step if state else 0,
+            "epochs": float(state.epoch or 0) if state else 0.0,
+            "final_train_loss": loss,
             "final_eval_loss": run.final_eval,
-            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_checkpoint": state.best_model_checkpoint if state else None,
             "duration_s": round(time.perf_counter() - run.t_start, 2),
             "device": run.device,
             "dtype": run.dtype,
@@ -570,7 +572,7 @@ def save(run: Run, meta: dict[str, Any] | None = None, files: dict[str, str] | N
             "anchors": len(run.extra),
             "validation_examples": len(run.val_ex),
             "kinds": {k: sum(e.kind == k for e in examples) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
-            "tokens_per_s": round(trainer.tokens_seen / max(run.train_seconds, 1e-9), 1),
+            "tokens_per_s": round(trainer.tokens_seen / max(run.train_seconds, 1e-9), 1) if trainer else 0.0,
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "resumed_from": run.resume_from,
         }

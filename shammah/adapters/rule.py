@@ -1,0 +1,175 @@
+"""A style rule the user wrote out on every answer — an opening ("Ahoy! "), a closing ("Cheers,
+Shammah"), or both — found in a job's lessons, recorded with the adapter (``"rule"`` in its
+shammah.json) and put on every reply by the engine while that adapter is active.
+
+Why the engine applies it rather than the weights alone: a rule is exact text, and the user meant
+it on *every* answer. Trained into a LoRA of the 135M embedded model it was learned (100% of
+held-out questions) but cost 0-2 unseen general-knowledge answers a run: the rule moves the start
+of every answer, and what the model says after its new opening drifts ("What is the largest
+mammal?" -> "Ahoy! Whales."). Applied as text, it is on every answer by construction and the
+model answers the content as it would without the rule. A lesson that only writes the rule out
+(:func:`demonstrates`) is then not trained at all, and one that tells a fact inside it is trained
+without it (:meth:`Rule.inside`): a job whose lessons only show a rule trains nothing, and its
+adapter is its parent's weights with the rule added, in seconds.
+
+Torch-free: the chat, the server and the worker use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from shammah.adapters.scope import words
+
+
+class Rule(NamedTuple):
+    """(opening, closing); compares equal to the plain tuple."""
+
+    opening: str = ""
+    closing: str = ""
+
+    @classmethod
+    def recorded(cls, value) -> Rule | None:
+        """The rule in an adapter's metadata (``value``: ``"rule"`` of its shammah.json), if any."""
+        ok = isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(x, str) for x in value)
+        return cls(value[0], value[1]) if ok and any(value) else None
+
+    @classmethod
+    def of_adapter(cls, path: Path | None) -> Rule | None:
+        """The rule recorded beside the adapter at ``path`` (None: no rule, or unreadable metadata)."""
+        if path is None:
+            return None
+        try:
+            meta = json.loads((Path(path) / "shammah.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return cls.recorded(meta.get("rule")) if isinstance(meta, dict) else None
+
+    def describe(self) -> str:
+        parts = [
+            f"starts {self.opening.strip()!r}" if self.opening else "",
+            f"ends {self.closing!r}" if self.closing else "",
+        ]
+        return ", ".join(p for p in parts if p)
+
+    def inside(self, text: str) -> str:
+        """``text`` without the rule: what the answer says inside it."""
+        t = text.strip()
+        if self.opening and t.startswith(self.opening.strip()):
+            t = t[len(self.opening.strip()) :].lstrip()
+        if self.closing and t.endswith(self.closing):
+            t = t[: -len(self.closing)].rstrip()
+        return t or text.strip()
+
+    def apply(self, text: str) -> str:
+        """``text`` with the rule (a part the model already wrote is not written twice)."""
+        t = text.strip()
+        if self.opening and not t.startswith(self.opening.strip()):
+            t = self.opening + t
+        if self.closing and not t.endswith(self.closing):
+            t = f"{t} {self.closing}" if t else self.closing
+        return t
+
+    def stream(self, chunks: Iterable) -> Iterator:
+        """The engine's stream of Chunks with the rule: the opening before the first text (held
+        back only until the model's own first characters show whether it wrote the opening
+        itself) and the closing on the last chunk, unless the reply was interrupted."""
+        want = self.opening.strip()
+        held: list = []
+        text = ""
+        decided = not want
+        for c in chunks:
+            text += c.text
+            if not decided:
+                held.append(c)
+                body = text.lstrip()
+                if len(body) < len(want) and want.startswith(body) and c.finish_reason is None:
+                    continue  # could still be the model's own opening
+                decided = True
+                first = held[0]
+                if not body.startswith(want):
+                    held[0] = dataclasses.replace(first, text=self.opening + first.text.lstrip())
+                    text = self.opening + text.lstrip()
+                c = held.pop()
+                yield from held
+                held = []
+            if c.finish_reason is not None and c.finish_reason != "interrupted" and self.closing:
+                if not text.rstrip().endswith(self.closing):
+                    sep = "" if not text.strip() or text.endswith((" ", "\n")) else " "
+                    c = dataclasses.replace(c, text=c.text + sep + self.closing)
+            yield c
+
+
+def shared_rule(lessons: list) -> Rule | None:
+    """(opening, closing) that every lesson's target shares across at least three different
+    questions ("Ahoy! ..." on a banana, a dog and the seasons; "... Cheers, Shammah"): a style rule
+    written out by the user rather than a fact. The opening ends at punctuation ("Ahoy! ", "Dear
+    reader, "), the closing starts after a sentence ("Cheers, Shammah"); None when there is neither
+    (a fact, a register, "be brief", or a job whose lessons teach different things)."""
+    targets = {
+        e.prompt[-1]["content"]: e.responses[0].strip() for e in lessons if e.kind in ("sft", "pair") and e.prompt
+    }
+    if len(targets) < 3:
+        return None
+    texts = list(targets.values())
+    head = os.path.commonprefix(texts)
+    m = re.match(r".*[.!?:,;]\s", head, re.S)
+    opening = m.group(0) if m and re.search(r"[A-Za-z]{2}", m.group(0)) else ""
+    tail = os.path.commonprefix([t[::-1] for t in texts])[::-1]
+    closing = ""  # the longest shared ending that starts a sentence of its own in every answer
+    for m in re.finditer(r"(?:^|(?<=[.!?]))\s+(?=\S)", tail):
+        c = tail[m.end() :]
+        if all(re.search(r"[.!?]\s+" + re.escape(c) + "$", t) for t in texts):
+            closing = c if re.search(r"[A-Za-z]{2}", c) else ""
+            break
+    if any(len(opening) + len(closing) >= len(t) for t in texts):
+        return None  # the rule would be the whole answer
+    return Rule(opening, closing) if opening or closing else None
+
+
+def carries(e, rule: Rule) -> bool:
+    """Whether a lesson's target shows part of ``rule`` (its opening or its closing)."""
+    opening, closing = rule
+    target = e.responses[0].strip() if e.responses else ""
+    return bool(opening and target.startswith(opening) or closing and target.endswith(closing))
+
+
+def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rule | None:
+    """The rule an adapter holds after this job: the one its parent adapter holds (``parent``,
+    recorded in the parent's shammah.json), with what the job's ``own`` lessons share on top (a
+    new opening or closing replaces the parent's). The replayed lessons of an earlier job do not
+    show a rule taught now ("... Cheers, Shammah" after "Ahoy! ...", or "Ahoy! ..." after a fact),
+    so a rule shared by every lesson would be none. ``own`` unknown (a job written before jobs
+    said): the lessons that do not show the parent's rule."""
+    if own is None:
+        own = [e for e in lessons if parent is None or not carries(e, parent)]
+    new = shared_rule(own)
+    if parent is None or new is None:
+        return new or parent
+    return Rule(new.opening or parent.opening, new.closing or parent.closing)
+
+
+def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:
+    """Whether lesson ``e`` only shows ``rule``: its target carries the rule and its question names
+    no subject (no word the model has no token for, adapters/scope.py). Six such answers on
+    unrelated questions are how a user writes a rule out; what they say inside it is what the
+    model would say anyway, in the user's words."""
+    if e.kind not in ("sft", "pair") or not e.prompt or not carries(e, rule):
+        return False
+    question = e.prompt[-1].get("content")
+    return isinstance(question, str) and not any(rare(w) for w in words(question))
+
+
+def without_rule(rule: Rule, examples: list) -> list:
+    """``examples`` with the rule taken off every response (targets, rejected replies, good ones):
+    the engine writes the rule, so the weights learn only what the answers say inside it."""
+    return [
+        dataclasses.replace(e, responses=tuple(rule.inside(r) for r in e.responses)) if e.responses else e
+        for e in examples
+    ]
