@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import gate_on_tiny_controls, register_adapter, scramble_lora
 
-from shammah.adapters.scope import Form, Scope, learn, tokenizer_rarity, words
+from shammah.adapters.scope import Form, Scope, learn, learn_form, tokenizer_rarity, words
 from shammah.config import ModelConfig
 from shammah.engine import Engine
 
@@ -120,6 +120,18 @@ def test_a_question_key_is_the_base_models_mean_hidden_state_at_its_layer(tiny_q
     assert 1 <= layer < model.config.num_hidden_layers
     for n in (0, layer):
         assert torch.allclose(torch.tensor(question_key(model, tok, text, n)), hs[n][0].mean(0), atol=1e-5), n
+    assert ids.shape[1] > 3
+    first = torch.tensor(question_key(model, tok, text, layer, 3))
+    assert torch.allclose(first, hs[layer][0, :3].mean(0), atol=1e-5), "how the question opens"
+    from shammah.engine.keys import question_keys
+
+    # batched with a longer question (right-padded): the same keys; a question shorter than 3 tokens: all of it
+    short = tok("Hi", add_special_tokens=False).input_ids
+    both = question_keys(model, tok, [text, text + " And three more vegetables, please.", "Hi"], layer, 3)
+    assert torch.allclose(torch.tensor(both[0]), first, atol=1e-5) and torch.allclose(
+        torch.tensor(both[1]), first, atol=1e-5
+    )
+    assert torch.allclose(torch.tensor(both[2]), torch.tensor(question_key(model, tok, "Hi", layer)), atol=1e-5), short
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     scramble_lora(peft)
     assert torch.allclose(torch.tensor(question_key(peft, tok, text, layer)), hs[layer][0].mean(0), atol=1e-5), (
@@ -313,3 +325,26 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"
     assert (shammah_home / "adapters" / "format" / "scope.json").is_file()
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)
+
+
+def test_a_form_records_how_its_keys_were_taken_and_an_older_form_keeps_all_tokens():
+    from shammah.training.online import KeyCache
+
+    form = Form(2, (0.0, 0.0), ((1.0, 0.0),), 0.5, ("Name three fruits.",), tokens=3)
+    assert Form.from_json(form.to_json()) == form
+    old = {k: v for k, v in form.to_json().items() if k != "tokens"}
+    assert Form.from_json(old).tokens == 0, "a form learned before: keys over all of a question's tokens"
+    for bad in (-1, 1.5, "3", True):
+        assert Form.from_json({**form.to_json(), "tokens": bad}) is None, bad
+    keys = KeyCache(None, None, 2, 3)
+    vectors = {
+        "a": [1.0, 0.0],
+        "b": [0.95, 0.05],
+        "p": [-1.0, 0.0],
+        "q": [0.0, 1.0],
+        "r": [0.0, -1.0],
+        "s": [-1.0, 1.0],
+    }
+    keys.known.update(vectors)
+    learned = learn_form(["a", "b"], keys, ["p", "q", "r", "s"], 2)
+    assert learned is not None and learned.tokens == 3, "the form says how its keys were taken"

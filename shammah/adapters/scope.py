@@ -101,6 +101,7 @@ class Form:
     radius: float
     questions: tuple[str, ...] = ()
     negatives: tuple[tuple[float, ...], ...] = ()
+    tokens: int = 0  # the keys average a question's first ``tokens`` tokens (0: all; engine/keys.py)
 
     def similarity(self, key: Sequence[float]) -> float:
         u = _unit(key, self.center)
@@ -122,6 +123,7 @@ class Form:
             "center": r(self.center),
             "keys": [r(k) for k in self.keys],
             "negatives": [r(k) for k in self.negatives],
+            "tokens": self.tokens,
         }
 
     @classmethod
@@ -131,7 +133,10 @@ class Form:
             keys = tuple(tuple(float(x) for x in k) for k in d["keys"])
             negatives = tuple(tuple(float(x) for x in k) for k in d.get("negatives", ()))
             questions = tuple(map(str, d.get("questions", ())))
-            form = cls(int(d["layer"]), center, keys, float(d["radius"]), questions, negatives)
+            tokens = d.get("tokens", 0)  # a form learned before keys took the first tokens: all of them
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+                return None
+            form = cls(int(d["layer"]), center, keys, float(d["radius"]), questions, negatives, tokens)
         except (KeyError, TypeError, ValueError):
             return None
         vectors = keys + negatives
@@ -219,8 +224,11 @@ class Scope:
 
 
 def learn_form(questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: int) -> Form | None:
-    """A form for ``questions`` (keys by ``key_of``), or None when they are too few or too far apart
-    to be one: the radius would take in more than MAX_POOL_SHARE of the general questions ``pool``."""
+    """A form for ``questions`` (keys by ``key_of``, at ``layer``; over a question's first
+    ``key_of.tokens`` tokens where it says, else all), or None when they are too few or too far
+    apart to be one: the radius would take in more than MAX_POOL_SHARE of the general questions
+    ``pool``."""
+    tokens = getattr(key_of, "tokens", 0)
     if len(questions) < MIN_QUESTIONS or not pool:
         return None
     pool_keys = [list(key_of(p)) for p in pool]
@@ -229,7 +237,7 @@ def learn_form(questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: 
     nearest = [max(_dot(k, o) for j, o in enumerate(keys) if j != i) for i, k in enumerate(keys)]
     radius = min(nearest)
     radius = radius * FORM_SLACK if radius > 0 else radius
-    form = Form(layer, tuple(center), tuple(map(tuple, keys)), radius, tuple(questions))
+    form = Form(layer, tuple(center), tuple(map(tuple, keys)), radius, tuple(questions), tokens=tokens)
     inside = [form.similarity(k) >= radius for k in pool_keys]
     if sum(inside) > MAX_POOL_SHARE * len(pool_keys):
         return None

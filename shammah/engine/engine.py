@@ -67,7 +67,7 @@ class Engine:
         self._adapter_src: tuple | None = None  # (path, adapter_config) of the active adapter
         self.scope = Scope()  # where the active adapter answers (adapters/scope.py); the base elsewhere
         self.rule: Rule | None = None  # the active adapter's style rule, put on every reply (adapters/rule.py)
-        self._keys: dict[tuple[str, int], list[float]] = {}  # question keys for a form scope
+        self._keys: dict[tuple[str, int, int], list[float]] = {}  # question keys for a form scope
 
     # loading ---------------------------------------------------------------
     def start_loading(self) -> None:
@@ -195,12 +195,13 @@ class Engine:
         kept (the same question is routed by stream, then by a retry or /feedback show)."""
         from shammah.engine.keys import question_key
 
-        layer = self.scope.form.layer if self.scope.form is not None else 0
-        k = (text, layer)
+        form = self.scope.form
+        layer, tokens = (form.layer, form.tokens) if form is not None else (0, 0)
+        k = (text, layer, tokens)
         if k not in self._keys:
             if len(self._keys) >= 64:
                 self._keys.pop(next(iter(self._keys)))
-            self._keys[k] = question_key(self.model, self.tokenizer, text, layer)
+            self._keys[k] = question_key(self.model, self.tokenizer, text, layer, tokens)
         return self._keys[k]
 
     @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """A question's key for a form scope (adapters/scope.py): the base model's mean hidden state over
-the question's own tokens (no chat template, no special tokens) after ``layer`` decoder layers.
+the question's own tokens (no chat template, no special tokens) after ``layer`` decoder layers —
+over its first KEY_TOKENS tokens for a form learned now, over all of them for one learned before.
 
 The forward pass stops at that layer (a hook raises once its output is in hand), so a key costs a
 third of a short prompt's prefill on the default layer; any adapter is disabled for it, so the key
@@ -7,6 +8,16 @@ of a question does not change with what was learned. Measured on the embedded mo
 questions (bench/lessons.py), layer 10 of 30 separated every format's held-out questions (6/6) from
 the general ones (2–16% of the anchor pool within the radius) better than the token embeddings
 (layer 0: one format 5/6) or the last layer; a mean over tokens, not the last token.
+
+Why the first three tokens: a question's form is how it opens ("When did", "Name three", "What is
+7"); over all its tokens the key is dominated by what it is about, and "Who was the first person
+to walk on the Moon?" fell inside a date format taught on "When did humans first land on the
+Moon?" (an unseen control lost in every seed). Measured by bench/forms.py on the embedded model
+at layer 10, with probe questions written for the four formats and used nowhere else (6 of each
+form, 6 on the same topics asked otherwise): the first 3 tokens cover 21/24 of the forms' own and
+2/24 of the others, all tokens 22/24 and 5/24; the first 2 tokens make no form of two formats, 4
+and 6 tokens cover fewer of their own. The lesson suite's held-out questions stay 24/24 covered,
+and no unseen control is inside a form (1 over all tokens).
 """
 
 from __future__ import annotations
@@ -32,14 +43,18 @@ class _Stop(Exception):
     pass
 
 
-def question_key(model, tok, text: str, layer: int) -> list[float]:
+KEY_TOKENS = 3  # a new form's key: the mean over the question's first tokens (the docstring says why)
+
+
+def question_key(model, tok, text: str, layer: int, tokens: int = 0) -> list[float]:
     """The key of ``text`` (see the module docstring) as a list of floats."""
-    return question_keys(model, tok, [text], layer)[0]
+    return question_keys(model, tok, [text], layer, tokens)[0]
 
 
-def question_keys(model, tok, texts: list[str], layer: int, batch: int = 32) -> list[list[float]]:
-    """The keys of ``texts``: batched, right-padded (a causal model's real tokens never see the
-    padding after them), under one adapter-disable (toggling every LoRA layer costs ~0.1 s)."""
+def question_keys(model, tok, texts: list[str], layer: int, tokens: int = 0, batch: int = 32) -> list[list[float]]:
+    """The keys of ``texts`` (the mean over their first ``tokens`` tokens; 0: all of them): batched,
+    right-padded (a causal model's real tokens never see the padding after them), under one
+    adapter-disable (toggling every LoRA layer costs ~0.1 s)."""
     fill = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
     seqs = [tok(t, add_special_tokens=False).input_ids or [fill] for t in texts]
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
@@ -52,6 +67,8 @@ def question_keys(model, tok, texts: list[str], layer: int, batch: int = 32) -> 
             mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in chunk], device=model.device)
             h = _hidden(model, ids, mask, layer).float()
             m = mask.unsqueeze(-1).to(h.dtype)
+            if tokens:
+                m[:, tokens:] = 0
             out += ((h * m).sum(1) / m.sum(1)).tolist()
     return out
 

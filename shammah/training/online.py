@@ -356,11 +356,12 @@ def _controls_key(fingerprint: str) -> dict:
 
 
 class KeyCache:
-    """Question keys at one layer by the base model (engine/keys.py), memoised; ``prime`` computes
-    many in one batch. Called as ``key(text)``: the KeyOf of adapters/scope.py."""
+    """Question keys at one layer (over their first ``tokens`` tokens; 0: all) by the base model
+    (engine/keys.py), memoised; ``prime`` computes many in one batch. Called as ``key(text)``: the
+    KeyOf of adapters/scope.py."""
 
-    def __init__(self, model, tok, layer: int):
-        self.model, self.tok, self.layer = model, tok, layer
+    def __init__(self, model, tok, layer: int, tokens: int = 0):
+        self.model, self.tok, self.layer, self.tokens = model, tok, layer, tokens
         self.known: dict[str, list[float]] = {}
 
     def prime(self, texts) -> KeyCache:
@@ -368,7 +369,9 @@ class KeyCache:
 
         todo = list(dict.fromkeys(t for t in texts if t not in self.known))
         if todo:
-            self.known.update(zip(todo, question_keys(self.model, self.tok, todo, self.layer), strict=True))
+            self.known.update(
+                zip(todo, question_keys(self.model, self.tok, todo, self.layer, self.tokens), strict=True)
+            )
         return self
 
     def __call__(self, text: str) -> list[float]:
@@ -376,10 +379,14 @@ class KeyCache:
 
 
 def key_of(model, tok, scope: Scope | int, prime=()) -> KeyCache | None:
-    """Keys at ``scope``'s form's layer (or at layer ``scope``), with ``prime`` computed at once;
-    None for a scope without a form."""
-    layer = scope if isinstance(scope, int) else scope.form.layer if scope.form is not None else None
-    return None if layer is None else KeyCache(model, tok, layer).prime(prime)
+    """Keys as ``scope``'s form takes them (or as a form learned now does, at layer ``scope``), with
+    ``prime`` computed at once; None for a scope without a form."""
+    from shammah.engine.keys import KEY_TOKENS
+
+    if isinstance(scope, int):
+        return KeyCache(model, tok, scope, KEY_TOKENS).prime(prime)
+    form = scope.form
+    return None if form is None else KeyCache(model, tok, form.layer, form.tokens).prime(prime)
 
 
 def routed_answers(
