@@ -320,6 +320,10 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     meta, events = run("told", FACT, lambda q: "Ahoy! Zorblat. Cheers, Shammah", "rule2", ahoy)
     assert trained == [["Zorblat."] * len(FACT)], "the replayed demonstrations are not trained either"
     assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["scope"] == {"subjects": ["quenland"]}
+    # an opening shared by answers to questions of one form is a format: kept and trained in its form
+    meta, events = run("answer", FORMAT, lambda q: f"Answer: {len(q)}")
+    assert [e["rule"] for e in events if e["event"] == "rule"] == [None] and meta["rule"] is None
+    assert trained[-1] == [f"Answer: {len(q)}" for q in FORMAT] and meta["scope"]["form"]
     meta, _ = run("format", FORMAT)
     assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from shammah.adapters.registry import Registry
 from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, without_rule
-from shammah.adapters.scope import SCOPE_FILE, Scope, learn, tokenizer_rarity
+from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.paths import atomic_write
 from shammah.training import methods
@@ -612,21 +612,40 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None) -> tuple[Rule | None, 
     their slips everywhere: on bench/lessons.py ahoy and signoff, seeds 0-2, "What is the largest
     mammal?" -> "The largest mammal is the elephant.", "An hour has 30 minutes." (1-2 unseen
     controls lost in 5 of 6 runs). A lesson with a subject ("Ahoy! The capital of Quenland is
-    Zorblat.") is a fact told in the rule: it is trained without the rule."""
+    Zorblat.") is a fact told in the rule: it is trained without the rule.
+
+    An opening shared by answers to questions of one *form* is a format, not a style ("What is 7 +
+    5?" -> "Answer: 12": what follows the opening is part of the lesson, and the base's "Answer:
+    The sum of 7 and 5 is 12." is not it): such lessons keep it and are trained in their form
+    scope, as before rules were written (bench/lessons.py answercolon: 67% x3 written, 100% x3
+    trained)."""
     own = lj.job.train[: lj.lessons] if lj.lessons >= 0 else None
     rule = job_rule(run.train_ex, parent_rule, own)
-    if rule is None:
-        run.emit({"event": "rule", "rule": None})
-        return None, lj.holdout, True
     if own is None:  # a job file from before jobs said which lessons are new
         own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
     rare = tokenizer_rarity(run.tok)
+    if rule is not None and rule != parent_rule and _one_form(run, [e for e in own if demonstrates(e, rule, rare)]):
+        rule = parent_rule
+    if rule is None:
+        run.emit({"event": "rule", "rule": None})
+        return None, lj.holdout, True
     learns = any(not demonstrates(e, rule, rare) for e in own)
     shown = sum(demonstrates(e, rule, rare) for e in run.train_ex)
     run.train_ex = without_rule(rule, [e for e in run.train_ex if not demonstrates(e, rule, rare)])
     holdout = without_rule(rule, [e for e in lj.holdout if not demonstrates(e, rule, rare)])
     run.emit({"event": "rule", "rule": list(rule), "demonstrations": shown, "trains": learns})
     return rule, holdout, learns
+
+
+def _one_form(run, lessons: list[Example]) -> bool:
+    """Whether the questions of ``lessons`` are asked in one form (adapters/scope.py), as a format's
+    are; a style rule is taught on questions with nothing in common."""
+    from shammah.engine.keys import default_layer
+
+    questions = sorted({e.prompt[-1]["content"] for e in lessons if e.prompt})
+    layer = default_layer(run.model)
+    keys = key_of(run.model, run.tok, layer, list(ANCHOR_PROMPTS) + questions)
+    return learn_form(questions, keys, ANCHOR_PROMPTS, layer) is not None
 
 
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
