@@ -191,6 +191,8 @@ def test_feedback_crosses_the_threshold_and_the_adapter_swaps(tiny_qwen2, shamma
         assert name.startswith("learned-") and job["report"]["examples"] == 2
         adapters = httpx.get(f"{url}/v1/adapters").json()
         assert adapters["active"] == name
+        listed = {a["id"]: a for a in adapters["data"]}[name]
+        assert isinstance(listed["final_train_loss"], float) and listed["rule"] is None
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.headers["x-shammah-adapter"] == name and r.json()["adapter"] == name
         # the feedback left the buffer; bad requests name what is wrong

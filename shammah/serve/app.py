@@ -383,7 +383,8 @@ def create_app(srv: Server) -> FastAPI:
         active = srv.default_adapter
         data = []
         for a in srv.registry.list():
-            meta = {k: a.meta.get(k) for k in ("method", "adapter_type", "parent", "final_train_loss", "created")}
+            meta = {k: a.meta.get(k) for k in ("method", "adapter_type", "parent", "created", "rule")}
+            meta["final_train_loss"] = a.get("report", "final_train_loss")  # was read from the top level: always null
             data.append({"object": "adapter", "id": a.name, "active": a.name == active, **meta})
         return {"object": "list", "data": data, "active": active}
 
