@@ -42,10 +42,11 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(("name", "max_lost"), [("ahoy", 2), ("jsonlist", 0)])
-def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name, max_lost):
-    """ahoy: a style rule, so its adapter answers everywhere; jsonlist: a format, scoped to its
-    form (adapters/scope.py), which keeps every unseen control with the base model."""
+@pytest.mark.parametrize("name", ["ahoy", "jsonlist"])
+def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name):
+    """ahoy: a style rule written out on every answer, which shammah writes on every reply and
+    trains nothing for (adapters/rule.py); jsonlist: a format, scoped to its form
+    (adapters/scope.py), which keeps every unseen control with the base model."""
     lesson = next(x for x in suite.LESSONS if x.name == name)
     before = suite.ask(engine, list(lesson.held_out))
     assert not any(lesson.follows(a) for a in before), "the base model does not know it yet"
@@ -60,9 +61,10 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     rate = statistics.mean(lesson.follows(a) for a in res["held"][name])
     assert rate >= 5 / 6, res["held"][name]
     lost = [suite.CONTROLS[i][0] for i in known if not suite.control_ok(res["controls"][i], suite.CONTROLS[i][1])]
-    # Issue 7's goal is none lost. A style rule answers everywhere and, measured over seeds 0-2, loses
-    # up to 3 of 15 (README); bounded here until the goal is met. A format is scoped: none.
-    assert len(lost) <= max_lost, (lost, res["controls"])
+    assert not lost, (lost, res["controls"])
+    if name == "ahoy":  # trained into the weights, the rule cost 0-2 unseen controls a run (README)
+        assert "starts 'Ahoy!' on every reply; nothing else to train" in res["jobs"][0]
+        assert rate == 1.0
 
 
 @pytest.mark.integration

@@ -151,26 +151,3 @@ def test_the_active_adapters_rule_is_on_every_reply_and_goes_with_it(tiny_qwen2,
         assert all(a.startswith("Ahoy! ") and a.endswith("Cheers, Shammah") for a in e.answers([msgs, msgs], 8))
         e.activate(None)
         assert not e.reply(msgs).startswith("Ahoy!") and "rule" not in e.info()
-
-
-def test_a_rule_taught_in_the_chat_is_on_the_next_reply_with_nothing_trained(tiny_qwen2, shammah_home):
-    """Through the piped chat and a real worker: three corrections that only write "Ahoy!" out
-    train nothing, and the chat's next reply (a question it never saw) starts with it."""
-    from test_learning import make_session, run_lines
-
-    s, out = make_session(tiny_qwen2, shammah_home, threshold=1000)
-    run_lines(
-        s,
-        # words the tiny model's 400-token vocabulary holds whole: questions without a subject
-        "The capital of France?\n/fix Ahoy! It is Paris.\n"
-        "The capital of Japan?\n/fix Ahoy! Tokyo.\n"
-        "How can I help you today?\n/fix Ahoy! Answer in one sentence.\n/train\n",
-    )
-    text = out.getvalue()
-    assert "starts 'Ahoy!' on every reply; nothing else to train" in text, text[-2000:]
-    name = s.engine.adapter
-    assert name and s.jobs.registry.get(name).meta["report"]["steps"] == 0
-    run_lines(s, "Where do birds live?\n/status\n")
-    assert s.store.turn(s.last_turn_id).reply.startswith("Ahoy!")
-    assert "starts 'Ahoy!' (every reply)" in out.getvalue()
-    s.store.close()

@@ -255,7 +255,17 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     from shammah.training.job import LoopJob, TrainJob
 
     monkeypatch.setattr(online, "tokenizer_rarity", lambda tok: RARE)
-    monkeypatch.setattr(online, "key_of", lambda model, tok, scope, prime=(): bag)  # a bag of words, as above
+
+    class BagKeys:  # a bag of words, as above, in place of the base model's keys
+        layer, tokens = 1, 3
+
+        def prime(self, texts):
+            return self
+
+        def __call__(self, text):
+            return bag(text)
+
+    monkeypatch.setattr(online, "key_of", lambda model, tok, scope, prime=(): BagKeys())
     monkeypatch.setattr(online, "ANCHOR_PROMPTS", tuple(POOL))
     cache = shammah_home / "anchor-cache"
     cache.mkdir(parents=True)

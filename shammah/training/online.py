@@ -603,7 +603,7 @@ def add_anchors(run, lj: LoopJob) -> None:
     run.emit({"event": "anchors", "count": len(run.extra)})
 
 
-def take_rule(run, lj: LoopJob, parent_rule: Rule | None) -> tuple[Rule | None, list[Example], bool]:
+def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache) -> tuple[Rule | None, list[Example], bool]:
     """The style rule the new adapter holds (adapters/rule.py: its parent's, with what this job's own
     lessons share on top), and what is left to train: (rule, held-out examples, whether any of the
     job's own lessons is more than the rule). The engine writes the rule on every reply, so it is
@@ -624,7 +624,7 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None) -> tuple[Rule | None, 
     if own is None:  # a job file from before jobs said which lessons are new
         own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
     rare = tokenizer_rarity(run.tok)
-    if rule is not None and rule != parent_rule and _one_form(run, [e for e in own if demonstrates(e, rule, rare)]):
+    if rule is not None and rule != parent_rule and _one_form(keys, [e for e in own if demonstrates(e, rule, rare)]):
         rule = parent_rule
     if rule is None:
         run.emit({"event": "rule", "rule": None})
@@ -637,15 +637,12 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None) -> tuple[Rule | None, 
     return rule, holdout, learns
 
 
-def _one_form(run, lessons: list[Example]) -> bool:
+def _one_form(keys: KeyCache, lessons: list[Example]) -> bool:
     """Whether the questions of ``lessons`` are asked in one form (adapters/scope.py), as a format's
     are; a style rule is taught on questions with nothing in common."""
-    from shammah.engine.keys import default_layer
-
     questions = sorted({e.prompt[-1]["content"] for e in lessons if e.prompt})
-    layer = default_layer(run.model)
-    keys = key_of(run.model, run.tok, layer, list(ANCHOR_PROMPTS) + questions)
-    return learn_form(questions, keys, ANCHOR_PROMPTS, layer) is not None
+    keys.prime(list(ANCHOR_PROMPTS) + questions)
+    return learn_form(questions, keys, ANCHOR_PROMPTS, keys.layer) is not None
 
 
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
@@ -654,7 +651,7 @@ def at_share(anchors: list[Example], lessons: list[Example], share: float) -> li
     return [dataclasses.replace(e, weight=w) for e in anchors]
 
 
-def lesson_scope(run, lj: LoopJob, holdout: list[Example]) -> Scope:
+def lesson_scope(run, lj: LoopJob, holdout: list[Example], keys: KeyCache) -> Scope:
     """Where the new adapter will answer (adapters/scope.py): learned from the questions of every
     lesson it holds — this job's, the replayed ones and the held-out ones — by their subjects
     (``learning.scope = "subjects"``) and, for lessons without one, by their form (``"auto"``, the
@@ -665,11 +662,8 @@ def lesson_scope(run, lj: LoopJob, holdout: list[Example]) -> Scope:
     questions = [e.prompt[-1]["content"] for e in run.train_ex + holdout if e.prompt]
     if lj.scope != "auto":
         return learn(questions, tokenizer_rarity(run.tok))
-    from shammah.engine.keys import default_layer
-
-    layer = default_layer(run.model)
-    keys = key_of(run.model, run.tok, layer, list(ANCHOR_PROMPTS) + questions)
-    return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, layer)
+    keys.prime(list(ANCHOR_PROMPTS) + questions)
+    return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, keys.layer)
 
 
 def train_loop(lj: LoopJob, progress=None, stop=None):
@@ -681,14 +675,18 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     run = trainer.setup(job, progress)
     parent = Registry(job.registry_root).get(job.parent) if job.parent else None
     parent_path = parent.path if parent else None
-    rule, holdout, learns = take_rule(run, lj, Rule.recorded(parent.get("rule")) if parent else None)
+    from shammah.engine.keys import default_layer
+
+    # question keys for a form, memoised: the rule's form check and the scope share the anchor pool's
+    keys = key_of(run.model, run.tok, default_layer(run.model))
+    rule, holdout, learns = take_rule(run, lj, Rule.recorded(parent.get("rule")) if parent else None, keys)
     if (
         not learns or not run.train_ex
     ):  # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
         scope = Scope.of_adapter(parent_path) if parent_path else Scope()
         files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
         return trainer.save(run, {"gate": None, "scope": scope.summary(), "rule": list(rule)}, files)
-    scope = lesson_scope(run, lj, holdout)
+    scope = lesson_scope(run, lj, holdout, keys)
     run.emit({"event": "scope", **scope.to_json()})
     if scope.everywhere:
         add_anchors(run, lj)
