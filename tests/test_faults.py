@@ -183,8 +183,23 @@ def _chat_training(model, home) -> subprocess.Popen:
     )
     p.stdin.write(b"Q?\n/fix A.\n")
     p.stdin.flush()
-    assert _wait_for(lambda: _workers(home)), "the job started"
+    # a worker process can be up (the spare, waiting) before the job is recorded as running
+    assert _wait_for(lambda: _workers(home) and _running(home)), "the job started"
     return p
+
+
+def _running(home) -> bool:
+    """A job of this home's chat is recorded as running (read-only: the chat owns the database)."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{home / 'shammah.db'}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0] > 0
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
 
 
 def test_sigterm_ends_the_chat_like_exit_and_leaves_no_orphan(tiny_qwen2, shammah_home):

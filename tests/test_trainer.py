@@ -314,7 +314,8 @@ def test_the_trainer_draws_by_weight_and_gives_anchors_their_share(tiny_qwen2, s
         {"prompt": "Heavy?", "completion": "Heavily weighted.", "weight": 9},
     ]
     j = job(tiny_qwen2, shammah_home, records, name="spy", epochs=60, batch_size=2, learning_rate=1e-4)
-    res = online.train_loop(LoopJob(j, anchors=4, anchor_cache=cache, anchor_share=0.6))
+    # everywhere: two one-word questions may make a form on a random model, and a scoped job has no anchors
+    res = online.train_loop(LoopJob(j, anchors=4, anchor_cache=cache, anchor_share=0.6, scope="everywhere"))
     assert res.report["anchors"] == 4
     n = len(fed)
     assert n == 60 * 6, "every draw reaches a batch"
