@@ -18,14 +18,13 @@ Torch-free: the chat, the server and the worker use it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from shammah.adapters.scope import words
+from shammah.adapters.scope import adapter_meta, words
 
 
 class Rule(NamedTuple):
@@ -43,13 +42,7 @@ class Rule(NamedTuple):
     @classmethod
     def of_adapter(cls, path: Path | None) -> Rule | None:
         """The rule recorded beside the adapter at ``path`` (None: no rule, or unreadable metadata)."""
-        if path is None:
-            return None
-        try:
-            meta = json.loads((Path(path) / "shammah.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return cls.recorded(meta.get("rule")) if isinstance(meta, dict) else None
+        return cls.recorded(adapter_meta(path).get("rule")) if path is not None else None
 
     def describe(self) -> str:
         parts = [

@@ -156,6 +156,16 @@ def describe(subjects, form: tuple[int, Sequence[str]] | None) -> str:
     return "answers " + " or ".join(parts) + "; the base model answers the rest" if parts else "answers every question"
 
 
+def adapter_meta(path: Path) -> dict:
+    """An adapter's ``shammah.json`` as a dict ({} when it is missing or unreadable): what the
+    engine routes by (its scope) and writes on every reply (its rule), read once per switch."""
+    try:
+        meta = json.loads((Path(path) / "shammah.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 @dataclass(frozen=True)
 class Scope:
     """Where an adapter answers: questions that name one of ``subjects`` or are asked in ``form``;
@@ -204,17 +214,14 @@ class Scope:
         return cls(frozenset(s.lower() for s in subjects) if ok else None, form)
 
     @classmethod
-    def of_adapter(cls, path: Path | None) -> Scope:
-        """The scope recorded in an adapter's ``shammah.json`` (a form's vectors in SCOPE_FILE);
-        everywhere when there is none (an adapter from ``shammah train``, a package, or one
-        trained before scopes)."""
+    def of_adapter(cls, path: Path | None, meta: dict | None = None) -> Scope:
+        """The scope recorded in an adapter's ``shammah.json`` (``meta``, when already read; a
+        form's vectors in SCOPE_FILE); everywhere when there is none (an adapter from ``shammah
+        train``, a package, or one trained before scopes)."""
         if path is None:
             return cls()
-        try:
-            meta = json.loads((Path(path) / "shammah.json").read_text())
-        except (OSError, ValueError):
-            return cls()
-        scope = meta.get("scope") if isinstance(meta, dict) else None
+        meta = adapter_meta(path) if meta is None else meta
+        scope = meta.get("scope")
         if isinstance(scope, dict) and isinstance(scope.get("form"), dict) and "file" in scope["form"]:
             try:  # the form's vectors; a missing or broken file leaves the subjects alone
                 scope = {**scope, "form": json.loads((Path(path) / SCOPE_FILE).read_text()).get("form")}

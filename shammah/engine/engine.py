@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shammah.adapters.rule import Rule
-from shammah.adapters.scope import Scope
+from shammah.adapters.scope import Scope, adapter_meta
 from shammah.config import ModelConfig
 from shammah.engine.resolve import ModelSpec, resolve
 from shammah.errors import ModelError
@@ -151,13 +151,19 @@ class Engine:
         model is never reloaded. A refused or failed load changes nothing: the adapter that was
         answering still answers. Returns the seconds the chat was blocked."""
         cfg = self._check(name, path, base_fingerprint)
-        scope = Scope.of_adapter(path) if name is not None else Scope()  # read before the lock is taken
-        rule = Rule.of_adapter(path) if name is not None else None
+        scope, rule = self._recorded(path) if name is not None else (Scope(), None)  # read before the lock
         t0 = time.perf_counter()
         with self._gen_lock:
             self._switch(name, path, cfg, scope, rule)
         self.last_swap_seconds = time.perf_counter() - t0
         return self.last_swap_seconds
+
+    @staticmethod
+    def _recorded(path) -> tuple[Scope, Rule | None]:
+        """What an adapter's metadata says the engine does with it: where it answers (its scope) and
+        the rule put on every reply. One read of its shammah.json, outside the generation lock."""
+        meta = adapter_meta(path)
+        return Scope.of_adapter(path, meta), Rule.recorded(meta.get("rule"))
 
     def _check(self, name: str | None, path, base_fingerprint: str | None) -> dict:
         """The adapter's config, once it is known to fit this base (ModelError / AdapterError if not)."""
@@ -387,8 +393,7 @@ class Engine:
         cfg = self._check(adapter.name, adapter.path, adapter.fingerprint) if adapter is not None else None
         # read outside the lock where a switch is likely (a form's vectors take ~20 ms to parse)
         switch = adapter is not None and adapter.name != self.adapter
-        scope = Scope.of_adapter(adapter.path) if switch else None
-        rule = Rule.of_adapter(adapter.path) if switch else None
+        scope, rule = self._recorded(adapter.path) if switch else (None, None)
         with self._gen_lock:
             if switch:
                 self._switch(adapter.name, adapter.path, cfg, scope, rule)

@@ -624,16 +624,23 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache) -> tup
     if own is None:  # a job file from before jobs said which lessons are new
         own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
     rare = tokenizer_rarity(run.tok)
-    if rule is not None and rule != parent_rule and _one_form(keys, [e for e in own if demonstrates(e, rule, rare)]):
+
+    def split(examples: list[Example]) -> tuple[list[Example], list[Example]]:  # (more than the rule, only it)
+        parts: tuple[list[Example], list[Example]] = ([], [])
+        for e in examples:
+            parts[demonstrates(e, rule, rare)].append(e)
+        return parts
+
+    if rule is not None and rule != parent_rule and _one_form(keys, split(own)[1]):
         rule = parent_rule
     if rule is None:
         run.emit({"event": "rule", "rule": None})
         return None, lj.holdout, True
-    learns = any(not demonstrates(e, rule, rare) for e in own)
-    shown = sum(demonstrates(e, rule, rare) for e in run.train_ex)
-    run.train_ex = without_rule(rule, [e for e in run.train_ex if not demonstrates(e, rule, rare)])
-    holdout = without_rule(rule, [e for e in lj.holdout if not demonstrates(e, rule, rare)])
-    run.emit({"event": "rule", "rule": list(rule), "demonstrations": shown, "trains": learns})
+    learns = bool(split(own)[0])
+    kept, shown = split(run.train_ex)
+    run.train_ex = without_rule(rule, kept)
+    holdout = without_rule(rule, split(lj.holdout)[0])
+    run.emit({"event": "rule", "rule": list(rule), "demonstrations": len(shown), "trains": learns})
     return rule, holdout, learns
 
 
