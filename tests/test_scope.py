@@ -239,6 +239,8 @@ def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
         assert Scope.of_adapter(tmp_path).everywhere, bad
     (tmp_path / "shammah.json").write_text(json.dumps({"scope": {"subjects": ["Quenland"]}}))
     assert Scope.of_adapter(tmp_path).subjects == {"quenland"}
+    # the base model (no path: the server's request naming the base) has no metadata, scope or rule
+    assert Engine._recorded(None) == (Scope(), None)
 
 
 def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shammah_home, monkeypatch):

@@ -156,9 +156,12 @@ def describe(subjects, form: tuple[int, Sequence[str]] | None) -> str:
     return "answers " + " or ".join(parts) + "; the base model answers the rest" if parts else "answers every question"
 
 
-def adapter_meta(path: Path) -> dict:
-    """An adapter's ``shammah.json`` as a dict ({} when it is missing or unreadable): what the
-    engine routes by (its scope) and writes on every reply (its rule), read once per switch."""
+def adapter_meta(path: Path | None) -> dict:
+    """An adapter's ``shammah.json`` as a dict ({} when it is missing or unreadable, and for the
+    base model: ``path`` None): what the engine routes by (its scope) and writes on every reply
+    (its rule), read once per switch."""
+    if path is None:
+        return {}
     try:
         meta = json.loads((Path(path) / "shammah.json").read_text())
     except (OSError, ValueError):
