@@ -617,8 +617,10 @@ class JobManager:
         name = done["adapter"]
         gate = res.get("gate")
         rule = Rule.recorded((res.get("rule") or {}).get("rule"))
-        if not done.get("steps") and rule:  # the lessons only wrote a rule out: nothing to train
-            summary = f"{rule.describe()} on every reply; nothing else to train, {seconds:.0f} s"
+        # the lessons only wrote a rule out (or one the user dropped): nothing was trained
+        if not done.get("steps") and (rule or (res.get("rule") or {}).get("dropped")):
+            shown = f"{rule.describe()} on every reply" if rule else "the lessons only showed a dropped style rule"
+            summary = f"{shown}; nothing else to train, {seconds:.0f} s"
         else:
             summary = (
                 f"{done['examples']} examples + {done.get('anchors', 0)} anchors, final loss "

@@ -590,3 +590,38 @@ def test_replayed_lessons_are_rehearsed_at_a_quarter_of_their_weight(tiny_qwen2,
     own = {e.prompt[-1]["content"] for e in lj.job.train[: lj.lessons]}
     assert own == {"Who runs Pellucid Labs?"}, "the job says which lessons are its own (a rule is found in them)"
     s.store.close()
+
+
+def test_rule_off_stops_the_rule_for_good_and_says_so(tiny_qwen2, shammah_home, monkeypatch):
+    """/rule shows the active adapter's style rule; /rule off stops it on the next reply and after a
+    restart (the adapter's metadata records the drop, which later jobs inherit: test_scope.py), and
+    is refused while a job trains from the adapter as it was."""
+    from shammah.adapters.registry import Registry
+    from shammah.jobs import JobManager
+
+    register_adapter(tiny_qwen2, shammah_home, "ruled")
+    registry = Registry(Paths(shammah_home).adapters)
+    registry.update("ruled", rule=["Ahoy! ", ""])
+    s, out = make_session(tiny_qwen2, shammah_home)
+    run_lines(s, "/rule\n/adapters load ruled\nHello?\n/rule\n")
+    ruled = s.store.turn(s.last_turn_id)
+    monkeypatch.setattr(JobManager, "running", property(lambda self: True))
+    asyncio.run(s.handle("/rule off"))  # not run_lines: at its EOF it would wait for the "job"
+    assert "a training job is running: /train wait (or /train cancel), then /rule off" in out.getvalue()
+    assert registry.get("ruled").get("rule") == ["Ahoy! ", ""], "refused: nothing changed"
+    monkeypatch.undo()
+    run_lines(s, "/rule off\nHello?\n/rule\n/rule off\n")
+    text = out.getvalue()
+    assert text.count("No style rule in force.") == 2, "before an adapter is loaded, and after the drop"
+    assert "ruled starts 'Ahoy!' on every reply (/rule off to stop)." in text
+    assert "ruled no longer starts 'Ahoy!' on every reply." in text
+    assert "No style rule in force (starts 'Ahoy!' was turned off)." in text
+    assert ruled.reply.startswith("Ahoy!") and not s.store.turn(s.last_turn_id).reply.startswith("Ahoy!")
+    meta = registry.get("ruled").meta
+    assert meta["rule"] is None and meta["rule_dropped"] == ["Ahoy! ", ""]
+    s.store.close()
+    s, out = make_session(tiny_qwen2, shammah_home)
+    run_lines(s, "Hello again?\n")
+    turn = s.store.turn(s.last_turn_id)
+    assert turn.adapter == "ruled" and not turn.reply.startswith("Ahoy!") and s.engine.rule is None
+    s.store.close()

@@ -332,6 +332,16 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     meta, events = run("told", FACT, lambda q: "Ahoy! Zorblat. Cheers, Shammah", "rule2", ahoy)
     assert trained == [["Zorblat."] * len(FACT)], "the replayed demonstrations are not trained either"
     assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["scope"] == {"subjects": ["quenland"]}
+    # the user drops the rule (/rule off): the next job neither holds it nor trains it from replay
+    Registry(shammah_home / "adapters").update("told", rule=None, rule_dropped=["Ahoy! ", "Cheers, Shammah"])
+    told = [(q, "Ahoy! Zorblat. Cheers, Shammah") for q in FACT]
+    meta, events = run("after", FACT, lambda q: "Zorblat.", "told", ahoy + told)
+    assert trained[-1] == ["Zorblat."] * (2 * len(FACT)), "no demonstration, and no rule on what is trained"
+    assert meta["rule"] is None and meta["rule_dropped"] == ["Ahoy! ", "Cheers, Shammah"]
+    # taught again (three answers that show it), the opening is back; the closing stays dropped
+    meta, events = run("again", common, lambda q: f"Ahoy! The answer has {len(q)} letters.", "after", told)
+    assert meta["rule"] == ["Ahoy! ", ""] and meta["rule_dropped"] == ["", "Cheers, Shammah"]
+    assert meta["report"]["steps"] == 0, "the replayed fact lessons were trained before: only a rule here"
     # an opening shared by answers to questions of one form is a format: kept and trained in its form
     meta, events = run("answer", FORMAT, lambda q: f"Answer: {len(q)}")
     assert [e["rule"] for e in events if e["event"] == "rule"] == [None] and meta["rule"] is None

@@ -16,6 +16,7 @@ import signal
 import threading
 
 from shammah.adapters.registry import AdapterError, table
+from shammah.adapters.rule import Rule
 from shammah.config import Config
 from shammah.engine import Engine
 from shammah.errors import FeedbackError, ShammahError
@@ -461,6 +462,40 @@ class ChatSession:
             return
         await self.console.spin_until("Waiting for training", lambda: not self.jobs.running)
         await self.jobs.wait()
+
+    async def cmd_rule(self, arg: str) -> None:
+        """/rule [off]: the style rule written on every reply (learned from your answers), or stop it."""
+        await self._sub("rule", arg, "show")
+
+    async def _rule_show(self, arg: str) -> None:
+        await self.ensure_loaded()
+        rule, name = self.engine.rule, self.engine.adapter
+        if rule is not None:
+            self.console.info(f"{name} {rule.describe()} on every reply (/rule off to stop).")
+            return
+        dropped = self.jobs.registry.get(name).get("rule_dropped") if name and self.jobs.registry.exists(name) else None
+        self.console.info(
+            "No style rule in force"
+            + (f" ({Rule(*dropped).describe()} was turned off)." if Rule.recorded(dropped) else ".")
+        )
+
+    async def _rule_off(self, arg: str) -> None:
+        """The active adapter stops writing its rule. Its metadata says the rule was dropped, so a
+        later job neither brings it back (the adapter it trains inherits the drop) nor trains it into
+        the weights from replayed lessons that show it (training/online.py take_rule); teaching it
+        again (three answers that show it) brings it back. /adapters rollback to the adapter before
+        this one, or loading another that holds it, also does."""
+        await self.ensure_loaded()
+        rule, name = self.engine.rule, self.engine.adapter
+        if rule is None or name is None:
+            self.console.info("No style rule in force.")
+            return
+        if self.jobs.running:
+            # the running job's adapter is made from this one as it was, rule and all
+            raise AdapterError("a training job is running: /train wait (or /train cancel), then /rule off")
+        self.jobs.registry.update(name, rule=None, rule_dropped=list(rule))
+        await self.jobs.activate(name)
+        self.console.ok(f"{name} no longer {rule.describe()} on every reply.")
 
     async def cmd_adapters(self, arg: str) -> None:
         """/adapters list | load <name> | off | rollback | info <name> | delete <name>: what was learned."""

@@ -22,6 +22,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import TrainerCallback
@@ -603,16 +604,30 @@ def add_anchors(run, lj: LoopJob) -> None:
     run.emit({"event": "anchors", "count": len(run.extra)})
 
 
-def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache) -> tuple[Rule | None, list[Example], bool]:
+class Taken(NamedTuple):
+    """What :func:`take_rule` leaves: the new adapter's rule, a rule the user dropped that is still
+    taken off replayed lessons, the held-out examples, and whether any own lesson is more than a rule."""
+
+    rule: Rule | None
+    dropped: Rule | None
+    holdout: list[Example]
+    learns: bool
+
+
+def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, dropped: Rule | None = None) -> Taken:
     """The style rule the new adapter holds (adapters/rule.py: its parent's, with what this job's own
-    lessons share on top), and what is left to train: (rule, held-out examples, whether any of the
-    job's own lessons is more than the rule). The engine writes the rule on every reply, so it is
-    taken off every lesson, and a lesson that only shows it (its question names no subject: "Ahoy!
-    A dog has four legs.") is not trained at all. Trained, such answers taught their brevity and
-    their slips everywhere: on bench/lessons.py ahoy and signoff, seeds 0-2, "What is the largest
-    mammal?" -> "The largest mammal is the elephant.", "An hour has 30 minutes." (1-2 unseen
+    lessons share on top), and what is left to train. The engine writes the rule on every reply, so
+    it is taken off every lesson, and a lesson that only shows it (its question names no subject:
+    "Ahoy! A dog has four legs.") is not trained at all. Trained, such answers taught their brevity
+    and their slips everywhere: on bench/lessons.py ahoy and signoff, seeds 0-2, "What is the
+    largest mammal?" -> "The largest mammal is the elephant.", "An hour has 30 minutes." (1-2 unseen
     controls lost in 5 of 6 runs). A lesson with a subject ("Ahoy! The capital of Quenland is
     Zorblat.") is a fact told in the rule: it is trained without the rule.
+
+    ``dropped``: a rule the user turned off (``/rule off``, recorded as the parent's
+    ``rule_dropped``). The replayed lessons still show it; they are treated as for a rule in force
+    (so the weights do not learn it back from replay), but the new adapter does not hold it, unless
+    this job's own lessons teach it again.
 
     An opening shared by answers to questions of one *form* is a format, not a style ("What is 7 +
     5?" -> "Answer: 12": what follows the opening is part of the lesson, and the base's "Answer:
@@ -625,23 +640,42 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache) -> tup
         own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
     rare = tokenizer_rarity(run.tok)
 
-    def split(examples: list[Example]) -> tuple[list[Example], list[Example]]:  # (more than the rule, only it)
+    def split(examples: list[Example], rules: list[Rule]) -> tuple[list[Example], list[Example]]:
+        """(lessons that are more than ``rules``, lessons that only show one of them)"""
         parts: tuple[list[Example], list[Example]] = ([], [])
         for e in examples:
-            parts[demonstrates(e, rule, rare)].append(e)
+            parts[any(demonstrates(e, r, rare) for r in rules)].append(e)
         return parts
 
-    if rule is not None and rule != parent_rule and _one_form(keys, split(own)[1]):
+    if rule is not None and rule != parent_rule and _one_form(keys, split(own, [rule])[1]):
         rule = parent_rule
-    if rule is None:
+    if dropped is not None and rule is not None:  # a part taught again is in force again
+        left = Rule(*(d if d != r else "" for d, r in zip(dropped, rule, strict=True)))
+        dropped = left if any(left) else None
+    rules = [r for r in (rule, dropped) if r is not None]
+    if not rules:
         run.emit({"event": "rule", "rule": None})
-        return None, lj.holdout, True
-    learns = bool(split(own)[0])
-    kept, shown = split(run.train_ex)
-    run.train_ex = without_rule(rule, kept)
-    holdout = without_rule(rule, split(lj.holdout)[0])
-    run.emit({"event": "rule", "rule": list(rule), "demonstrations": len(shown), "trains": learns})
-    return rule, holdout, learns
+        return Taken(None, None, lj.holdout, True)
+
+    def off(examples: list[Example]) -> list[Example]:
+        for r in rules:
+            examples = without_rule(r, examples)
+        return examples
+
+    kept, shown = split(run.train_ex, rules)
+    run.train_ex = off(kept)
+    learns = bool(split(own, rules)[0])
+    taken = Taken(rule, dropped, off(split(lj.holdout, rules)[0]), learns)
+    run.emit(
+        {
+            "event": "rule",
+            "rule": list(rule) if rule else None,
+            "dropped": list(dropped) if dropped else None,
+            "demonstrations": len(shown),
+            "trains": learns,
+        }
+    )
+    return taken
 
 
 def _one_form(keys: KeyCache, lessons: list[Example]) -> bool:
@@ -686,13 +720,20 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
 
     # question keys for a form, memoised: the rule's form check and the scope share the anchor pool's
     keys = key_of(run.model, run.tok, default_layer(run.model))
-    rule, holdout, learns = take_rule(run, lj, Rule.recorded(parent.get("rule")) if parent else None, keys)
-    if (
-        not learns or not run.train_ex
-    ):  # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
+    taken = take_rule(
+        run,
+        lj,
+        Rule.recorded(parent.get("rule")) if parent else None,
+        keys,
+        Rule.recorded(parent.get("rule_dropped")) if parent else None,
+    )
+    rules = {"rule": taken.rule and list(taken.rule), "rule_dropped": taken.dropped and list(taken.dropped)}
+    if not taken.learns or not run.train_ex:
+        # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
         scope = Scope.of_adapter(parent_path) if parent_path else Scope()
         files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
-        return trainer.save(run, {"gate": None, "scope": scope.summary(), "rule": list(rule)}, files)
+        return trainer.save(run, {"gate": None, "scope": scope.summary(), **rules}, files)
+    holdout = taken.holdout
     scope = lesson_scope(run, lj, holdout, keys)
     run.emit({"event": "scope", **scope.to_json()})
     if scope.everywhere:
@@ -721,7 +762,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             scope,
         )
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
-    meta: dict = {"gate": gate_result, "scope": scope.summary(), "rule": list(rule) if rule else None}
+    meta: dict = {"gate": gate_result, "scope": scope.summary(), **rules}
     if learned is not None:
         meta["stopped_at"] = learned.stopped_at
     files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
