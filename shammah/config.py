@@ -123,6 +123,13 @@ class LearningConfig:
     )
     learning_rate: float = _f(1e-3, "learning rate of background training", lo=1e-6, hi=0.1)
     epochs: int = _f(3, "passes over the compiled feedback per job", lo=1, hi=100)
+    scoped_epochs: int = _f(
+        5,
+        "passes per job when the new adapter answers only inside its lessons' subject or form (it trains"
+        " no anchors, so longer costs no answer outside it; 0 = learning.epochs)",
+        lo=0,
+        hi=100,
+    )
     stop_at_accuracy: float = _f(
         0.0,
         "end a job early once the model's greedy choice reproduces this share of the taught answers' tokens"

@@ -489,6 +489,7 @@ class JobManager:
             gate=lc.gate,
             holdout=examples_of(held, lc.note_only),
             stop_at_accuracy=lc.stop_at_accuracy,
+            scoped_epochs=lc.scoped_epochs,
             scope=lc.scope,
         ).write(d)
         self.store.job_started(job_id, trigger, parent, job.feedback_ids)

@@ -293,6 +293,7 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
                 ),
                 anchors=4,
                 anchor_cache=cache,
+                scoped_epochs=2,
                 lessons=len(questions),  # the replayed ones come after
             ),
             progress=events.append,
@@ -301,10 +302,13 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
 
     meta, events = run("fact", FACT)
     assert meta["scope"] == {"subjects": ["quenland"]} and meta["report"]["anchors"] == 0
+    # no anchors to hold, so a scoped job trains longer (learning.scoped_epochs) and says so
+    assert meta["hyperparameters"]["epochs"] == 2 and meta["report"]["epochs"] == 2.0
     assert [e["subjects"] for e in events if e["event"] == "scope"] == [["quenland"]]
     assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
     meta, events = run("style", STYLE)
     assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4
+    assert meta["hyperparameters"]["epochs"] == 1 and meta["report"]["epochs"] == 1.0, "with anchors: learning.epochs"
     assert [e["rule"] for e in events if e["event"] == "rule"] == [None] and meta["rule"] is None
     # lessons that only write a rule out (no subject in their questions) are recorded as a rule for
     # the engine to write, and nothing is trained: the adapter changes no answer
