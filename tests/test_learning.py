@@ -610,8 +610,12 @@ def test_rule_off_stops_the_rule_for_good_and_says_so(tiny_qwen2, shammah_home, 
     assert "a training job is running: /train wait (or /train cancel), then /rule off" in out.getvalue()
     assert registry.get("ruled").get("rule") == ["Ahoy! ", ""], "refused: nothing changed"
     monkeypatch.undo()
-    run_lines(s, "/rule off\nHello?\n/rule\n/rule off\n")
+    run_lines(s, "/adapters info ruled\n/rule off\nHello?\n/rule\n/rule off\n/adapters info ruled\n")
     text = out.getvalue()
+    rows = [
+        line.strip()[len("style rule") :].strip() for line in text.splitlines() if line.strip().startswith("style rule")
+    ]
+    assert rows == ["starts 'Ahoy!' on every reply", "none (starts 'Ahoy!' was turned off)"], "/adapters info"
     assert text.count("No style rule in force.") == 2, "before an adapter is loaded, and after the drop"
     assert "ruled starts 'Ahoy!' on every reply (/rule off to stop)." in text
     assert "ruled no longer starts 'Ahoy!' on every reply." in text

@@ -44,8 +44,7 @@ from typing import Any
 from shammah.adapters import keys
 from shammah.adapters.registry import ALLOWED_SUFFIXES, AdapterError, AdapterInfo, Registry, check_lora, verify_files
 from shammah.adapters.rule import Rule
-from shammah.adapters.scope import SCOPE_FILE, Form
-from shammah.adapters.scope import describe as describe_scope
+from shammah.adapters.scope import SCOPE_FILE, Form, describe_summary
 from shammah.errors import ShammahError
 
 FORMAT = "shammah.expert/1"
@@ -467,12 +466,6 @@ def _rule(pkg: Package) -> list[str] | None:
     return list(rule)
 
 
-def _scope_text(scope: dict | None) -> str:
-    form = (scope or {}).get("form")
-    questions = (form.get("questions") or []) if form else []
-    return describe_scope((scope or {}).get("subjects"), (len(questions), questions[:1]) if form else None)
-
-
 def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
     m = pkg.manifest
     a = m["adapters"][0] if m["adapters"] else {}
@@ -487,7 +480,7 @@ def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
             "adapter",
             f"{a.get('type')} r={a.get('r')} alpha={a.get('alpha')} on {', '.join(a.get('target_modules', []))}",
         ),
-        ("scope", _scope_text(_scope(pkg, None))),
+        ("scope", describe_summary(_scope(pkg, None))),
         *([("rule", Rule(*r).describe() + " (every reply)")] if (r := _rule(pkg)) else []),
         ("license", str(m.get("license"))),
     ]

@@ -156,6 +156,14 @@ def describe(subjects, form: tuple[int, Sequence[str]] | None) -> str:
     return "answers " + " or ".join(parts) + "; the base model answers the rest" if parts else "answers every question"
 
 
+def describe_summary(summary: dict | None) -> str:
+    """:func:`describe` for a scope known by its summary (an adapter's shammah.json, a package's
+    manifest)."""
+    form = (summary or {}).get("form")
+    questions = (form.get("questions") or []) if form else []
+    return describe((summary or {}).get("subjects"), (len(questions), questions[:1]) if form else None)
+
+
 def adapter_meta(path: Path | None) -> dict:
     """An adapter's ``shammah.json`` as a dict ({} when it is missing or unreadable, and for the
     base model: ``path`` None): what the engine routes by (its scope) and writes on every reply

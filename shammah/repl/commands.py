@@ -17,6 +17,7 @@ import threading
 
 from shammah.adapters.registry import AdapterError, table
 from shammah.adapters.rule import Rule
+from shammah.adapters.scope import describe_summary
 from shammah.config import Config
 from shammah.engine import Engine
 from shammah.errors import FeedbackError, ShammahError
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 def _clip(text: str | None, n: int = 48) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _rule_text(a) -> str:
+    """An adapter's style rule in words (``a``: its registry entry), or the one turned off."""
+    rule, dropped = Rule.recorded(a.get("rule")), Rule.recorded(a.get("rule_dropped"))
+    if rule is not None:
+        return f"{rule.describe()} on every reply"
+    return f"none ({dropped.describe()} was turned off)" if dropped is not None else "none"
 
 
 class ChatSession:
@@ -474,10 +483,8 @@ class ChatSession:
             self.console.info(f"{name} {rule.describe()} on every reply (/rule off to stop).")
             return
         dropped = self.jobs.registry.get(name).get("rule_dropped") if name and self.jobs.registry.exists(name) else None
-        self.console.info(
-            "No style rule in force"
-            + (f" ({Rule(*dropped).describe()} was turned off)." if Rule.recorded(dropped) else ".")
-        )
+        was = Rule.recorded(dropped)
+        self.console.info("No style rule in force" + (f" ({was.describe()} was turned off)." if was else "."))
 
     async def _rule_off(self, arg: str) -> None:
         """The active adapter stops writing its rule. Its metadata says the rule was dropped, so a
@@ -550,6 +557,8 @@ class ChatSession:
                 ("examples", str(rep.get("examples"))),
                 ("final loss", str(rep.get("final_train_loss"))),
                 ("gate", json.dumps({k: v for k, v in gate.items() if k != "answers"}) if gate else "-"),
+                ("scope", describe_summary(a.get("scope"))),
+                ("style rule", _rule_text(a)),
                 *[
                     (f"eval {ds}", ", ".join(f"{k} {v:g}" for k, v in r.get("metrics", {}).items()))
                     for ds, r in (a.get("eval") or {}).items()
