@@ -617,9 +617,10 @@ class JobManager:
         done = res["done"]
         name = done["adapter"]
         gate = res.get("gate")
-        rule = Rule.recorded((res.get("rule") or {}).get("rule"))
+        said = res.get("rule") or {}  # the job's "rule" event
+        rule = Rule.recorded(said.get("rule"))
         # the lessons only wrote a rule out (or one the user dropped): nothing was trained
-        if not done.get("steps") and (rule or (res.get("rule") or {}).get("dropped")):
+        if not done.get("steps") and (rule or said.get("dropped")):
             shown = f"{rule.describe()} on every reply" if rule else "the lessons only showed a dropped style rule"
             summary = f"{shown}; nothing else to train, {seconds:.0f} s"
         else:
