@@ -64,10 +64,34 @@ print(json.dumps(out[1:]))
 """
 
 
+LLAMA_PIN = "llama-cpp-python==0.3.36"
+# A native build uses every instruction the CPU lists. Some VMs list AMX but trap on its tile
+# instructions (measured: SIGILL in libggml-cpu on the first prompt of more than a few tokens), so
+# a build that fails the smoke test is rebuilt once without AMX.
+NO_AMX = (  # the native ISA list without AMX (GGML_AMX_* alone is ignored while GGML_NATIVE is on)
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+    "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+)
+SMOKE = "from llama_cpp import Llama; import sys; Llama(sys.argv[1], n_threads=2, verbose=False)('word ' * 64, max_tokens=4)"
+
+
 def install_llama_cpp() -> None:
-    print("building llama-cpp-python 0.3.36 into", LLAMA_VENV, "(~10 min on 2 cores)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
-    subprocess.run([str(LLAMA_VENV / "bin" / "pip"), "install", "-q", "llama-cpp-python[server]==0.3.36"], check=True)
+    import os
+
+    from shammah.engine.resolve import embedded_gguf
+
+    pip = [str(LLAMA_VENV / "bin" / "pip"), "install", "-q"]
+    if not (LLAMA_VENV / "bin" / "python").exists():
+        print("building", LLAMA_PIN, "into", LLAMA_VENV, "(~10 min on 2 cores)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
+        subprocess.run([*pip, f"{LLAMA_PIN.replace('==', '[server]==')}"], check=True)
+    smoke = [str(LLAMA_VENV / "bin" / "python"), "-c", SMOKE, str(embedded_gguf())]
+    if subprocess.run(smoke, capture_output=True).returncode != 0:
+        print("the native build fails on this CPU (AMX listed but trapping?): rebuilding without AMX", flush=True)
+        env = {**os.environ, "CMAKE_ARGS": NO_AMX}
+        subprocess.run([*pip, "--force-reinstall", "--no-deps", "--no-cache-dir", LLAMA_PIN], check=True, env=env)
+        subprocess.run(smoke, check=True, capture_output=True)
 
 
 def llama_cpp(gguf: Path, ids: list[int], tokens: int, reps: int, threads: int) -> list | None:
@@ -80,7 +104,8 @@ def llama_cpp(gguf: Path, ids: list[int], tokens: int, reps: int, threads: int) 
         text=True,
     )
     if r.returncode != 0:
-        print("  llama.cpp failed:", r.stderr.strip().splitlines()[-1:] or r.returncode)
+        why = r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"]
+        print(f"  llama.cpp failed ({why[0]}): run with --install-llama-cpp to test and rebuild it")
         return None
     return json.loads(r.stdout)
 
@@ -126,7 +151,7 @@ def main() -> None:
     ap.add_argument("--qwen", action="store_true", help="also random-weight models of real Qwen sizes")
     ap.add_argument("--qwen-only", action="store_true", help="only the real Qwen sizes")
     args = ap.parse_args()
-    if args.install_llama_cpp and not (LLAMA_VENV / "bin" / "python").exists():
+    if args.install_llama_cpp:
         install_llama_cpp()
     if not args.qwen_only:
         run(args.tokens, args.reps)

@@ -76,3 +76,30 @@ def test_without_the_extra_the_engine_says_so_and_runs(tiny_qwen2, shammah_home,
 def test_auto_never_switches_to_llama_cpp(tiny_qwen2, shammah_home):
     auto = engine(tiny_qwen2, shammah_home, "auto")
     assert "llama.cpp" not in auto.info()["decode"], "installing the extra changes no answer"
+
+
+def test_a_llama_cpp_build_that_crashes_this_cpu_is_caught_before_it_takes_the_chat_down(
+    tiny_qwen2, shammah_home, monkeypatch
+):
+    # A native build with AMX on a VM that traps AMX dies of SIGILL on its first real prompt: the
+    # engine tries llama.cpp in a child process first (here a child that dies the same way).
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    monkeypatch.setattr(llamacpp, "PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    e = engine(tiny_qwen2, shammah_home, "llamacpp")
+    decode = e.info()["decode"]
+    assert "llama.cpp crashed on this CPU (SIGILL" in decode and "GGML_NATIVE=OFF" in decode, decode
+    assert "llama.cpp on" not in decode, "the llama.cpp decoder was never made"
+    assert e.fast == engine(tiny_qwen2, shammah_home, "auto").fast, "the packed path where it runs"
+    assert e.reply(Q) == engine(tiny_qwen2, shammah_home, "auto").reply(Q), "and answers as without the extra"
+    assert not list((shammah_home / "cache" / "llamacpp").glob("probe-*.ok")), "a failure is not remembered"
+
+
+def test_the_llama_cpp_probe_remembers_a_success_and_reports_an_error_line(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(llamacpp, "PROBE", "import sys; sys.exit('bad magic in ' + sys.argv[1])")
+    assert llamacpp.probe(gguf, tmp_path) == f"llama.cpp could not run m.gguf: bad magic in {gguf}"
+    monkeypatch.setattr(llamacpp, "PROBE", "pass")
+    assert llamacpp.probe(gguf, tmp_path) is None
+    monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: pytest.fail("tried again"))
+    assert llamacpp.probe(gguf, tmp_path) is None, "a success is remembered for this build and file"

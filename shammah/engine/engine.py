@@ -107,6 +107,14 @@ class Engine:
                 )
             t0 = time.perf_counter()
             gguf = llamacpp.base_gguf(self.spec, Path(loaded.path), loaded.model, loaded.tokenizer, self.cache_dir)
+            broken = llamacpp.probe(gguf, self.cache_dir)
+            if broken is not None:  # the packed path instead, and /status says why
+                log.warning("%s", broken)
+                dec, why = _fast_decoder(loaded.model, "auto")
+                if dec is None:
+                    return None, f"{broken} (and no packed path: {why})"
+                dec.label += f"; not llama.cpp: {broken}"
+                return dec, ""
             dec = llamacpp.LlamaCppDecoder(gguf, loaded.model.config, self.cache_dir, self.cfg.threads)
             log.info("llama.cpp decode ready in %.2f s", time.perf_counter() - t0)
             return dec, ""

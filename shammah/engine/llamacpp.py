@@ -16,6 +16,9 @@ import ctypes
 import hashlib
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +37,60 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# A native llama.cpp build uses every instruction the CPU lists. Some VMs list AMX but trap on its
+# tile instructions (measured on a 2-core Xeon VM: SIGILL in libggml-cpu on the first prompt of
+# more than a few tokens), and a signal like that takes the whole chat down with it, unreported.
+# So llama.cpp answers a 64-token prompt in a child process first, once per build of llama.cpp.
+PROBE = (
+    "import sys; from llama_cpp import Llama; "
+    "Llama(sys.argv[1], n_ctx=256, n_threads=1, verbose=False)('word ' * 64, max_tokens=2)"
+)
+REBUILD = (
+    "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' "
+    "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python"
+)
+
+
+def _build_stamp() -> str:
+    """What tells one build of llama-cpp-python from another: its libraries' paths and times."""
+    try:
+        import llama_cpp
+
+        libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("*"))
+    except ImportError:
+        libs = []
+    return "|".join(f"{f}:{f.stat().st_mtime_ns}" for f in libs)
+
+
+def probe(gguf: Path, cache: Path) -> str | None:
+    """Why llama.cpp cannot run ``gguf`` on this machine (None: it answered), tried in a child
+    process. A success is remembered for this build and file; a failure is tried again next time
+    (the user may have rebuilt it)."""
+    key = hashlib.sha256(f"{_build_stamp()}|{Path(gguf).resolve()}".encode()).hexdigest()[:16]
+    mark = Path(cache) / "llamacpp" / f"probe-{key}.ok"
+    if mark.is_file():
+        return None
+    try:
+        r = subprocess.run([sys.executable, "-c", PROBE, str(gguf)], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "llama.cpp did not answer a 64-token prompt within 10 minutes"
+    if r.returncode == 0:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+        return None
+    if r.returncode < 0:
+        try:
+            sig = signal.Signals(-r.returncode).name
+        except ValueError:
+            sig = f"signal {-r.returncode}"
+        return (
+            f"llama.cpp crashed on this CPU ({sig}; a build for instructions this machine traps, "
+            f"e.g. AMX in a VM); rebuild it without them: {REBUILD}"
+        )
+    last = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+    return f"llama.cpp could not run {Path(gguf).name}: {last}"
 
 
 def base_gguf(spec, model_dir: Path, model, tokenizer, cache: Path) -> Path:
