@@ -65,20 +65,24 @@ print(json.dumps(out[1:]))
 
 
 LLAMA_PIN = "llama-cpp-python==0.3.36"
-# A native build uses every instruction the CPU lists. Some VMs list AMX but trap on its tile
-# instructions (measured: SIGILL in libggml-cpu on the first prompt of more than a few tokens), so
-# a build that fails the smoke test is rebuilt once without AMX.
-NO_AMX = (  # the native ISA list without AMX (GGML_AMX_* alone is ignored while GGML_NATIVE is on)
-    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
-    "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-)
-SMOKE = "from llama_cpp import Llama; import sys; Llama(sys.argv[1], n_threads=2, verbose=False)('word ' * 64, max_tokens=4)"
+
+
+def no_amx_flags() -> str:
+    """CMake flags for llama.cpp: this CPU's instruction sets (from /proc/cpuinfo) without AMX.
+    A native build uses every instruction the CPU lists, and some VMs list AMX but trap on its tile
+    instructions (measured: SIGILL in libggml-cpu on the first prompt of more than a few tokens).
+    GGML_AMX_* alone is ignored while GGML_NATIVE is on, hence the explicit list."""
+    cpu = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    isa = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX512": "avx512f"}
+    isa.update(AVX512_VBMI="avx512vbmi", AVX512_VNNI="avx512_vnni", AVX512_BF16="avx512_bf16")
+    on = " ".join(f"-DGGML_{k}={'ON' if v in cpu else 'OFF'}" for k, v in isa.items())
+    return f"-DGGML_NATIVE=OFF {on} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 
 
 def install_llama_cpp() -> None:
     import os
 
+    from shammah.engine.llamacpp import PROBE
     from shammah.engine.resolve import embedded_gguf
 
     pip = [str(LLAMA_VENV / "bin" / "pip"), "install", "-q"]
@@ -86,10 +90,10 @@ def install_llama_cpp() -> None:
         print("building", LLAMA_PIN, "into", LLAMA_VENV, "(~10 min on 2 cores)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
         subprocess.run([*pip, f"{LLAMA_PIN.replace('==', '[server]==')}"], check=True)
-    smoke = [str(LLAMA_VENV / "bin" / "python"), "-c", SMOKE, str(embedded_gguf())]
+    smoke = [str(LLAMA_VENV / "bin" / "python"), "-c", PROBE, str(embedded_gguf())]  # the backend's own test
     if subprocess.run(smoke, capture_output=True).returncode != 0:
         print("the native build fails on this CPU (AMX listed but trapping?): rebuilding without AMX", flush=True)
-        env = {**os.environ, "CMAKE_ARGS": NO_AMX}
+        env = {**os.environ, "CMAKE_ARGS": no_amx_flags()}
         subprocess.run([*pip, "--force-reinstall", "--no-deps", "--no-cache-dir", LLAMA_PIN], check=True, env=env)
         subprocess.run(smoke, check=True, capture_output=True)
 
