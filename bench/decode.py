@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 CACHE = Path.home() / ".cache" / "shammah-bench"
+TORCH_OPS = "fast path, LoRA in torch ops"
 LLAMA_VENV = CACHE / "llama-venv"
 PROMPT = "Write a short story about a lighthouse keeper."
 PROMPTS = [
@@ -182,7 +184,13 @@ def run(tokens: int = 128, reps: int = 3) -> None:
     for label, mode in modes.items():
         cfg = ModelConfig(base="embedded", temperature=0.0, max_new_tokens=tokens, fast_decode=mode)
         engines[label] = Engine(cfg, CACHE).load()
+    # the baseline for the LoRA's C kernel (engine/ckernel.py): the same fast path, LoRA in torch ops
+    os.environ["SHAMMAH_LORA_KERNEL"] = "off"
+    cfg = ModelConfig(base="embedded", temperature=0.0, max_new_tokens=tokens, fast_decode="int4")
+    engines[TORCH_OPS] = Engine(cfg, CACHE).load()
+    del os.environ["SHAMMAH_LORA_KERNEL"]
     fast = engines["shammah fast path"]
+    print(f"fast path: {fast.info()['decode']}; baseline: {engines[TORCH_OPS].info()['decode']}")
     params = fast.gen_params(repetition_penalty=1.0)
     tmp = Path(tempfile.mkdtemp())
     lora = random_lora(fast.loaded.path, tmp / "lora")
@@ -190,7 +198,7 @@ def run(tokens: int = 128, reps: int = 3) -> None:
 
     # Round-robin: each round runs llama.cpp once and every setup once, so a machine that slows
     # down for a while (a shared host) slows the baseline and the setups alike.
-    setups = [(label, with_lora) for label in engines for with_lora in (False, True)]
+    setups = [(label, with_lora) for label in engines for with_lora in (False, True) if with_lora or label != TORCH_OPS]
 
     def run_setup(label: str, with_lora: bool):
         eng = engines[label]
@@ -226,6 +234,12 @@ def run(tokens: int = 128, reps: int = 3) -> None:
         print(f"  {name:32} first token {ttft * 1000:5.0f} ms   {rate:6.1f} tok/s{ratio}")
     f, h = rows[("shammah fast path", True)][1], rows[("transformers generate", True)][1]
     print(f"  fast path vs transformers, LoRA active: {f / h:.1f}x")
+    t = rows[(TORCH_OPS, True)][1]
+    print(f"  LoRA in the C kernel vs in torch ops: {f / t:.2f}x")
+    for label in ("shammah fast path", TORCH_OPS):
+        engines[label].activate("bench", lora)
+    same = engines["shammah fast path"].reply(msgs, params) == engines[TORCH_OPS].reply(msgs, params)
+    print(f"  the same reply with the LoRA in C (bf16) as in torch ops (fp32), {tokens} tokens greedy: {same}")
 
     if "shammah llama.cpp backend" in rows:
         lc = rows[("shammah llama.cpp backend", True)][1]
@@ -233,7 +247,7 @@ def run(tokens: int = 128, reps: int = 3) -> None:
 
     # hot-swap: two different LoRAs of the same shape (each new one is loaded, not a cached pointer)
     for label, eng in engines.items():
-        if label == "transformers generate":
+        if label in ("transformers generate", TORCH_OPS):
             continue
         swaps = []
         for i in range(6):
@@ -369,6 +383,7 @@ def qwen_sizes(tokens: int, reps: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from shammah.adapters.export import write_gguf
+    from shammah.engine import ckernel
     from shammah.engine import llamacpp as backend
     from shammah.engine.fast import FastDecoder
     from shammah.engine.generate import GenParams
@@ -398,7 +413,8 @@ def qwen_sizes(tokens: int, reps: int) -> None:
         if not gguf.is_file():
             write_gguf(model, tok, gguf, "q4_1", name=f"{name} (random weights)")
         llama = llama_cpp(gguf, ids, tokens, reps, threads)
-        dec = FastDecoder(model, "int4")
+        kernel, why = ckernel.load(CACHE)
+        dec = FastDecoder(model, "int4", kernel, why)
 
         def fast(dec=dec):
             return timed(dec.generate(ids, tokens, -1), tokens)
@@ -416,6 +432,11 @@ def qwen_sizes(tokens: int, reps: int) -> None:
         rows = {"shammah fast path": median_runs(fast, reps)}
         dec.set_lora("r16", tmp / "lora")
         rows["shammah fast path + LoRA r16"] = median_runs(fast, reps)
+        if kernel is not None:  # the baseline for the C kernel: the LoRA in torch ops
+            dec.kernel = None
+            dec.set_lora("r16 (torch ops)", tmp / "lora")
+            rows["  + LoRA r16 in torch ops"] = median_runs(fast, reps)
+            dec.kernel = kernel
         if backend.available():
             lc = backend.LlamaCppDecoder(gguf, cfg, tmp, threads=threads, n_ctx=512)
             greedy = GenParams(max_new_tokens=tokens, temperature=0.0)

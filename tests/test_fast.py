@@ -10,7 +10,7 @@ from conftest import register_adapter
 from transformers import AutoModelForCausalLM
 
 from shammah.config import ModelConfig
-from shammah.engine import Engine, fast
+from shammah.engine import Engine, ckernel, fast
 from shammah.engine.fast import FastDecoder
 
 IDS = [5, 17, 42, 8, 99, 23, 64, 3, 71, 12, 30, 55]
@@ -53,9 +53,16 @@ def test_a_broken_rope_would_be_caught(tiny_qwen2):
     assert _cos(shifted, ref[1:]).min() < 0.999
 
 
-def test_lora_unmerged_matches_peft(tiny_qwen2, shammah_home):
+@pytest.mark.parametrize("lora_ops", ["torch", "c"])
+def test_lora_unmerged_matches_peft(tiny_qwen2, shammah_home, lora_ops):
+    """The LoRA in fp32 torch ops and in the C kernel (bf16, engine/ckernel.py) against PEFT."""
     from peft import PeftModel
 
+    kernel = None
+    if lora_ops == "c":
+        kernel, why = ckernel.load(shammah_home / "cache")
+        if kernel is None:
+            pytest.skip(why)
     info = register_adapter(
         tiny_qwen2,
         shammah_home,
@@ -67,12 +74,14 @@ def test_lora_unmerged_matches_peft(tiny_qwen2, shammah_home):
         alpha=16,
     )
     base = _hf(tiny_qwen2)
-    dec = FastDecoder(base, "int8")
+    dec = FastDecoder(base, "int8", kernel)
     plain = dec.logits(IDS)
     peft = PeftModel.from_pretrained(base, str(info.path)).eval()
     with torch.inference_mode():
         ref = peft(torch.tensor([IDS])).logits[0]
     dec.set_lora("zorb", info.path)
+    kinds = {type(site) for layer in dec.lora for site in layer.values()}
+    assert kinds == ({ckernel.Site} if kernel else {tuple}), kinds
     with_lora = dec.logits(IDS)
     # 0.998: the first position's hidden state reaches ~7 under this adapter, and rounding the
     # kernels' bf16 inputs alone (exact fp32 matmuls otherwise) costs it ~0.03 of logit there
@@ -125,7 +134,7 @@ MSGS = [{"role": "user", "content": "Say something about rain."}]
 
 def test_the_engine_takes_the_fast_path_and_says_so(engine_for):
     e = engine_for(fast_decode="int8")
-    assert e.fast and e.info()["decode"] == "fast path: int8 weights, LoRA unmerged"
+    assert e.fast and e.info()["decode"] == "fast path: int8 weights, LoRA unmerged (bf16, C kernel)"
     chunks = list(e.stream(MSGS))
     assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].new_tokens > 0
     off = engine_for(fast_decode="off")
@@ -138,7 +147,7 @@ def test_without_the_int4_kernel_auto_falls_back(engine_for, monkeypatch):
     monkeypatch.setattr(fast, "native_bf16", lambda: True)
     real = fast.kernel_available
     monkeypatch.setattr(fast, "kernel_available", lambda q: q != "int4" and real(q))
-    assert engine_for().info()["decode"] == "fast path: int8 weights, LoRA unmerged"
+    assert engine_for().info()["decode"] == "fast path: int8 weights, LoRA unmerged (bf16, C kernel)"
     monkeypatch.setattr(fast, "kernel_available", lambda q: False)
     e = engine_for()
     assert not e.fast and "no packed int4 CPU kernel" in e.info()["decode"]

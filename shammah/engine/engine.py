@@ -110,7 +110,7 @@ class Engine:
             broken = llamacpp.probe(gguf, self.cache_dir)
             if broken is not None:  # the packed path instead, and /status says why
                 log.warning("%s", broken)
-                dec, why = _fast_decoder(loaded.model, "auto")
+                dec, why = _fast_decoder(loaded.model, "auto", self.cache_dir)
                 if dec is None:
                     return None, f"{broken} (and no packed path: {why})"
                 dec.label += f"; not llama.cpp: {broken}"
@@ -118,7 +118,7 @@ class Engine:
             dec = llamacpp.LlamaCppDecoder(gguf, loaded.model.config, self.cache_dir, self.cfg.threads)
             log.info("llama.cpp decode ready in %.2f s", time.perf_counter() - t0)
             return dec, ""
-        return _fast_decoder(loaded.model, setting)
+        return _fast_decoder(loaded.model, setting, self.cache_dir)
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once loading finished (successfully or not) within ``timeout``."""
@@ -446,8 +446,9 @@ class Engine:
         return "".join(c.text for c in self.stream(messages, params))
 
 
-def _fast_decoder(model, setting: str):
-    """(FastDecoder, "") for the fast CPU path, or (None, why not)."""
+def _fast_decoder(model, setting: str, cache: Path | None = None):
+    """(FastDecoder, "") for the fast CPU path, or (None, why not). ``cache``: where the LoRA's C
+    kernel is compiled (engine/ckernel.py; without it the LoRA runs in torch ops)."""
     if setting == "off":
         return None, "model.fast_decode = off"
     from shammah.engine import fast
@@ -467,6 +468,11 @@ def _fast_decoder(model, setting: str):
         else:
             return None, f"this torch build has no packed {quant} CPU kernel"
     t0 = time.perf_counter()
-    dec = fast.FastDecoder(model, quant)
+    from shammah.engine import ckernel
+
+    kernel, kernel_why = ckernel.load(cache)
+    if kernel is None:
+        log.info("the fast path's LoRA runs in torch ops: %s", kernel_why)
+    dec = fast.FastDecoder(model, quant, kernel, kernel_why)
     log.info("fast path ready (%s) in %.2f s", quant, time.perf_counter() - t0)
     return dec, ""
