@@ -144,7 +144,6 @@ def test_the_engine_takes_the_fast_path_and_says_so(engine_for):
 
 
 def test_without_the_int4_kernel_auto_falls_back(engine_for, monkeypatch):
-    monkeypatch.setattr(fast, "native_bf16", lambda: True)
     real = fast.kernel_available
     monkeypatch.setattr(fast, "kernel_available", lambda q: q != "int4" and real(q))
     assert engine_for().info()["decode"] == "fast path: int8 weights, LoRA unmerged (bf16, C kernel)"
@@ -173,13 +172,3 @@ def test_adapter_swap_on_the_fast_path_and_dora_falls_back(engine_for, tiny_qwen
     assert e.reply(MSGS) == ref.reply(MSGS)  # transformers runs DoRA
     e.activate(None)
     assert e.fast and e.reply(MSGS) == base_reply
-
-
-def test_without_native_bf16_auto_answers_through_transformers(engine_for, monkeypatch):
-    """On a CPU that emulates bf16 (AVX2 only) auto does not take the fast path (its bf16
-    activations flipped the embedded model's first answer there); asking for it still works."""
-    monkeypatch.setattr(fast, "native_bf16", lambda: False)
-    auto = engine_for()
-    assert not auto.fast and "no native bf16" in auto.info()["decode"]
-    forced = engine_for(fast_decode="int8")
-    assert forced.fast and forced.reply(MSGS)

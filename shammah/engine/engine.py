@@ -456,11 +456,10 @@ def _fast_decoder(model, setting: str, cache: Path | None = None):
     why = fast.unsupported(model)
     if why is not None:
         return None, why
-    if setting == "auto" and not fast.native_bf16():
-        # The fast path's activations are bf16. Without native bf16 (e.g. an AVX2-only AMD EPYC) the
-        # emulated rounding tips near ties: the embedded model's "What is the capital of France?"
-        # began "L'Étoile, la Marseillaise..." instead of "The capital of France is Paris."
-        return None, "this CPU has no native bf16 (the fast path's activations); model.fast_decode = int4 forces it"
+    # Any CPU: auto used to leave out CPUs without native bf16, where the emulated rounding of the
+    # bf16 activations tipped "What is the capital of France?" into "L'Étoile..." ("L" 24.74 vs
+    # "The" 24.65). That was the int8 head's bf16 logits; since the likeliest 64 are recomputed in
+    # fp32 (FastDecoder.forward), an AVX2-only EPYC answers "Paris" as transformers does.
     quant = "int4" if setting == "auto" else setting
     if not fast.kernel_available(quant):
         if setting == "auto" and fast.kernel_available("int8"):

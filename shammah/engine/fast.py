@@ -59,14 +59,6 @@ def kernel_available(quant: str) -> bool:
         return False
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (RuntimeError, AttributeError):
-        return False
-
-
 class Int4Linear:
     """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
     torch's CPU int4 kernel (zero is the value of q = 8)."""
