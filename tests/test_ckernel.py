@@ -80,3 +80,33 @@ def test_a_kernel_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr(ckernel, "SOURCE", broken)
     kernel, why = ckernel.load(tmp_path)
     assert kernel is None and "disagrees with torch" in why
+
+
+@needs_cc
+def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
+    """shammah_q4 (decode's int4 matmul, x in int8 per group of 32 as llama.cpp's Q8 blocks)
+    against the same int4 weights in fp32: within the rounding of x, with bias, strided rows, and
+    in place."""
+    kernel, why = ckernel.load(tmp_path)
+    if kernel is None or not kernel.has_q4:
+        pytest.skip(why or "no integer SIMD for it on this CPU")
+    g = torch.Generator().manual_seed(2)
+    n, k = 96, 576
+    groups = torch.randn(n, k // 32, 32, generator=g)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = (hi - lo) / 15
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    w = (q * scale[..., None] + lo[..., None]).reshape(n, k)
+    bias = torch.randn(n, generator=g)
+    c = kernel.q4(q.reshape(n, k), scale, lo, bias)
+    x = torch.randn(3, 2 * k, generator=g)[:, :k]
+    want = x @ w.t() + bias
+    err = ((c.mm(x) - want).norm() / want.norm()).item()
+    assert err < 0.02, err  # x rounded to int8 per 16 values: ~1.2% here (bf16 activations: ~0.3%)
+    out = torch.randn(3, n, generator=g)
+    before = out.clone()
+    c.add(x, out)
+    assert torch.allclose(out - before, c.mm(x), atol=1e-5)
+    # the nibble order is what the kernel reads: swapped halves would be caught
+    swapped = kernel.q4(torch.cat([q[..., 16:], q[..., :16]], -1).reshape(n, k), scale, lo, bias)
+    assert ((swapped.mm(x) - want).norm() / want.norm()).item() > 0.1

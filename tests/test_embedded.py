@@ -191,7 +191,7 @@ def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
     target = torch.tensor(ids[1:])
     with torch.inference_mode():
         ref_logits = ref(torch.tensor([ids])).logits[0, :-1].float()
-    fast_logits = FastDecoder(ref, "int4").logits(ids)[:-1]
+    fast_logits = FastDecoder(ref, "int4", eng._fast.kernel).logits(ids)[:-1]  # the kernels the chat uses
 
     def ppl(logits):
         return math.exp(torch.nn.functional.cross_entropy(logits, target).item())

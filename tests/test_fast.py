@@ -25,13 +25,22 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3"])
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_fast_logits_follow_the_float_model(arch, quant, request):
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-c"])
+def test_fast_logits_follow_the_float_model(arch, quant, request, tmp_path):
     """Token by token through the KV cache, every position's logits point where the float model's
-    do; the prompt in one pass (prefill) gives the same last logits as feeding it token by token."""
+    do; the prompt in one pass (prefill) gives the same last logits as feeding it token by token.
+    int4-c: decode through the C int4 matmul (engine/ckernel.py, int8 activations), the prompt
+    through torch's."""
     model = _hf(request.getfixturevalue(arch))
     assert fast.unsupported(model) is None
-    dec = FastDecoder(model, quant)
+    kernel = None
+    if quant == "int4-c":
+        kernel, why = ckernel.load(tmp_path)
+        if kernel is None or not kernel.has_q4:
+            pytest.skip(why or "no integer SIMD for the C int4 matmul on this CPU")
+        quant = "int4"
+    dec = FastDecoder(model, quant, kernel, c_int4=kernel is not None)
+    assert dec.c_base == (kernel is not None)
     with torch.inference_mode():
         ref = model(torch.tensor([IDS])).logits[0]
         prefill = dec.forward(torch.tensor(IDS), 0)

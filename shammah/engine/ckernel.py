@@ -9,6 +9,9 @@ that reads x once, computes z = x·A and adds z·B into the output in place, fro
 kernels cost ~17 us a small matmul on a CPU and a call per product, and the LoRA is not the weight
 of a ``torch.nn.Linear`` that a library could fuse.
 
+The same file holds decode's int4 matmul for CPUs without native bf16 (x quantized to int8,
+integer SIMD, :class:`Q4`): there torch's int4 kernel emulates bf16 and was 64% of a step.
+
 The source is compiled once per machine with the system's C compiler (``cc``, ~0.2 s) into the
 cache, and checked against torch on a random site before it is used. Without a compiler, or if the
 check fails, the fast path keeps the LoRA in torch ops (fp32) as before: :func:`load` says why.
@@ -75,7 +78,61 @@ static void axpy(float *y, float z, const uint16_t *b, int n) {  /* y += z * b *
     for (; o + 8 <= n; o += 8) _mm256_storeu_ps(y + o, _mm256_fmadd_ps(zv, load8(b + o), _mm256_loadu_ps(y + o)));
     for (; o < n; o++) y[o] += z * bf(b[o]);
 }
+/* The packed base for decode: int4 weights in groups of 32 (per group 16 bytes, element i in the
+   low nibble of byte i and element i + 16 in its high nibble; a scale and a min in fp32), times x
+   quantized to int8 with a scale per 16 values, in integer SIMD as llama.cpp does (its Q8 blocks
+   are 32 values: on the embedded model that cost 3.3% of perplexity, per 16 values 0.6%). */
+int shammah_has_q4(void) { return 1; }
+void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const float *sm,
+                const float *bias, float *y, long ys, int accumulate) {
+    const int G = k / 32;
+    int8_t qx[k];
+    float dx[2 * G], xsum[G];
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < t; i++, x += xs, y += ys) {
+        for (int h = 0; h < 2 * G; h++) {  /* a scale per 16 values: one outlier coarsens fewer */
+            const float *xh = x + h * 16;
+            float amax = 0;
+            for (int l = 0; l < 16; l++) {
+                const float a = xh[l] < 0 ? -xh[l] : xh[l];
+                amax = a > amax ? a : amax;
+            }
+            const float inv = amax > 0 ? 127 / amax : 0;
+            for (int l = 0; l < 16; l++) {
+                const float v = xh[l] * inv;
+                qx[h * 16 + l] = (int8_t)(v >= 0 ? (int)(v + 0.5f) : -(int)(0.5f - v));
+            }
+            dx[h] = amax / 127;
+        }
+        for (int g = 0; g < G; g++) {
+            float sum = 0;
+            for (int l = 0; l < 32; l++) sum += x[g * 32 + l];
+            xsum[g] = sum;
+        }
+        for (int r = 0; r < n; r++) {
+            const uint8_t *qr = q + (long)r * G * 16;
+            const float *smr = sm + (long)r * G * 2;
+            __m256 acc = _mm256_setzero_ps();
+            float mins = 0;
+            for (int g = 0; g < G; g++) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(qr + g * 16));
+                const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + g * 32));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                /* lanes 0-3 sum values 0-15 (low nibbles), lanes 4-7 values 16-31 */
+                const __m256 d = _mm256_set_m128(_mm_set1_ps(smr[2 * g] * dx[2 * g + 1]), _mm_set1_ps(smr[2 * g] * dx[2 * g]));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
+                mins += smr[2 * g + 1] * xsum[g];
+            }
+            const float out = hsum(acc) + mins + (bias ? bias[r] : 0);
+            y[r] = accumulate ? y[r] + out : out;
+        }
+    }
+}
 #else  /* any other CPU: loops the compiler vectorizes */
+int shammah_has_q4(void) { return 0; }  /* the packed base stays with torch's int4 kernel */
+void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const float *sm,
+                const float *bias, float *y, long ys, int accumulate) {}
 static inline float bf(uint16_t h) {
     union { uint32_t u; float f; } v = {(uint32_t)h << 16};
     return v.f;
@@ -160,12 +217,50 @@ class Site:
             off += n
 
 
+class Q4:
+    """An int4 weight [n, k] laid out for ``shammah_q4``: y = x W^T (+ bias) for a few rows of x."""
+
+    __slots__ = ("_fn", "_q", "_sm", "_bias", "_bias_ptr", "k", "n")
+
+    def __init__(self, fn, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None):
+        n, k = q.shape
+        g = q.to(torch.uint8).view(n, k // 32, 32)
+        self._q = (g[..., :16] | (g[..., 16:] << 4)).contiguous()
+        self._sm = torch.stack([scale.float(), lo.float()], -1).contiguous()
+        self._bias = bias.float().contiguous() if bias is not None else None
+        self._bias_ptr = self._bias.data_ptr() if self._bias is not None else None
+        self._fn, self.k, self.n = fn, k, n
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T (+ bias), fp32 [t, n]. x: fp32 [t, k], each row contiguous."""
+        y = torch.empty(x.shape[0], self.n)
+        self._fn(x.data_ptr(), x.stride(0), x.shape[0], self.k, self.n, self._q.data_ptr(), self._sm.data_ptr(),
+                 self._bias_ptr, y.data_ptr(), self.n, 0)  # fmt: skip
+        return y
+
+    def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += x W^T (+ bias), in place."""
+        self._fn(x.data_ptr(), x.stride(0), x.shape[0], self.k, self.n, self._q.data_ptr(), self._sm.data_ptr(),
+                 self._bias_ptr, out.data_ptr(), out.stride(0), 1)  # fmt: skip
+
+
 class Kernel:
     def __init__(self, lib: ctypes.CDLL, path: Path):
         fn = lib.shammah_lora
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
         self._fn, self.path = fn, path
+        self.has_q4 = bool(lib.shammah_has_q4())
+        q4 = lib.shammah_q4
+        q4.restype = None
+        P, L, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        q4.argtypes = [P, L, i, i, i, P, P, P, P, L, i]
+        self._q4 = q4
+
+    def q4(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None) -> Q4 | None:
+        """The int4 matmul for decode (None where the kernel has no integer SIMD for it): ``q``
+        [n, k] in 0..15, w = q * scale + lo per group of 32 (``scale``, ``lo``: [n, k/32])."""
+        return Q4(self._q4, q, scale, lo, bias) if self.has_q4 else None
 
     def site(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> Site:
         if len(a) > MAX_PARTS or len({t.shape[0] for t in a}) != 1:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 32  # int4 group size (the GGUF Q4_1 block)
+C_ROWS = 8  # inputs of up to this many rows (decode) take the C int4 matmul where it is available
 REFINE = 64  # logits recomputed in fp32 after the packed head (see FastDecoder.__init__)
 RESIDENT = 4  # LoRA adapters kept loaded for per-request switching (a few MB each at r16 on 135M)
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -59,11 +60,19 @@ def kernel_available(quant: str) -> bool:
         return False
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (RuntimeError, AttributeError):
+        return False
+
+
 class Int4Linear:
     """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
     torch's CPU int4 kernel (zero is the value of q = 8)."""
 
-    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None, kernel=None):
         n, k = w.shape
         g = w.float().reshape(n, k // GROUP, GROUP)
         lo, hi = g.amin(-1), g.amax(-1)
@@ -72,10 +81,25 @@ class Int4Linear:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         self.scales_zeros = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(_BF16)
         self.bias = bias.to(_BF16) if bias is not None else None
+        # decode (a few rows) through engine/ckernel.py where it has integer SIMD; prompts here
+        self.c = kernel.q4(q, scale, lo, bias) if kernel is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
         return y if self.bias is None else y + self.bias
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 ``x`` -> fp32 x W^T."""
+        if self.c is not None and x.shape[0] <= C_ROWS:
+            return self.c.mm(x)
+        return self(x.to(_BF16)).float()
+
+    def add(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out += x W^T (fp32 ``x``), in place."""
+        if self.c is not None and x.shape[0] <= C_ROWS:
+            self.c.add(x, out)
+        else:
+            out.add_(self(x.to(_BF16)))
 
 
 class Int8Linear:
@@ -91,6 +115,12 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x.to(_BF16)).float()
+
+    def add(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        out.add_(self(x.to(_BF16)))
 
 
 def _likeliest(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -252,20 +282,33 @@ def resident_key(name: str | None, path: Path) -> tuple:
 class FastDecoder:
     """A transformers Llama/Qwen2/Qwen3 model, re-laid for decoding on a CPU (see the module doc)."""
 
-    def __init__(self, model, quant: str = "int4", lora_kernel=None, kernel_why: str = ""):
-        """``lora_kernel``: engine/ckernel.py's Kernel for the LoRA (None: torch ops, because
-        ``kernel_why``)."""
+    def __init__(self, model, quant: str = "int4", kernel=None, kernel_why: str = "", c_int4: bool | None = None):
+        """``kernel``: engine/ckernel.py's Kernel for the LoRA (None: torch ops, because
+        ``kernel_why``) and, with ``c_int4`` (None: where the CPU has no native bf16) and integer
+        SIMD in the kernel, for decode's int4 matmuls. torch's int4 kernel takes bf16 activations:
+        without native bf16 it was 64% of a step on an AVX2 EPYC, and the C one is 1.25x faster
+        there; with native bf16 torch's is what was measured fast (C there: not measured)."""
         cfg = model.config
         self.quant = quant
-        self.kernel = lora_kernel
-        if lora_kernel is not None:
+        self.kernel = kernel
+        if kernel is not None:
             lora = "LoRA unmerged (bf16, C kernel)"
         else:
             lora = "LoRA unmerged (fp32, torch ops" + (f": {kernel_why}" if kernel_why else "") + ")"
-        self.label = f"{quant} weights, {lora}"  # what /status says of this path
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, _head_dim(cfg)
         self.eps = cfg.rms_norm_eps
-        lin = Int4Linear if quant == "int4" else Int8Linear
+        if quant == "int4":
+            if c_int4 is None:
+                c_int4 = not native_bf16()
+            c = kernel if c_int4 and kernel is not None and kernel.has_q4 else None
+            self.c_base = c is not None
+
+            def lin(w, bias=None):
+                return Int4Linear(w, bias, c)
+        else:
+            lin, self.c_base = Int8Linear, False
+        base = f"{quant} weights" + (" (C kernel for decode, int8 activations)" if self.c_base else "")
+        self.label = f"{base}, {lora}"  # what /status says of this path
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.out_sizes = {
@@ -388,7 +431,7 @@ class FastDecoder:
     @staticmethod
     def _mm(lin, lora: dict, name: str, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``x`` through a packed matmul plus the LoRA's ``name`` part, fp32 out."""
-        y = lin(x.to(_BF16)).float()
+        y = lin.mm(x)
         ab = lora.get(name)
         if ab is None:
             return y
@@ -410,7 +453,7 @@ class FastDecoder:
     def _add_mm(out: torch.Tensor, lin, lora: dict, name: str, x: torch.Tensor) -> None:
         """out += (fp32 ``x`` through a packed matmul plus the LoRA's ``name`` part), in place: the
         residual stream takes the bf16 product as it is (two ops fewer per layer than a sum)."""
-        out.add_(lin(x.to(_BF16)))
+        lin.add(out, x)
         ab = lora.get(name)
         if ab is None:
             return
@@ -452,7 +495,7 @@ class FastDecoder:
             g_, u = self._mm(ly.gate_up, lora, "gate_up", self._rms(x, ly.norm2)).chunk(2, -1)
             self._add_mm(x, ly.down, lora, "down", F.silu(g_) * u)
         xf = self._rms(x[-1:], self.final_norm)
-        logits = self.head(xf.to(_BF16))[0].float()
+        logits = self.head.mm(xf)[0]
         # bf16 logits resolve ~0.1 around 25 (and the packed head is coarser still): recompute the
         # likeliest in fp32 so the token picked, and near ties, go the way the float model goes.
         top = _likeliest(logits)
