@@ -109,6 +109,8 @@ void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, 
             for (int l = 0; l < 32; l++) sum += x[g * 32 + l];
             xsum[g] = sum;
         }
+        /* rows over the threads of the OpenMP runtime torch itself loaded (libgomp.so.1: one pool) */
+#pragma omp parallel for schedule(static) if (n >= 256)
         for (int r = 0; r < n; r++) {
             const uint8_t *qr = q + (long)r * G * 16;
             const float *smr = sm + (long)r * G * 2;
@@ -299,7 +301,12 @@ def _compile(cc: str, out: Path, extra: tuple[str, ...] = ()) -> str | None:
         src = Path(tmp) / "lora.c"
         src.write_text(SOURCE)
         err = ""
-        for flags in (["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"]):
+        for flags in (
+            ["-O3", "-march=native", "-fopenmp"],
+            ["-O3", "-march=native", "-fopenmp-simd"],
+            ["-O3", "-fopenmp-simd"],
+            ["-O3"],
+        ):
             so = Path(tmp) / "lora.so"
             p = subprocess.run(
                 [cc, *flags, *extra, "-std=c99", "-shared", "-fPIC", str(src), "-o", str(so)],
