@@ -455,8 +455,11 @@ def qwen_sizes(tokens: int, reps: int) -> None:
         model = peft.unload()
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
-        def nbytes(lin) -> int:
-            return sum(x.numel() * x.element_size() for x in vars(lin).values() if torch.is_tensor(x))
+        def nbytes(lin) -> int:  # torch's packed int4 and, for decode without native bf16, the C copy
+            c = getattr(lin, "c", None)
+            return sum(x.numel() * x.element_size() for x in vars(lin).values() if torch.is_tensor(x)) + (
+                c.nbytes if c is not None else 0
+            )
 
         lins = [lin for ly in dec.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [dec.head]
         fast_mb = (sum(nbytes(lin) for lin in lins) + dec.embed.numel() * 2) / 2**20

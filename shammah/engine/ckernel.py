@@ -233,6 +233,10 @@ class Q4:
         self._bias_ptr = self._bias.data_ptr() if self._bias is not None else None
         self._fn, self.k, self.n = fn, k, n
 
+    @property
+    def nbytes(self) -> int:
+        return self._q.numel() + self._sm.numel() * 4 + (self._bias.numel() * 4 if self._bias is not None else 0)
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T (+ bias), fp32 [t, n]. x: fp32 [t, k], each row contiguous."""
         y = torch.empty(x.shape[0], self.n)
