@@ -110,3 +110,17 @@ def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
     # the nibble order is what the kernel reads: swapped halves would be caught
     swapped = kernel.q4(torch.cat([q[..., 16:], q[..., :16]], -1).reshape(n, k), scale, lo, bias)
     assert ((swapped.mm(x) - want).norm() / want.norm()).item() > 0.1
+
+
+@needs_cc
+def test_a_c_int4_matmul_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
+    """The int4 check at load: a kernel reading the nibbles in the wrong order keeps the LoRA
+    kernel and leaves decode's int4 matmuls to torch."""
+    broken = ckernel.SOURCE.replace(
+        "_mm256_set_m128i(_mm_srli_epi16(b, 4), b)", "_mm256_set_m128i(b, _mm_srli_epi16(b, 4))"
+    )
+    if broken == ckernel.SOURCE:
+        pytest.skip("this source has no AVX2 int4 kernel")
+    monkeypatch.setattr(ckernel, "SOURCE", broken)
+    kernel, why = ckernel.load(tmp_path)
+    assert kernel is not None and why == "" and not kernel.has_q4

@@ -1,21 +1,22 @@
-"""The fast path's LoRA in C: one call per fused matmul and token, the LoRA's weights in bf16.
+"""The fast path's small C kernels: the LoRA, and decode's int4 matmuls where torch's are slow.
 
-Why by hand: with a LoRA r16 on every projection of the embedded model, torch spent ~3.7 ms a token
-on it (22.5 vs 18.9 ms a step on a 2-core EPYC), in ~240 small ops: x·A, the blocked B, the add.
-Each is a full aten call (dispatch, a parallel region) on a matrix of a few KB, and its fp32
-weights are 20 MB a token. Here a site (q/k/v, o, gate/up or down of one layer) is one C call
-that reads x once, computes z = x·A and adds z·B into the output in place, from bf16 weights
-(10 MB a token; fp32 sums): ~1.3 ms a token. No library does this: oneDNN's bf16 and torch's int8
-kernels cost ~17 us a small matmul on a CPU and a call per product, and the LoRA is not the weight
-of a ``torch.nn.Linear`` that a library could fuse.
+**The LoRA** (:class:`Site`): one call per fused matmul and token, its weights in bf16. With a LoRA
+r16 on every projection of the embedded model torch spent ~3.7 ms a token on it, in ~240 small
+ops (x·A, the blocked B, the add), each a full aten call on a matrix of a few KB. Here a site
+(q/k/v, o, gate/up or down of one layer) is one C call that reads x once, computes z = x·A and
+adds z·B into the output in place (fp32 sums): ~1.2–1.6 ms a token. No library does this:
+oneDNN's bf16 and torch's int8 kernels cost ~17 us a small matmul on a CPU and a call per
+product, and the LoRA is not the weight of a ``torch.nn.Linear`` that a library could fuse.
 
-The same file holds decode's int4 matmul for CPUs without native bf16 (x quantized to int8,
-integer SIMD, :class:`Q4`): there torch's int4 kernel emulates bf16 and was 64% of a step.
+**Decode's int4 matmuls on CPUs without native bf16** (:class:`Q4`): torch's int4 kernel takes
+bf16 activations and emulates them there (64% of a step on an AVX2 EPYC). Here x is quantized to
+int8 with a scale per 16 values and multiplied in integer SIMD, as llama.cpp does, the rows split
+over the threads of the OpenMP runtime torch itself loaded.
 
-The source is compiled once per machine with the system's C compiler (``cc``, ~0.2 s) into the
-cache, and checked against torch on a random site before it is used. Without a compiler, or if the
-check fails, the fast path keeps the LoRA in torch ops (fp32) as before: :func:`load` says why.
-``SHAMMAH_LORA_KERNEL=off`` turns it off.
+The source is compiled once per machine with the system's C compiler (``cc``, ~0.3 s) into the
+cache, and checked against torch before it is used. Without a compiler, or if a check fails, the
+fast path runs in torch ops as before, and :func:`load` says why. ``SHAMMAH_LORA_KERNEL=off``
+turns both off.
 """
 
 from __future__ import annotations
@@ -343,6 +344,21 @@ def _self_test(k: Kernel) -> str | None:
     return None if err < 2e-2 else f"the C LoRA kernel disagrees with torch (relative error {err:.3g})"
 
 
+def _q4_test(k: Kernel) -> str | None:
+    """shammah_q4 against the same int4 weights in fp32, with enough rows for its threads."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 64
+    groups = torch.randn(n, d // 32, 32, generator=g)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = (hi - lo) / 15
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    w = (q * scale[..., None] + lo[..., None]).reshape(n, d)
+    x = torch.randn(2, d, generator=g)
+    want = x @ w.t()
+    err = ((k.q4(q.reshape(n, d), scale, lo, None).mm(x) - want).norm() / want.norm()).item()
+    return None if err < 3e-2 else f"the C int4 matmul disagrees with torch (relative error {err:.3g})"
+
+
 def load(cache: Path | None, extra: tuple[str, ...] = ()) -> tuple[Kernel | None, str]:
     """(the kernel, "") or (None, why not). Compiled into ``cache``/kernels once per source,
     compiler, CPU and ``extra`` compiler flags (the tests build the portable loops with
@@ -367,4 +383,7 @@ def load(cache: Path | None, extra: tuple[str, ...] = ()) -> tuple[Kernel | None
         return None, f"the LoRA kernel could not be built or loaded: {e}"
     if bad is not None:
         return None, bad
+    if kernel.has_q4 and (bad := _q4_test(kernel)) is not None:
+        log.warning("%s: decode keeps torch's int4 kernel", bad)
+        kernel.has_q4 = False
     return kernel, ""
