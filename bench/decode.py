@@ -82,8 +82,6 @@ def no_amx_flags() -> str:
 
 
 def install_llama_cpp() -> None:
-    import os
-
     from shammah.engine.llamacpp import PROBE
     from shammah.engine.resolve import embedded_gguf
 

@@ -184,7 +184,7 @@ class _Site(ctypes.Structure):
     ]
 
 
-ROWS_IN_C = 8  # longer inputs (a prompt) take torch's matmuls on the same bf16 weights
+ROWS_IN_C = 8  # inputs of up to this many rows (decode) go through C; a prompt through torch's matmuls
 
 
 class Site:

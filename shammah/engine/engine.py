@@ -447,8 +447,8 @@ class Engine:
 
 
 def _fast_decoder(model, setting: str, cache: Path | None = None):
-    """(FastDecoder, "") for the fast CPU path, or (None, why not). ``cache``: where the LoRA's C
-    kernel is compiled (engine/ckernel.py; without it the LoRA runs in torch ops)."""
+    """(FastDecoder, "") for the fast CPU path, or (None, why not). ``cache``: where its C kernels
+    are compiled (engine/ckernel.py; without them it runs in torch ops)."""
     if setting == "off":
         return None, "model.fast_decode = off"
     from shammah.engine import fast
@@ -471,7 +471,7 @@ def _fast_decoder(model, setting: str, cache: Path | None = None):
 
     kernel, kernel_why = ckernel.load(cache)
     if kernel is None:
-        log.info("the fast path's LoRA runs in torch ops: %s", kernel_why)
+        log.info("the fast path runs in torch ops, without its C kernels: %s", kernel_why)
     dec = fast.FastDecoder(model, quant, kernel, kernel_why)
     log.info("fast path ready (%s) in %.2f s", quant, time.perf_counter() - t0)
     return dec, ""

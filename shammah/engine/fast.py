@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shammah.engine.ckernel import ROWS_IN_C
+
 GROUP = 32  # int4 group size (the GGUF Q4_1 block)
-C_ROWS = 8  # inputs of up to this many rows (decode) take the C int4 matmul where it is available
 REFINE = 64  # logits recomputed in fp32 after the packed head (see FastDecoder.__init__)
 RESIDENT = 4  # LoRA adapters kept loaded for per-request switching (a few MB each at r16 on 135M)
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -90,13 +91,13 @@ class Int4Linear:
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``x`` -> fp32 x W^T."""
-        if self.c is not None and x.shape[0] <= C_ROWS:
+        if self.c is not None and x.shape[0] <= ROWS_IN_C:
             return self.c.mm(x)
         return self(x.to(_BF16)).float()
 
     def add(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out += x W^T (fp32 ``x``), in place."""
-        if self.c is not None and x.shape[0] <= C_ROWS:
+        if self.c is not None and x.shape[0] <= ROWS_IN_C:
             self.c.add(x, out)
         else:
             out.add_(self(x.to(_BF16)))
