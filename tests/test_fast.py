@@ -181,3 +181,75 @@ def test_adapter_swap_on_the_fast_path_and_dora_falls_back(engine_for, tiny_qwen
     assert e.reply(MSGS) == ref.reply(MSGS)  # transformers runs DoRA
     e.activate(None)
     assert e.fast and e.reply(MSGS) == base_reply
+
+
+def _c_kernel(tmp_path):
+    kernel, why = ckernel.load(tmp_path)
+    if kernel is None or not kernel.has_q4:
+        pytest.skip(why or "no integer SIMD for the C int4 matmul on this CPU")
+    return kernel
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3", "tiny_llama"])
+def test_the_c_step_follows_the_torch_ops(arch, request, shammah_home):
+    """Decode's whole step in one C call (ckernel.Step: norms, q/k/v bias, Qwen3's head norms, RoPE,
+    the KV cache, GQA attention, SiLU, the LoRA sites) against the same decoder's torch ops, with
+    and without a LoRA, token by token past a prompt filled through torch."""
+    kernel = _c_kernel(shammah_home / "cache")
+    path = request.getfixturevalue(arch)
+    model = _hf(path)
+    dec = FastDecoder(model, "int4", kernel, c_int4=True)
+    assert dec.step is not None and "one call a token" in dec.label, dec.label
+    info = register_adapter(
+        path, shammah_home, "zorb", [{"prompt": "Say something.", "completion": "Zorblat zorblat."}] * 4,
+        epochs=4, learning_rate=5e-2, rank=8, alpha=16,
+    )  # fmt: skip
+
+    def decode(on: bool) -> torch.Tensor:
+        step, dec.step = dec.step, dec.step if on else None
+        calls = []
+        if on:
+            run = dec.step.run
+            dec.step.run = lambda *a: calls.append(1) or run(*a)
+        with torch.inference_mode():
+            dec.forward(torch.tensor(IDS[:5]), 0)  # a prompt through torch fills the cache
+            out = torch.stack([dec.forward(torch.tensor([t]), 5 + i).clone() for i, t in enumerate(IDS[5:])])
+        dec.step = step
+        if on:
+            del step.run
+            assert len(calls) == len(IDS) - 5, "every decode token went through the C step"
+        return out
+
+    for lora in (None, info.path):
+        dec.set_lora("zorb" if lora else None, lora)
+        c, ops = decode(True), decode(False)
+        # int8 activations: a value rounded the other way now and then (2-3 layers deep: ~1e-4)
+        assert _cos(c, ops).min() > 0.999, _cos(c, ops)
+        assert (c.argmax(-1) == ops.argmax(-1)).all()
+    with torch.inference_mode():  # and the LoRA is in it: the step with it differs from without
+        dec.set_lora(None, None)
+        plain = decode(True)
+    assert _cos(plain, c).min() < 0.999
+
+
+@pytest.mark.parametrize(
+    "sabotage",
+    [
+        ("const int qd = nh * hd, kd = nkv * hd, grp = nh / nkv;", "const int qd = nh * hd, kd = nkv * hd, grp = nh;"),
+        ("v[2 * i + 1] = a * s + b * c;", "v[2 * i + 1] = a * s - b * c;"),
+    ],
+    ids=["gqa", "rope"],
+)
+def test_a_wrong_c_step_is_not_used(tiny_qwen2, tmp_path, monkeypatch, sabotage):
+    """The decoder checks the C step against its torch ops when it is built: one attending every
+    query head to the first KV head, or rotating the wrong way, is refused, and decode stays right."""
+    broken = ckernel.SOURCE.replace(*sabotage)
+    assert broken != ckernel.SOURCE
+    monkeypatch.setattr(ckernel, "SOURCE", broken)
+    kernel = _c_kernel(tmp_path)
+    model = _hf(tiny_qwen2)
+    dec = FastDecoder(model, "int4", kernel, c_int4=True)
+    assert dec.step is None and dec._cstep is not None and "one call" not in dec.label
+    with torch.inference_mode():
+        ref = model(torch.tensor([IDS])).logits[0]
+    assert _cos(dec.logits(IDS), ref).min() > 0.97

@@ -13,6 +13,12 @@ bf16 activations and emulates them there (64% of a step on an AVX2 EPYC). Here x
 int8 with a scale per 16 values and multiplied in integer SIMD, as llama.cpp does, the rows split
 over the threads of the OpenMP runtime torch itself loaded.
 
+**Decode's whole step** (:class:`Step`), where those int4 matmuls are in C: one call a token runs
+every layer (RMSNorm, q/k/v and its LoRA, Qwen3's head norms, RoPE, the KV cache, attention of
+one query, o, gate/up, SiLU, down). Around the matmuls fast.py's forward spent ~30 small torch ops
+a layer, 5.2–5.4 ms of a 13.7 ms token on the embedded model (more than llama.cpp's whole token
+spends on anything but its matmuls); in C they are ~0.3 ms. Prompts still go through torch.
+
 The source is compiled once per machine with the system's C compiler (``cc``, ~0.3 s) into the
 cache, and checked against torch before it is used. Without a compiler, or if a check fails, the
 fast path runs in torch ops as before, and :func:`load` says why. ``SHAMMAH_LORA_KERNEL=off``
@@ -39,7 +45,9 @@ log = logging.getLogger(__name__)
 # vectorizes (the dot products' sums reordered by an OpenMP simd reduction, which needs no OpenMP
 # runtime). The plain loops were ~2x slower on an AVX2 EPYC (one FMA chain per sum), hence both.
 SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct {
     int k, r_total, r, n_parts;
@@ -47,6 +55,12 @@ typedef struct {
     const uint16_t *B;  /* bf16, per part p: [r][n_p] (B^T, the LoRA scaling in it), one after another */
     int sizes[8];       /* n_p */
 } Site;
+
+typedef struct {       /* an int4 weight [n][k]: per group of 32, 16 bytes (element i in the low */
+    const uint8_t *q;   /* nibble of byte i, i + 16 in its high nibble) and (scale, min) in fp32 */
+    const float *sm, *bias;
+    int k, n;
+} W4;
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SHAMMAH_GENERIC)
 #include <immintrin.h>
@@ -84,58 +98,64 @@ static void axpy(float *y, float z, const uint16_t *b, int n) {  /* y += z * b *
    quantized to int8 with a scale per 16 values, in integer SIMD as llama.cpp does (its Q8 blocks
    are 32 values: on the embedded model that cost 3.3% of perplexity, per 16 values 0.6%). */
 int shammah_has_q4(void) { return 1; }
-void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const float *sm,
-                const float *bias, float *y, long ys, int accumulate) {
-    const int G = k / 32;
-    int8_t qx[k];
-    float dx[2 * G], xsum[G];
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    for (int i = 0; i < t; i++, x += xs, y += ys) {
-        for (int h = 0; h < 2 * G; h++) {  /* a scale per 16 values: one outlier coarsens fewer */
-            const float *xh = x + h * 16;
-            float amax = 0;
-            for (int l = 0; l < 16; l++) {
-                const float a = xh[l] < 0 ? -xh[l] : xh[l];
-                amax = a > amax ? a : amax;
-            }
-            const float inv = amax > 0 ? 127 / amax : 0;
-            for (int l = 0; l < 16; l++) {
-                const float v = xh[l] * inv;
-                qx[h * 16 + l] = (int8_t)(v >= 0 ? (int)(v + 0.5f) : -(int)(0.5f - v));
-            }
-            dx[h] = amax / 127;
+/* x (k fp32 values) -> int8 with a scale per 16 values (dx), and the sum of each group of 32 (xs) */
+static void quant16(const float *x, int k, int8_t *qx, float *dx, float *xs) {
+    for (int h = 0; h < k / 16; h++) {  /* a scale per 16 values: one outlier coarsens fewer */
+        const float *xh = x + h * 16;
+        float amax = 0;
+        for (int l = 0; l < 16; l++) {
+            const float a = xh[l] < 0 ? -xh[l] : xh[l];
+            amax = a > amax ? a : amax;
         }
-        for (int g = 0; g < G; g++) {
-            float sum = 0;
-            for (int l = 0; l < 32; l++) sum += x[g * 32 + l];
-            xsum[g] = sum;
+        const float inv = amax > 0 ? 127 / amax : 0;
+        for (int l = 0; l < 16; l++) {
+            const float v = xh[l] * inv;
+            qx[h * 16 + l] = (int8_t)(v >= 0 ? (int)(v + 0.5f) : -(int)(0.5f - v));
         }
-        /* rows over the threads of the OpenMP runtime torch itself loaded (libgomp.so.1: one pool) */
-#pragma omp parallel for schedule(static) if (n >= 256)
-        for (int r = 0; r < n; r++) {
-            const uint8_t *qr = q + (long)r * G * 16;
-            const float *smr = sm + (long)r * G * 2;
-            __m256 acc = _mm256_setzero_ps();
-            float mins = 0;
-            for (int g = 0; g < G; g++) {
-                const __m128i b = _mm_loadu_si128((const __m128i *)(qr + g * 16));
-                const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + g * 32));
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-                /* lanes 0-3 sum values 0-15 (low nibbles), lanes 4-7 values 16-31 */
-                const __m256 d = _mm256_set_m128(_mm_set1_ps(smr[2 * g] * dx[2 * g + 1]), _mm_set1_ps(smr[2 * g] * dx[2 * g]));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
-                mins += smr[2 * g + 1] * xsum[g];
-            }
-            const float out = hsum(acc) + mins + (bias ? bias[r] : 0);
-            y[r] = accumulate ? y[r] + out : out;
-        }
+        dx[h] = amax / 127;
     }
+    for (int g = 0; g < k / 32; g++) {
+        float sum = 0;
+        for (int l = 0; l < 32; l++) sum += x[g * 32 + l];
+        xs[g] = sum;
+    }
+}
+/* y (+)= W x for one quantized x */
+static void q4_rows(const int8_t *qx, const float *dx, const float *xsum, const W4 *w, float *y, int accumulate) {
+    const int G = w->k / 32, n = w->n;
+    const uint8_t *q = w->q;
+    const float *sm = w->sm, *bias = w->bias;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    /* rows over the threads of the OpenMP runtime torch itself loaded (libgomp.so.1: one pool) */
+#pragma omp parallel for schedule(static) if (n >= 256)
+    for (int r = 0; r < n; r++) {
+        const uint8_t *qr = q + (long)r * G * 16;
+        const float *smr = sm + (long)r * G * 2;
+        __m256 acc = _mm256_setzero_ps();
+        float mins = 0;
+        for (int g = 0; g < G; g++) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(qr + g * 16));
+            const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + g * 32));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+            /* lanes 0-3 sum values 0-15 (low nibbles), lanes 4-7 values 16-31 */
+            const __m256 d = _mm256_set_m128(_mm_set1_ps(smr[2 * g] * dx[2 * g + 1]), _mm_set1_ps(smr[2 * g] * dx[2 * g]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
+            mins += smr[2 * g + 1] * xsum[g];
+        }
+        const float out = hsum(acc) + mins + (bias ? bias[r] : 0);
+        y[r] = accumulate ? y[r] + out : out;
+    }
+}
+static void q4_vec(const float *x, const W4 *w, float *y, int accumulate) {
+    int8_t qx[w->k];
+    float dx[w->k / 16], xs[w->k / 32];
+    quant16(x, w->k, qx, dx, xs);
+    q4_rows(qx, dx, xs, w, y, accumulate);
 }
 #else  /* any other CPU: loops the compiler vectorizes */
 int shammah_has_q4(void) { return 0; }  /* the packed base stays with torch's int4 kernel */
-void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const float *sm,
-                const float *bias, float *y, long ys, int accumulate) {}
+static void q4_vec(const float *x, const W4 *w, float *y, int accumulate) {}
 static inline float bf(uint16_t h) {
     union { uint32_t u; float f; } v = {(uint32_t)h << 16};
     return v.f;
@@ -166,6 +186,107 @@ static void site_row(const float *x, const Site *s, float *y) {
 /* y[i] += LoRA(x[i]) for the t rows of x (row strides in floats) */
 void shammah_lora(const float *x, long xs, int t, const Site *s, float *y, long ys) {
     for (int i = 0; i < t; i++) site_row(x + i * xs, s, y + i * ys);
+}
+
+/* y (+)= x W^T for the t rows of x (row strides in floats) */
+void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const float *sm,
+                const float *bias, float *y, long ys, int accumulate) {
+    const W4 w = {q, sm, bias, k, n};
+    for (int i = 0; i < t; i++) q4_vec(x + i * xs, &w, y + i * ys, accumulate);
+}
+
+/* --- one decode step through every layer -------------------------------------------------- */
+typedef struct {
+    W4 qkv, o, gate_up, down;
+    const float *norm1, *norm2, *q_norm, *k_norm;  /* RMSNorm weights; q/k per head (Qwen3) or NULL */
+} Layer;
+
+typedef struct {
+    int n_layers, hidden, inter, n_heads, n_kv, hd;
+    long cap;                /* positions the KV cache holds */
+    float eps;
+    const Layer *layers;
+    float *const *k, *const *v;  /* per layer [n_kv][cap][hd] */
+    const Site *const *lora;     /* [n_layers][4] (qkv, o, gate_up, down), NULL where none */
+    float *scores;               /* [n_heads][cap] */
+} Model;
+
+static void rms(const float *x, const float *w, int n, float eps, float *out) {
+    float ss = 0;
+#pragma omp simd reduction(+:ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static float dotf(const float *a, const float *b, int n) {
+    float s = 0;
+#pragma omp simd reduction(+:s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* x (the residual stream, fp32 [hidden]) through every layer at position pos: RMSNorm, q/k/v with
+   its LoRA, per-head norms, RoPE (q/k rows in pair order; rope: [hd/2] (cos, sin) for pos), the KV
+   cache, attention of one query, o, RMSNorm, gate/up, SiLU, down: what fast.py's forward does in
+   ~30 torch ops a layer, in one call a token */
+void shammah_step(const Model *m, float *x, int pos, const float *rope) {
+    const int H = m->hidden, I = m->inter, nh = m->n_heads, nkv = m->n_kv, hd = m->hd;
+    const int qd = nh * hd, kd = nkv * hd, grp = nh / nkv;
+    const long cap = m->cap;
+    int wide = H > I ? H : I;
+    if (qd > wide) wide = qd;
+    float xn[wide], buf[qd + 2 * kd > 2 * I ? qd + 2 * kd : 2 * I];
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *ly = m->layers + l;
+        const Site *const *lo = m->lora ? m->lora + 4 * l : 0;
+        float *K = m->k[l], *V = m->v[l];
+        rms(x, ly->norm1, H, m->eps, xn);
+        q4_vec(xn, &ly->qkv, buf, 0);
+        if (lo && lo[0]) site_row(xn, lo[0], buf);
+        if (ly->q_norm) {
+            for (int h = 0; h < nh; h++) rms(buf + h * hd, ly->q_norm, hd, m->eps, buf + h * hd);
+            for (int h = 0; h < nkv; h++) rms(buf + qd + h * hd, ly->k_norm, hd, m->eps, buf + qd + h * hd);
+        }
+        for (int h = 0; h < nh + nkv; h++) {
+            float *v = buf + h * hd;
+            for (int i = 0; i < hd / 2; i++) {
+                const float a = v[2 * i], b = v[2 * i + 1], c = rope[2 * i], s = rope[2 * i + 1];
+                v[2 * i] = a * c - b * s;
+                v[2 * i + 1] = a * s + b * c;
+            }
+        }
+        for (int h = 0; h < nkv; h++) {
+            memcpy(K + (h * cap + pos) * hd, buf + qd + h * hd, hd * sizeof(float));
+            memcpy(V + (h * cap + pos) * hd, buf + qd + kd + h * hd, hd * sizeof(float));
+        }
+        const int n = pos + 1;
+#pragma omp parallel for schedule(static) if (nh * n >= 8192)
+        for (int h = 0; h < nh; h++) {
+            const float *q = buf + h * hd, *Kh = K + (h / grp) * cap * hd, *Vh = V + (h / grp) * cap * hd;
+            float *s = m->scores + h * cap, *out = xn + h * hd, mx = -INFINITY, sum = 0;
+            for (int j = 0; j < n; j++) {
+                s[j] = dotf(q, Kh + (long)j * hd, hd) * scale;
+                mx = s[j] > mx ? s[j] : mx;
+            }
+            for (int j = 0; j < n; j++) sum += (s[j] = expf(s[j] - mx));
+            for (int i = 0; i < hd; i++) out[i] = 0;
+            for (int j = 0; j < n; j++) {
+                const float p = s[j] / sum, *vj = Vh + (long)j * hd;
+#pragma omp simd
+                for (int i = 0; i < hd; i++) out[i] += p * vj[i];
+            }
+        }
+        q4_vec(xn, &ly->o, x, 1);
+        if (lo && lo[1]) site_row(xn, lo[1], x);
+        rms(x, ly->norm2, H, m->eps, xn);
+        q4_vec(xn, &ly->gate_up, buf, 0);
+        if (lo && lo[2]) site_row(xn, lo[2], buf);
+        for (int i = 0; i < I; i++) xn[i] = buf[i] / (1.0f + expf(-buf[i])) * buf[I + i];
+        q4_vec(xn, &ly->down, x, 1);
+        if (lo && lo[3]) site_row(xn, lo[3], x);
+    }
 }
 """
 
@@ -234,6 +355,9 @@ class Q4:
         self._bias_ptr = self._bias.data_ptr() if self._bias is not None else None
         self._fn, self.k, self.n = fn, k, n
 
+    def w4(self) -> _W4:
+        return _W4(self._q.data_ptr(), self._sm.data_ptr(), self._bias_ptr, self.k, self.n)
+
     @property
     def nbytes(self) -> int:
         return self._q.numel() + self._sm.numel() * 4 + (self._bias.numel() * 4 if self._bias is not None else 0)
@@ -251,6 +375,91 @@ class Q4:
                  self._bias_ptr, out.data_ptr(), out.stride(0), 1)  # fmt: skip
 
 
+P_, I_ = ctypes.c_void_p, ctypes.c_int
+
+
+class _W4(ctypes.Structure):
+    _fields_ = [("q", P_), ("sm", P_), ("bias", P_), ("k", I_), ("n", I_)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _W4), ("o", _W4), ("gate_up", _W4), ("down", _W4)] + [
+        (f, P_) for f in ("norm1", "norm2", "q_norm", "k_norm")
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(f, I_) for f in ("n_layers", "hidden", "inter", "n_heads", "n_kv", "hd")] + [
+        ("cap", ctypes.c_long),
+        ("eps", ctypes.c_float),
+        ("layers", P_),
+        ("k", P_),
+        ("v", P_),
+        ("lora", P_),
+        ("scores", P_),
+    ]
+
+
+SITES = ("qkv", "o", "gate_up", "down")  # a layer's LoRA sites, in the order shammah_step takes them
+
+
+class Step:
+    """A whole decode step (one token through every layer) in one C call: ``shammah_step``.
+
+    Built from the fast decoder's layers when decode's int4 matmuls run in C: the ~30 small torch
+    ops a layer around them (norms, RoPE, the KV cache, attention, SiLU, adds) were ~5.3 ms of a
+    13.7 ms token on the embedded model, more than llama.cpp's whole token's matmuls leave. The KV
+    cache stays the decoder's fp32 tensors (prompts fill it through torch)."""
+
+    def __init__(self, fn, layers: list, dims: dict, eps: float):
+        """``layers``: per layer a dict of the four :class:`Q4` (``SITES``) and the fp32 norm
+        weights norm1, norm2, q_norm, k_norm (None where the model has none)."""
+        self._fn = fn
+        self._keep = layers  # the tensors the structs point into
+        arr = (_Layer * len(layers))()
+        for s, ly in zip(arr, layers, strict=True):
+            for site in SITES:
+                setattr(s, site, ly[site].w4())
+            for f in ("norm1", "norm2", "q_norm", "k_norm"):
+                t = ly[f]
+                setattr(s, f, t.data_ptr() if t is not None else None)
+        self._layers = arr
+        self.n = len(layers)
+        self._model = _Model(self.n, *(dims[f] for f in ("hidden", "inter", "n_heads", "n_kv", "hd")), 0, eps)
+        self._model.layers = ctypes.addressof(arr)
+        self._lora = (P_ * (4 * self.n))()
+        self._lora_keep = None
+        self.ready = False  # a KV cache attached, and a LoRA (if any) all in C Sites
+
+    def cache(self, k: list[torch.Tensor], v: list[torch.Tensor], scores: torch.Tensor) -> None:
+        """The decoder's KV cache (per layer fp32 [n_kv, cap, hd], contiguous) and an fp32
+        [n_heads, cap] scratch for the attention scores."""
+        self._kv = ((P_ * self.n)(*(t.data_ptr() for t in k)), (P_ * self.n)(*(t.data_ptr() for t in v)))
+        self._scores = scores
+        m = self._model
+        m.cap, m.scores = k[0].shape[1], scores.data_ptr()
+        m.k, m.v = ctypes.addressof(self._kv[0]), ctypes.addressof(self._kv[1])
+
+    def set_lora(self, layers: list[dict] | None) -> bool:
+        """Point the step at a loaded LoRA (fast.load_lora's layers; None: none). False where some
+        site is not a C :class:`Site` (the step then cannot run it)."""
+        if layers is None:
+            self._model.lora, self._lora_keep = None, None
+            return True
+        if any(type(s) is not Site for ly in layers for s in ly.values()):
+            return False
+        for i, ly in enumerate(layers):
+            for j, site in enumerate(SITES):
+                self._lora[4 * i + j] = ly[site]._addr if site in ly else None
+        self._model.lora, self._lora_keep = ctypes.addressof(self._lora), layers
+        return True
+
+    def run(self, x: torch.Tensor, pos: int, rope: int) -> None:
+        """x (fp32 [hidden], contiguous): the residual stream, updated in place through every layer
+        at position ``pos``; ``rope``: the address of pos's [hd/2] (cos, sin) pairs."""
+        self._fn(ctypes.addressof(self._model), x.data_ptr(), pos, rope)
+
+
 class Kernel:
     def __init__(self, lib: ctypes.CDLL, path: Path):
         fn = lib.shammah_lora
@@ -263,6 +472,14 @@ class Kernel:
         P, L, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         q4.argtypes = [P, L, i, i, i, P, P, P, P, L, i]
         self._q4 = q4
+        step = lib.shammah_step
+        step.restype = None
+        step.argtypes = [P, P, i, P]
+        self._step = step
+
+    def step(self, layers: list, dims: dict, eps: float) -> Step | None:
+        """The whole decode step in C (None where the int4 matmuls are not in C): see :class:`Step`."""
+        return Step(self._step, layers, dims, eps) if self.has_q4 else None
 
     def q4(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None) -> Q4 | None:
         """The int4 matmul for decode (None where the kernel has no integer SIMD for it): ``q``
@@ -314,7 +531,7 @@ def _compile(cc: str, out: Path, extra: tuple[str, ...] = ()) -> str | None:
         ):
             so = Path(tmp) / "lora.so"
             p = subprocess.run(
-                [cc, *flags, *extra, "-std=c99", "-shared", "-fPIC", str(src), "-o", str(so)],
+                [cc, *flags, *extra, "-std=c99", "-shared", "-fPIC", str(src), "-o", str(so), "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,

@@ -28,6 +28,7 @@ answers through transformers, as before: :func:`unsupported` says why.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -40,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from shammah.engine.ckernel import ROWS_IN_C
+
+log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the GGUF Q4_1 block)
 REFINE = 64  # logits recomputed in fp32 after the packed head (see FastDecoder.__init__)
@@ -379,6 +382,56 @@ class FastDecoder:
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
         self.lock = threading.Lock()
+        # decode's whole step in one C call where its int4 matmuls are in C (ckernel.Step): built
+        # in _cstep (which the KV cache keeps up to date), used while it is also self.step
+        self._cstep = None
+        if self.c_base:
+            plain = [  # the RMSNorm weights: the first half of _twice's
+                {f: getattr(ly, f) for f in ("q_norm", "k_norm")}
+                | {"norm1": ly.norm1[: cfg.hidden_size], "norm2": ly.norm2[: cfg.hidden_size]}
+                | {site: getattr(ly, site).c for site in ("qkv", "o", "gate_up", "down")}
+                for ly in self.layers
+            ]
+            dims = {"hidden": cfg.hidden_size, "inter": cfg.intermediate_size, "n_heads": self.n_heads,
+                    "n_kv": self.n_kv, "hd": self.head_dim}  # fmt: skip
+            self._cstep = kernel.step(plain, dims, self.eps)
+        self.step = self._cstep
+        self._step_lora = True  # the active LoRA runs in the C step
+        if self.step is not None and (bad := self._check_step()) is not None:
+            log.warning("%s: decode runs its steps in torch ops", bad)
+            self.step = None
+        if self.step is not None:
+            self.label = self.label.replace("C kernel for decode", "decode in C, one call a token")
+
+    def _check_step(self) -> str | None:
+        """The C step against this decoder's torch ops on its first positions (a few tokens'
+        time): a miscompiled or wrong step is not used. None: it agrees.
+
+        Compared: the KV cache of the first two layers (on a model whose attention barely depends
+        on position, random weights, a wrong RoPE hardly shows in the logits, but it does in the
+        keys) and, loosely, the logits. Deeper than that the two drift apart by design: with
+        int8 activations a value rounded the other way is a step of 1/127 of its group's largest,
+        and the embedded model's residual stream reaches ~300 by layer 2, so a 1e-5 difference in
+        a norm (torch's LayerNorm form of RMSNorm, :func:`_twice`) grows to ~5% of the keys by
+        layer 30 on either path (perplexity within 2% of the float model on both)."""
+        ids = [1, 2, 3, 4]
+        n, deep = len(ids), min(2, len(self.layers))
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.inference_mode():
+                logits = torch.stack([self.forward(torch.tensor([t]), i).clone() for i, t in enumerate(ids)])
+            kv = [torch.cat([k[:, :n], v[:, :n]]) for k, v in zip(self._k[:deep], self._v[:deep], strict=True)]
+            return logits, torch.stack(kv)
+
+        step, self.step = self.step, None
+        want, want_kv = run()
+        self.step = step
+        got, got_kv = run()
+        cos = F.cosine_similarity(got, want, dim=-1).min().item()
+        kv = ((got_kv - want_kv).norm() / want_kv.norm()).item()
+        if cos > 0.98 and kv < 2e-2:  # correct on the embedded model: 0.9947 and 0.13%
+            return None
+        return f"the C decode step disagrees with torch ops (logits cosine {cos:.4f}, KV cache off by {kv:.2%})"
 
     # adapters ----------------------------------------------------------------------------
     def set_lora(self, name: str | None, path: Path | None) -> None:
@@ -396,6 +449,8 @@ class FastDecoder:
                 self._resident.pop(next(iter(self._resident)))
         with self.lock:  # never between two tokens of a reply
             self.lora, self.lora_name = layers, name
+            if self._cstep is not None:
+                self._step_lora = self._cstep.set_lora(layers)
 
     # caches ------------------------------------------------------------------------------
     def _room(self, n: int) -> None:
@@ -416,6 +471,8 @@ class FastDecoder:
                 self._v.append(v)
         freqs = torch.outer(torch.arange(cap, dtype=torch.float32), self.inv_freq)
         self._rope = torch.polar(torch.full_like(freqs, self.rope_scale), freqs)
+        if self._cstep is not None:
+            self._cstep.cache(self._k, self._v, torch.empty(self.n_heads, cap))
 
     # one forward ---------------------------------------------------------------------------
     # The residual stream and everything between the packed matmuls run in fp32 (the kernels take
@@ -471,8 +528,11 @@ class FastDecoder:
         self._room(end)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         qd, kd = nh * hd, nkv * hd
-        rope = self._rope[start:end, None, :]
         x = self.embed[ids].float()  # a copy: the residual stream is updated in place
+        if t == 1 and self.step is not None and self._step_lora:
+            self.step.run(x, start, self._rope.data_ptr() + start * self._rope.stride(0) * 8)
+            return self._head(x)
+        rope = self._rope[start:end, None, :]
         for i, ly in enumerate(self.layers):
             lora = self.lora[i] if self.lora is not None else {}
             qkv = self._mm(ly.qkv, lora, "qkv", self._rms(x, ly.norm1))
@@ -495,6 +555,10 @@ class FastDecoder:
             self._add_mm(x, ly.o, lora, "o", a)
             g_, u = self._mm(ly.gate_up, lora, "gate_up", self._rms(x, ly.norm2)).chunk(2, -1)
             self._add_mm(x, ly.down, lora, "down", F.silu(g_) * u)
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits (fp32) after the last position of the residual stream ``x``."""
         xf = self._rms(x[-1:], self.final_norm)
         logits = self.head.mm(xf)[0]
         # bf16 logits resolve ~0.1 around 25 (and the packed head is coarser still): recompute the
