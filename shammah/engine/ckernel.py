@@ -8,8 +8,8 @@ adds z·B into the output in place (fp32 sums): ~1.2–1.6 ms a token. No librar
 oneDNN's bf16 and torch's int8 kernels cost ~17 us a small matmul on a CPU and a call per
 product, and the LoRA is not the weight of a ``torch.nn.Linear`` that a library could fuse.
 
-**Decode's int4 matmuls on CPUs without native bf16** (:class:`Q4`): torch's int4 kernel takes
-bf16 activations and emulates them there (64% of a step on an AVX2 EPYC). Here x is quantized to
+**Decode's int4 matmuls** (:class:`Q4`): torch's int4 kernel takes bf16 activations and, on CPUs
+without native bf16, emulates them (64% of a step on an AVX2 EPYC). Here x is quantized to
 int8 with a scale per 16 values and multiplied in integer SIMD, as llama.cpp does, the rows split
 over the threads of the OpenMP runtime torch itself loaded.
 

@@ -64,14 +64,6 @@ def kernel_available(quant: str) -> bool:
         return False
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (RuntimeError, AttributeError):
-        return False
-
-
 class Int4Linear:
     """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
     torch's CPU int4 kernel (zero is the value of q = 8)."""
@@ -288,10 +280,13 @@ class FastDecoder:
 
     def __init__(self, model, quant: str = "int4", kernel=None, kernel_why: str = "", c_int4: bool | None = None):
         """``kernel``: engine/ckernel.py's Kernel for the LoRA (None: torch ops, because
-        ``kernel_why``) and, with ``c_int4`` (None: where the CPU has no native bf16) and integer
-        SIMD in the kernel, for decode's int4 matmuls. torch's int4 kernel takes bf16 activations:
-        without native bf16 it was 64% of a step on an AVX2 EPYC, and the C one is 1.25x faster
-        there; with native bf16 torch's is what was measured fast (C there: not measured)."""
+        ``kernel_why``) and, unless ``c_int4`` is False, where it has integer SIMD, for decode:
+        its int4 matmuls and then the whole step (ckernel.Step), one C call a token. torch's int4
+        kernel takes bf16 activations: without native bf16 (an AVX2 EPYC) it was 64% of a step,
+        and the C one is 1.25x faster there; the step then took the ~30 small torch ops a layer
+        around the matmuls from 5.3 ms to ~0.3 ms of a token. On CPUs with native bf16 torch's
+        int4 kernel may be the faster matmul, but not by the 40% of a token the step saves (not
+        measured there: no such CPU in the sessions since)."""
         cfg = model.config
         self.quant = quant
         self.kernel = kernel
@@ -302,9 +297,7 @@ class FastDecoder:
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, _head_dim(cfg)
         self.eps = cfg.rms_norm_eps
         if quant == "int4":
-            if c_int4 is None:
-                c_int4 = not native_bf16()
-            c = kernel if c_int4 and kernel is not None and kernel.has_q4 else None
+            c = kernel if c_int4 is not False and kernel is not None and kernel.has_q4 else None
             self.c_base = c is not None
 
             def lin(w, bias=None):
