@@ -311,7 +311,7 @@ ROWS_IN_C = 8  # inputs of up to this many rows (decode) go through C; a prompt 
 class Site:
     """One fused matmul's LoRA in the kernel's layout: :meth:`add` does y += x A^T B^T per part."""
 
-    __slots__ = ("_fn", "_struct", "_addr", "_a", "_b", "_r", "_sizes")
+    __slots__ = ("_fn", "_struct", "_addr", "_a", "_b", "_r", "_sizes", "_fp32")
 
     def __init__(self, fn, a: list[torch.Tensor], b: list[torch.Tensor]):
         """``a``: each part's A [r, k]; ``b``: each part's B [n_p, r] (scaling folded in), in the
@@ -325,6 +325,7 @@ class Site:
         sizes = (ctypes.c_int * MAX_PARTS)(*self._sizes)
         self._struct = _Site(qa.shape[1], qa.shape[0], r, len(self._sizes), qa.data_ptr(), qb.data_ptr(), sizes)
         self._addr = ctypes.addressof(self._struct)
+        self._fp32 = None  # (A^T, [B^T per part]) in fp32 for prompts, made at the first one
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += the LoRA of x, in place. x: fp32 [t, k], y: fp32 [t, n]; rows may be strided, each
@@ -333,11 +334,16 @@ class Site:
         if t <= ROWS_IN_C:
             self._fn(x.data_ptr(), x.stride(0), t, self._addr, y.data_ptr(), y.stride(0))
             return
-        # a prompt: the C loop would read x row by row (~0.5 ms a token on the embedded model)
-        z = x @ self._a.t().float()
+        # a prompt: the C loop would read x row by row (~0.5 ms a token on the embedded model).
+        # fp32 copies kept (a few MB an adapter): converting at each prompt cost ~30 ms of a
+        # Qwen3-0.6B first token
+        if self._fp32 is None:
+            self._fp32 = (self._a.t().float(), [b.float() for b in self._b])
+        a, bs = self._fp32
+        z = x @ a
         off = 0
-        for p, (n, b) in enumerate(zip(self._sizes, self._b, strict=True)):
-            y[:, off : off + n].addmm_(z[:, p * self._r : (p + 1) * self._r], b.float())
+        for p, (n, b) in enumerate(zip(self._sizes, bs, strict=True)):
+            y[:, off : off + n].addmm_(z[:, p * self._r : (p + 1) * self._r], b)
             off += n
 
 
