@@ -304,8 +304,6 @@ class FastDecoder:
                 return Int4Linear(w, bias, c)
         else:
             lin, self.c_base = Int8Linear, False
-        base = f"{quant} weights" + (" (C kernel for decode, int8 activations)" if self.c_base else "")
-        self.label = f"{base}, {lora}"  # what /status says of this path
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.out_sizes = {
@@ -394,7 +392,10 @@ class FastDecoder:
             log.warning("%s: decode runs its steps in torch ops", bad)
             self.step = None
         if self.step is not None:
-            self.label = self.label.replace("C kernel for decode", "decode in C, one call a token")
+            base = f"{quant} weights (decode in C, one call a token, int8 activations)"
+        else:
+            base = f"{quant} weights" + (" (C kernel for decode, int8 activations)" if self.c_base else "")
+        self.label = f"{base}, {lora}"  # what /status says of this path
 
     def _check_step(self) -> str | None:
         """The C step against this decoder's torch ops on its first positions (a few tokens'
@@ -519,12 +520,12 @@ class FastDecoder:
         t = ids.shape[0]
         end = start + t
         self._room(end)
-        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qd, kd = nh * hd, nkv * hd
         x = self.embed[ids].float()  # a copy: the residual stream is updated in place
         if t == 1 and self.step is not None and self._step_lora:
             self.step.run(x, start, self._rope.data_ptr() + start * self._rope.stride(0) * 8)
             return self._head(x)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qd, kd = nh * hd, nkv * hd
         rope = self._rope[start:end, None, :]
         for i, ly in enumerate(self.layers):
             lora = self.lora[i] if self.lora is not None else {}
