@@ -453,7 +453,7 @@ def qwen_sizes(tokens: int, reps: int) -> None:
         model = peft.unload()
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
-        def nbytes(lin) -> int:  # torch's packed int4 and, for decode without native bf16, the C copy
+        def nbytes(lin) -> int:  # torch's packed int4, or the C copy where the CPU has the SIMD for it
             c = getattr(lin, "c", None)
             return sum(x.numel() * x.element_size() for x in vars(lin).values() if torch.is_tensor(x)) + (
                 c.nbytes if c is not None else 0

@@ -84,9 +84,9 @@ def test_a_kernel_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
 
 @needs_cc
 def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
-    """shammah_q4 (decode's int4 matmul, x in int8 per group of 32 as llama.cpp's Q8 blocks)
-    against the same int4 weights in fp32: within the rounding of x, with bias, strided rows, and
-    in place."""
+    """shammah_q4 (the int4 matmul, x in int8 per 16 values) against the same int4 weights in
+    fp32: within the rounding of x, with bias, strided rows, and in place; for decode's one row
+    and a prompt's many (tiles of 4 rows and the rest)."""
     kernel, why = ckernel.load(tmp_path)
     if kernel is None or not kernel.has_q4:
         pytest.skip(why or "no integer SIMD for it on this CPU")
@@ -99,14 +99,18 @@ def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
     w = (q * scale[..., None] + lo[..., None]).reshape(n, k)
     bias = torch.randn(n, generator=g)
     c = kernel.q4(q.reshape(n, k), scale, lo, bias)
-    x = torch.randn(3, 2 * k, generator=g)[:, :k]
+    x = torch.randn(11, 2 * k, generator=g)[:, :k]
     want = x @ w.t() + bias
-    err = ((c.mm(x) - want).norm() / want.norm()).item()
+    got = c.mm(x)
+    err = ((got - want).norm() / want.norm()).item()
     assert err < 0.02, err  # x rounded to int8 per 16 values: ~1.2% here (bf16 activations: ~0.3%)
-    out = torch.randn(3, n, generator=g)
+    for i in (0, 5, 10):  # a row of a tile, and the last (alone) are what one row alone gives
+        assert torch.allclose(c.mm(x[i : i + 1]), got[i : i + 1], atol=1e-4)
+    out = torch.randn(11, n, generator=g)
     before = out.clone()
     c.add(x, out)
-    assert torch.allclose(out - before, c.mm(x), atol=1e-5)
+    assert torch.allclose(out - before, c.mm(x), atol=1e-4)
+    assert kernel.q4(q.reshape(n, k)[:-4], scale[:-4], lo[:-4], None) is None  # rows in blocks of 8
     # the nibble order is what the kernel reads: swapped halves would be caught
     swapped = kernel.q4(torch.cat([q[..., 16:], q[..., :16]], -1).reshape(n, k), scale, lo, bias)
     assert ((swapped.mm(x) - want).norm() / want.norm()).item() > 0.1
@@ -116,9 +120,7 @@ def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
 def test_a_c_int4_matmul_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
     """The int4 check at load: a kernel reading the nibbles in the wrong order keeps the LoRA
     kernel and leaves decode's int4 matmuls to torch."""
-    broken = ckernel.SOURCE.replace(
-        "_mm256_set_m128i(_mm_srli_epi16(b, 4), b)", "_mm256_set_m128i(b, _mm_srli_epi16(b, 4))"
-    )
+    broken = ckernel.SOURCE.replace("hi[c] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4)", "hi[c] = lo[c]")
     if broken == ckernel.SOURCE:
         pytest.skip("this source has no AVX2 int4 kernel")
     monkeypatch.setattr(ckernel, "SOURCE", broken)

@@ -253,3 +253,24 @@ def test_a_wrong_c_step_is_not_used(tiny_qwen2, tmp_path, monkeypatch, sabotage)
     with torch.inference_mode():
         ref = model(torch.tensor([IDS])).logits[0]
     assert _cos(dec.logits(IDS), ref).min() > 0.97
+
+
+def test_a_matmul_without_a_c_copy_keeps_decode_in_torch_ops(tiny_qwen2, tmp_path, monkeypatch):
+    """A weight the C kernel cannot take (rows not in blocks of 8: here o is refused) stays with
+    torch's int4 kernel, the others in C; the whole-step C call, which needs them all, is not
+    built, and the logits still follow the float model."""
+    kernel = _c_kernel(tmp_path)
+    model = _hf(tiny_qwen2)
+    cfg = model.config
+    q4 = kernel.q4
+    monkeypatch.setattr(
+        kernel,
+        "q4",
+        lambda q, *a: None if q.shape[1] == cfg.hidden_size and q.shape[0] == cfg.hidden_size else q4(q, *a),
+    )
+    dec = FastDecoder(model, "int4", kernel, c_int4=True)
+    assert dec.layers[0].o.c is None and dec.layers[0].qkv.c is not None
+    assert not dec.c_base and dec.step is None and "C kernel" not in dec.label.split(",")[0]
+    with torch.inference_mode():
+        ref = model(torch.tensor([IDS])).logits[0]
+    assert _cos(dec.logits(IDS), ref).min() > 0.97

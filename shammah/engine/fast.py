@@ -4,9 +4,10 @@ Why by hand: decode on a CPU is memory-bound (shared/MEASURED.md: 83% of a step 
 weights), and transformers' ``generate`` streams them as floats and spends as much again in
 per-token Python. Here:
 
-- **Weights**: the linear layers of the transformer blocks in torch's packed int4 layout
-  (asymmetric, groups of 32: exactly the embedded GGUF's Q4_1 blocks, so for that model this loses
-  nothing), used through ``_weight_int4pack_mm_for_cpu``; the output head packed the same way,
+- **Weights**: the linear layers of the transformer blocks in int4 (asymmetric, groups of 32:
+  exactly the embedded GGUF's Q4_1 blocks, so for that model this loses nothing), through
+  engine/ckernel.py's integer kernel where the CPU has the SIMD for it (x in int8, as llama.cpp),
+  else torch's ``_weight_int4pack_mm_for_cpu`` (bf16 x); the output head packed the same way,
   but only to pick the REFINE likeliest tokens, whose logits are recomputed in fp32 so near ties
   resolve as the float model would. q/k/v and gate/up are fused into one matmul each.
 - **Loop**: the residual stream in fp32, RMSNorm as a LayerNorm (:func:`_twice`), RoPE as one
@@ -40,8 +41,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shammah.engine.ckernel import ROWS_IN_C
-
 log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the GGUF Q4_1 block)
@@ -66,7 +65,9 @@ def kernel_available(quant: str) -> bool:
 
 class Int4Linear:
     """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
-    torch's CPU int4 kernel (zero is the value of q = 8)."""
+    torch's CPU int4 kernel (zero is the value of q = 8), or engine/ckernel.py's where it has
+    integer SIMD (then only that copy is kept: it is ~2-3x torch's for prompts on an AVX2 EPYC
+    and for decode's single row)."""
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None, kernel=None):
         n, k = w.shape
@@ -74,25 +75,26 @@ class Int4Linear:
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        self.scales_zeros = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(_BF16)
-        self.bias = bias.to(_BF16) if bias is not None else None
-        # decode (a few rows) through engine/ckernel.py where it has integer SIMD; prompts here
         self.c = kernel.q4(q, scale, lo, bias) if kernel is not None else None
+        if self.c is None:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            self.scales_zeros = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(_BF16)
+            self.bias = bias.to(_BF16) if bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 ``x`` -> bf16 x W^T (torch's kernel)."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
         return y if self.bias is None else y + self.bias
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 ``x`` -> fp32 x W^T."""
-        if self.c is not None and x.shape[0] <= ROWS_IN_C:
+        if self.c is not None:
             return self.c.mm(x)
         return self(x.to(_BF16)).float()
 
     def add(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out += x W^T (fp32 ``x``), in place."""
-        if self.c is not None and x.shape[0] <= ROWS_IN_C:
+        if self.c is not None:
             self.c.add(x, out)
         else:
             out.add_(self(x.to(_BF16)))
@@ -280,13 +282,13 @@ class FastDecoder:
 
     def __init__(self, model, quant: str = "int4", kernel=None, kernel_why: str = "", c_int4: bool | None = None):
         """``kernel``: engine/ckernel.py's Kernel for the LoRA (None: torch ops, because
-        ``kernel_why``) and, unless ``c_int4`` is False, where it has integer SIMD, for decode:
-        its int4 matmuls and then the whole step (ckernel.Step), one C call a token. torch's int4
-        kernel takes bf16 activations: without native bf16 (an AVX2 EPYC) it was 64% of a step,
-        and the C one is 1.25x faster there; the step then took the ~30 small torch ops a layer
-        around the matmuls from 5.3 ms to ~0.3 ms of a token. On CPUs with native bf16 torch's
-        int4 kernel may be the faster matmul, but not by the 40% of a token the step saves (not
-        measured there: no such CPU in the sessions since)."""
+        ``kernel_why``) and, unless ``c_int4`` is False, where it has integer SIMD: its int4
+        matmuls (prompts and decode) and decode's whole step (ckernel.Step), one C call a token.
+        torch's int4 kernel takes bf16 activations: without native bf16 (an AVX2 EPYC) it was 64%
+        of a step and ~87% of a prompt, and the C one is ~2-3x faster there; the step then took
+        the ~30 small torch ops a layer around the matmuls from 5.3 ms to ~0.3 ms of a token. On
+        CPUs with native bf16 torch's int4 kernel may be the faster matmul, but not by that much
+        (not measured there: no such CPU in the sessions since)."""
         cfg = model.config
         self.quant = quant
         self.kernel = kernel
@@ -362,6 +364,8 @@ class FastDecoder:
         self.head = lin(head)
         self.head_rows = self.embed if head is sd["model.embed_tokens.weight"] else head.to(_BF16)
         self.final_norm = _twice(sd["model.norm.weight"])
+        if self.c_base and any(getattr(ly, s).c is None for ly in self.layers for s in ("qkv", "o", "gate_up", "down")):
+            self.c_base = False  # a matmul without a C copy (rows not in blocks of 8): no C step
         rot = model.model.rotary_emb
         self.inv_freq = rot.inv_freq.detach().float()
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
@@ -392,9 +396,9 @@ class FastDecoder:
             log.warning("%s: decode runs its steps in torch ops", bad)
             self.step = None
         if self.step is not None:
-            base = f"{quant} weights (decode in C, one call a token, int8 activations)"
+            base = f"{quant} weights (C kernel, int8 activations; decode in C, one call a token)"
         else:
-            base = f"{quant} weights" + (" (C kernel for decode, int8 activations)" if self.c_base else "")
+            base = f"{quant} weights" + (" (C kernel, int8 activations)" if self.c_base else "")
         self.label = f"{base}, {lora}"  # what /status says of this path
 
     def _check_step(self) -> str | None:
