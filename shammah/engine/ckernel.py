@@ -63,11 +63,12 @@ typedef struct {
 
 typedef struct {       /* an int4 weight [n][k], n a multiple of 8: rows in blocks of 8, per block */
     const uint8_t *q;   /* and group of 32 128 bytes (see q4_tile) */
-    const float *sm, *bias;  /* per block and group 8 scales then 8 mins (fp32); bias [n] or NULL */
+    const uint16_t *sm; /* per block and group 8 scales then 8 mins in fp16, as GGUF's Q4_1 */
+    const float *bias;  /* [n] or NULL */
     int k, n;
 } W4;
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(SHAMMAH_GENERIC)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(SHAMMAH_GENERIC)
 #include <immintrin.h>
 static inline __m256 load8(const uint16_t *p) {  /* eight bf16 as eight floats: a shift */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -98,7 +99,7 @@ static void axpy(float *y, float z, const uint16_t *b, int n) {  /* y += z * b *
     for (; o + 8 <= n; o += 8) _mm256_storeu_ps(y + o, _mm256_fmadd_ps(zv, load8(b + o), _mm256_loadu_ps(y + o)));
     for (; o < n; o++) y[o] += z * bf(b[o]);
 }
-/* The packed base: int4 weights in groups of 32 with a scale and a min each (fp32), times x
+/* The packed base: int4 weights in groups of 32 with a scale and a min each (fp16), times x
    quantized to int8 with a scale per 16 values (llama.cpp's Q8 blocks are 32 values: on the
    embedded model that cost 3.3% of perplexity, per 16 values 0.6%), in integer SIMD.
    The rows are interleaved in blocks of 8 so that one maddubs multiplies 4 values of x (one
@@ -136,13 +137,14 @@ static inline __attribute__((always_inline)) void q4_tile(const int T, const int
         const float *xs, const W4 *w, int rb, float *y, long ys, int accumulate) {
     const int K = w->k, G = K / 32;
     const uint8_t *qb = w->q + (long)rb * G * 128;
-    const float *smb = w->sm + (long)rb * G * 16;
+    const uint16_t *smb = w->sm + (long)rb * G * 16;
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
         const uint8_t *wg = qb + g * 128;
-        const __m256 d = _mm256_loadu_ps(smb + g * 16), mn = _mm256_loadu_ps(smb + g * 16 + 8);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(smb + g * 16)));
+        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(smb + g * 16 + 8)));
         __m256i lo[4], hi[4];
         for (int c = 0; c < 4; c++) {
             const __m256i b = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
@@ -248,7 +250,7 @@ void shammah_lora(const float *x, long xs, int t, const Site *s, float *y, long 
 }
 
 /* y (+)= x W^T for the t rows of x (row strides in floats) */
-void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const float *sm,
+void shammah_q4(const float *x, long xs, int t, int k, int n, const uint8_t *q, const uint16_t *sm,
                 const float *bias, float *y, long ys, int accumulate) {
     const W4 w = {q, sm, bias, k, n};
     if (t == 1) q4_vec(x, &w, y, accumulate);
@@ -351,6 +353,7 @@ void shammah_step(const Model *m, float *x, int pos, const float *rope) {
 """
 
 MAX_PARTS = 8
+FP16_MAX = 65504.0
 
 
 class _Site(ctypes.Structure):
@@ -420,7 +423,7 @@ class Q4:
         g = q.to(torch.uint8).view(nb, 8, G, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # -> block, group, c, row, j, h
         self._q = (g[..., 0] | (g[..., 1] << 4)).contiguous()
         per_block = [t.float().reshape(nb, 8, G).transpose(1, 2) for t in (scale, lo)]  # [block, group, row]
-        self._sm = torch.stack(per_block, 2).contiguous()
+        self._sm = torch.stack(per_block, 2).to(torch.float16).contiguous()  # GGUF's Q4_1 keeps fp16 too
         self._bias = bias.float().contiguous() if bias is not None else None
         self._bias_ptr = self._bias.data_ptr() if self._bias is not None else None
         self._fn, self.k, self.n = fn, k, n
@@ -430,7 +433,7 @@ class Q4:
 
     @property
     def nbytes(self) -> int:
-        return self._q.numel() + self._sm.numel() * 4 + (self._bias.numel() * 4 if self._bias is not None else 0)
+        return self._q.numel() + self._sm.numel() * 2 + (self._bias.numel() * 4 if self._bias is not None else 0)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T (+ bias), fp32 [t, n]. x: fp32 [t, k], each row contiguous."""
@@ -552,10 +555,12 @@ class Kernel:
         return Step(self._step, layers, dims, eps) if self.has_q4 else None
 
     def q4(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None) -> Q4 | None:
-        """The int4 matmul (None where the kernel has no integer SIMD for it, or ``n`` is not a
-        multiple of 8): ``q`` [n, k] in 0..15, w = q * scale + lo per group of 32 (``scale``,
+        """The int4 matmul (None where the kernel has no integer SIMD for it, ``n`` is not a
+        multiple of 8 or a scale is beyond fp16): ``q`` [n, k] in 0..15, w = q * scale + lo per group of 32 (``scale``,
         ``lo``: [n, k/32])."""
-        return Q4(self._q4, q, scale, lo, bias) if self.has_q4 and q.shape[0] % 8 == 0 else None
+        if not self.has_q4 or q.shape[0] % 8 or float(torch.maximum(scale.abs().max(), lo.abs().max())) > FP16_MAX:
+            return None
+        return Q4(self._q4, q, scale, lo, bias)
 
     def site(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> Site:
         if len(a) > MAX_PARTS or len({t.shape[0] for t in a}) != 1:
