@@ -274,3 +274,59 @@ def test_a_matmul_without_a_c_copy_keeps_decode_in_torch_ops(tiny_qwen2, tmp_pat
     with torch.inference_mode():
         ref = model(torch.tensor([IDS])).logits[0]
     assert _cos(dec.logits(IDS), ref).min() > 0.97
+
+
+def test_a_partial_lora_stays_in_the_c_kernel(tiny_qwen2, shammah_home):
+    """A LoRA on q and v only (PEFT's default targets for many models) or with ranks that differ
+    between the parts of a fused matmul: the missing parts and lower ranks are zeros in the C site,
+    so it matches PEFT, and decode keeps the whole-step C call (a torch-ops site would take every
+    token out of it, ~3x slower)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    kernel = _c_kernel(shammah_home / "cache")
+    info = register_adapter(
+        tiny_qwen2, shammah_home, "qv", [{"prompt": "Say something.", "completion": "Zorblat zorblat zorblat."}] * 4,
+        epochs=6, learning_rate=5e-2, rank=8, alpha=16, target_modules=["q_proj", "v_proj"],
+    )  # fmt: skip
+    base = _hf(tiny_qwen2)
+    dec = FastDecoder(base, "int4", kernel, c_int4=True)
+    assert dec.step is not None
+    plain = dec.logits(IDS)
+    with torch.inference_mode():
+        ref = PeftModel.from_pretrained(_hf(tiny_qwen2), str(info.path)).eval()(torch.tensor([IDS])).logits[0]
+    dec.set_lora("qv", info.path)
+    assert dec._step_lora and all(type(s) is ckernel.Site for ly in dec.lora for s in ly.values())
+    with_lora = dec.logits(IDS)
+    assert _cos(with_lora, ref).min() > 0.97
+    assert (with_lora.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert _cos(with_lora, plain).min() < 0.99, "the adapter changed them"
+
+    # v at rank 4 beside q at rank 8: the padded C site against the torch ops' block-diagonal B
+    mixed = shammah_home / "mixed"
+    shutil.copytree(info.path, mixed)
+    w = load_file(str(mixed / "adapter_model.safetensors"))
+    w = {
+        k: (v[:4] if "v_proj.lora_A" in k else v[:, :4] if "v_proj.lora_B" in k else v).contiguous()
+        for k, v in w.items()
+    }
+    save_file(w, str(mixed / "adapter_model.safetensors"))
+    c_sites = fast.load_lora(mixed, len(dec.layers), dec.out_sizes, dec.rows, kernel)
+    ops = fast.load_lora(mixed, len(dec.layers), dec.out_sizes, dec.rows)
+    x = torch.randn(3, base.config.hidden_size)
+    zero = _Zero(sum(dec.out_sizes[f"self_attn.{m}_proj"] for m in "qkv"))
+    for c_layer, ops_layer in zip(c_sites, ops, strict=True):
+        assert type(c_layer["qkv"]) is ckernel.Site and type(ops_layer["qkv"]) is tuple
+        want = FastDecoder._mm(zero, ops_layer, "qkv", x)
+        got = FastDecoder._mm(zero, c_layer, "qkv", x)
+        assert want.abs().max() > 0 and ((got - want).norm() / want.norm()) < 1e-2  # bf16 weights in C
+
+
+class _Zero:
+    """A base matmul with ``n`` outputs that adds nothing: what is left of FastDecoder._mm is the LoRA."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], self.n)

@@ -191,8 +191,9 @@ def load_lora(
     cut into blocks of equal width (q/k/v under GQA: q is several blocks as wide as k) and B is
     [blocks, r, width], one batched matmul that reads no zeros; ``blocks`` then says which part's
     r columns of x A each block takes (None: one block per part). Otherwise B is block-diagonal
-    [r_total, out]. With ``kernel`` (engine/ckernel.py), a matmul whose parts all have a LoRA of
-    one rank is a :class:`ckernel.Site` instead (bf16, one C call a token). Raises
+    [r_total, out]. With ``kernel`` (engine/ckernel.py) every fused matmul with a LoRA is a
+    :class:`ckernel.Site` instead (bf16, one C call a token; missing parts and lower ranks padded
+    with zeros). Raises
     AdapterUnsupported for what only transformers can run."""
     from safetensors.torch import load_file
 
@@ -228,8 +229,21 @@ def load_lora(
             sizes = [out_sizes[mod] for mod in modules]
             ranks = {p["A"].shape[0] for _, p in parts}
 
-            if kernel is not None and len(parts) == len(modules) and len(ranks) == 1:
-                layers[i][fused] = kernel.site([p["A"] for _, p in parts], [scaled(modules[j], p) for j, p in parts])
+            if kernel is not None:
+                # A part without a LoRA (PEFT's q/v-only targets; a module whose B is zero) or of a
+                # lower rank is padded with zeros: the same sum, and the site stays one C call
+                # (as a torch-ops site it would also keep the whole token out of the C step)
+                r, width = max(ranks), parts[0][1]["A"].shape[1]
+                have = dict(parts)
+                a_s, b_s = [], []
+                for j, mod in enumerate(modules):
+                    a, b = torch.zeros(r, width), torch.zeros(sizes[j], r)
+                    if j in have:
+                        rj = have[j]["A"].shape[0]
+                        a[:rj], b[:, :rj] = have[j]["A"].float(), scaled(mod, have[j])
+                    a_s.append(a)
+                    b_s.append(b)
+                layers[i][fused] = kernel.site(a_s, b_s)
                 continue
             a = torch.cat([p["A"].float() for _, p in parts])
             blocks = None
