@@ -60,14 +60,27 @@ def feedback_to_swap(home: Path, place: str, capital: str, learning: tuple[str, 
             elapsed = time.perf_counter() - t0
             print(f"  {line.strip()[:160]}")
             break
+    chat_rss = peak_rss_gb(p.pid)  # the chat is still up: it exits once the job has ended
     p.wait()
     from shammah.adapters.registry import Registry
 
     info = Registry(home / "adapters").list()[-1]
     report = info.get("report", default={})
-    print(f"  worker peak RSS {report.get('peak_rss_mb', 0) / 1024:.2f} GB (goal <= 2 GB)")
+    chat = f"; the chat's own peak RSS {chat_rss:.2f} GB" if chat_rss is not None else ""
+    print(f"  worker peak RSS {report.get('peak_rss_mb', 0) / 1024:.2f} GB (goal <= 2 GB){chat}")
     print("  " + breakdown(info.path / "train.log", elapsed))
     return elapsed
+
+
+def peak_rss_gb(pid: int) -> float | None:
+    """A running process's peak resident memory (Linux: VmHWM), None where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def breakdown(log: Path, total: float) -> str:
