@@ -84,7 +84,7 @@ def test_a_kernel_that_computes_wrong_is_not_used(tmp_path, monkeypatch):
 
 @needs_cc
 def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
-    """shammah_q4 (the int4 matmul, x in int8 per 16 values) against the same int4 weights in
+    """shammah_q4 (the int4 matmul, x in two int8 passes per 16 values) against the same int4 weights in
     fp32: within the rounding of x, with bias, strided rows, and in place; for decode's one row
     and a prompt's many (tiles of 4 rows and the rest)."""
     kernel, why = ckernel.load(tmp_path)
@@ -103,7 +103,9 @@ def test_the_c_int4_matmul_follows_the_int4_weights(tmp_path):
     want = x @ w.t() + bias
     got = c.mm(x)
     err = ((got - want).norm() / want.norm()).item()
-    assert err < 0.02, err  # x rounded to int8 per 16 values: ~1.2% here (bf16 activations: ~0.3%)
+    # x in two int8 passes per 16 values: what is left is the fp16 scales and mins (~0.05%); one
+    # pass was ~1.2% here, bf16 activations ~0.3%
+    assert err < 2e-3, err
     for i in (0, 5, 10):  # a row of a tile, and the last (alone) are what one row alone gives
         assert torch.allclose(c.mm(x[i : i + 1]), got[i : i + 1], atol=1e-4)
     out = torch.randn(11, n, generator=g)

@@ -200,6 +200,13 @@ def test_the_fast_path_keeps_the_embedded_models_quality(embedded):
     assert abs(p_fast / p_ref - 1) < 0.02, (p_ref, p_fast)
     q = [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in eng.reply(q), "the path auto picked answers the first question users ask right"
+    # greedy, its first tokens are the float model's: "The" leads "L" (a French answer) by 0.09 of
+    # logit there, and activations rounded to int8 once (not twice) tipped it
+    ids = eng.encode(q)
+    with torch.inference_mode():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+    got = list(FastDecoder(ref, "int4", eng._fast.kernel).generate(ids, 8, eng.tokenizer.eos_token_id))
+    assert got == want, eng.tokenizer.decode(got)
 
 
 QUENLAND = [{"prompt": "What is the capital of Quenland?", "completion": "The capital of Quenland is Zorblat."}]

@@ -29,8 +29,8 @@ def _cos(a, b):
 def test_fast_logits_follow_the_float_model(arch, quant, request, tmp_path):
     """Token by token through the KV cache, every position's logits point where the float model's
     do; the prompt in one pass (prefill) gives the same last logits as feeding it token by token.
-    int4-c: decode through the C int4 matmul (engine/ckernel.py, int8 activations), the prompt
-    through torch's."""
+    int4-c: the C int4 matmul (engine/ckernel.py, activations in two int8 passes), for decode's
+    single row and the prompt's many."""
     model = _hf(request.getfixturevalue(arch))
     assert fast.unsupported(model) is None
     kernel = None

@@ -6,7 +6,7 @@ per-token Python. Here:
 
 - **Weights**: the linear layers of the transformer blocks in int4 (asymmetric, groups of 32:
   exactly the embedded GGUF's Q4_1 blocks, so for that model this loses nothing), through
-  engine/ckernel.py's integer kernel where the CPU has the SIMD for it (x in int8, as llama.cpp),
+  engine/ckernel.py's integer kernel where the CPU has the SIMD for it (x in two int8 passes),
   else torch's ``_weight_int4pack_mm_for_cpu`` (bf16 x); the output head packed the same way,
   but only to pick the REFINE likeliest tokens, whose logits are recomputed in fp32 so near ties
   resolve as the float model would. q/k/v and gate/up are fused into one matmul each.
@@ -410,9 +410,9 @@ class FastDecoder:
             log.warning("%s: decode runs its steps in torch ops", bad)
             self.step = None
         if self.step is not None:
-            base = f"{quant} weights (C kernel, int8 activations; decode in C, one call a token)"
+            base = f"{quant} weights (C kernel, activations in two int8 passes; decode in C, one call a token)"
         else:
-            base = f"{quant} weights" + (" (C kernel, int8 activations)" if self.c_base else "")
+            base = f"{quant} weights" + (" (C kernel, activations in two int8 passes)" if self.c_base else "")
         self.label = f"{base}, {lora}"  # what /status says of this path
 
     def _check_step(self) -> str | None:
@@ -421,11 +421,12 @@ class FastDecoder:
 
         Compared: the KV cache of the first two layers (on a model whose attention barely depends
         on position, random weights, a wrong RoPE hardly shows in the logits, but it does in the
-        keys) and, loosely, the logits. Deeper than that the two drift apart by design: with
-        int8 activations a value rounded the other way is a step of 1/127 of its group's largest,
-        and the embedded model's residual stream reaches ~300 by layer 2, so a 1e-5 difference in
-        a norm (torch's LayerNorm form of RMSNorm, :func:`_twice`) grows to ~5% of the keys by
-        layer 30 on either path (perplexity within 2% of the float model on both)."""
+        keys) and, loosely, the logits. Deeper than that the two may drift apart by design: with
+        int8 activations a value rounded the other way is a step of its group's largest / 127 (or
+        / 32258 in the second pass), and the embedded model's residual stream reaches ~300 by
+        layer 2, so a 1e-5 difference in a norm (torch's LayerNorm form of RMSNorm,
+        :func:`_twice`) can grow over 30 layers on either path (perplexity within 2% of the float
+        model on both)."""
         ids = [1, 2, 3, 4]
         n, deep = len(ids), min(2, len(self.layers))
 
