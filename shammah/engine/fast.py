@@ -66,8 +66,8 @@ def kernel_available(quant: str) -> bool:
 class Int4Linear:
     """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
     torch's CPU int4 kernel (zero is the value of q = 8), or engine/ckernel.py's where it has
-    integer SIMD (then only that copy is kept: it is ~2-3x torch's for prompts on an AVX2 EPYC
-    and for decode's single row)."""
+    integer SIMD (then only that copy is kept: on an AVX2 EPYC it is ~3x torch's for decode's
+    single row and ~1.25x for a prompt's, with x in two int8 passes finer than torch's bf16)."""
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None, kernel=None):
         n, k = w.shape
@@ -299,7 +299,7 @@ class FastDecoder:
         ``kernel_why``) and, unless ``c_int4`` is False, where it has integer SIMD: its int4
         matmuls (prompts and decode) and decode's whole step (ckernel.Step), one C call a token.
         torch's int4 kernel takes bf16 activations: without native bf16 (an AVX2 EPYC) it was 64%
-        of a step and ~87% of a prompt, and the C one is ~2-3x faster there; the step then took
+        of a step and ~87% of a prompt, and the C one is ~3x and ~1.25x faster there; the step took
         the ~30 small torch ops a layer around the matmuls from 5.3 ms to ~0.3 ms of a token. On
         CPUs with native bf16 torch's int4 kernel may be the faster matmul, but not by that much
         (not measured there: no such CPU in the sessions since)."""
