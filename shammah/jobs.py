@@ -205,6 +205,7 @@ class JobManager:
         self._debounce: asyncio.Task | None = None
         self._saved_threads: int | None = None
         self._spare: _Adopted | None = None  # a worker that waits for the next job (prewarm)
+        self._stopped: list = []  # the worker processes pause() stopped, for resume()
 
     # state --------------------------------------------------------------------------------
     @property
@@ -337,12 +338,19 @@ class JobManager:
         if sig is None:
             return
         j = self.current
-        for proc in (j.proc if j is not None else None, self._spare):
-            if proc is None or proc.returncode is not None:
+        procs = [p for p in (j.proc if j is not None else None, self._spare) if p is not None]
+        if not stop:
+            # every process stopped, wherever it went since: the spare handed a job while the chat
+            # replied is neither the spare nor yet the job's process, and left stopped it hung the
+            # chat, which waits on its output (CI, test_second_trigger_is_queued_...)
+            procs, self._stopped = self._stopped + procs, []
+        for proc in procs:
+            if proc.returncode is not None:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
                 if stop:
+                    self._stopped.append(proc)
                     stopped(proc.pid)
 
     # the spare worker ---------------------------------------------------------------------

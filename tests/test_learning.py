@@ -261,6 +261,36 @@ def test_feedback_show_prints_the_next_training_set(tiny_qwen2, shammah_home):
     s.store.close()
 
 
+def test_a_spare_worker_taken_by_a_job_while_paused_runs_again(shammah_home, tiny_qwen2):
+    """The race that hung a CI run for 600 s: a reply pauses the spare worker, the job starting
+    meanwhile takes it (it is no longer the spare and not yet the job's process), the reply ends:
+    the worker must run again, or the chat waits on its output forever."""
+    from shammah import jobs
+
+    s, _ = make_session(tiny_qwen2, shammah_home)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    s.jobs._spare = jobs._Adopted(proc)
+
+    def state() -> str:
+        return open(f"/proc/{proc.pid}/stat").read().rsplit(") ", 1)[1].split()[0]
+
+    try:
+        s.jobs.pause()
+        assert state() == "T"
+        taken, s.jobs._spare = s.jobs._spare, None  # what _take_spare does before job.proc is set
+        s.jobs.resume()
+        for _ in range(100):
+            if state() != "T":
+                break
+            time.sleep(0.01)
+        assert state() in ("R", "S"), "the worker the job took was left stopped"
+    finally:
+        taken.close()
+        s.store.close()
+
+
 def test_worker_is_paused_while_the_chat_replies(shammah_home, tiny_qwen2):
     """A real reply through the chat stops the real training worker (state T in /proc at every
     chunk of the reply) and lets it run again after the reply."""
