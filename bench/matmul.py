@@ -8,7 +8,8 @@ o, fused gate/up, down, and the embedded output head), and for 1 row of x (a dec
 y out, as the fast path calls each, and GFLOP/s. torch's kernel (``_weight_int4pack_mm_for_cpu``)
 takes bf16 x, so its time includes the conversions the fast path made around it; both use the
 threads torch has (``torch.get_num_threads()``). Also each one's error against the same int4
-weights in fp32 (the C kernel rounds x to int8 per 16 values; torch to bf16).
+weights in fp32 (the C kernel takes x in two int8 passes per 16 values and keeps its scales in
+fp16; torch rounds x to bf16).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     import torch
 
     from shammah.engine import ckernel
-    from shammah.engine.fast import Int4Linear
+    from shammah.engine.fast import Int4Linear, int4_groups
 
     kernel, why = ckernel.load(CACHE)
     if kernel is None or not kernel.has_q4:
@@ -60,11 +61,8 @@ def main() -> None:
         for name, (k, n) in zip(NAMES, shapes, strict=False):
             w = torch.randn(n, k) * 0.02
             c, th = Int4Linear(w, kernel=kernel), Int4Linear(w)
-            g = w.view(n, k // 32, 32)
-            lo, hi = g.amin(-1), g.amax(-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            wq = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15) * scale[..., None] + lo[..., None]
-            wq = wq.reshape(n, k)
+            q, scale, lo = int4_groups(w)  # the weights both kernels hold, in fp32
+            wq = (q.view(n, k // 32, 32) * scale[..., None] + lo[..., None]).reshape(n, k)
             for t in args.rows:
                 x = torch.randn(t, k)
                 want = x @ wq.t()

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shammah.engine.ckernel import SITES
+
 log = logging.getLogger(__name__)
 
 GROUP = 32  # int4 group size (the GGUF Q4_1 block)
@@ -63,6 +65,17 @@ def kernel_available(quant: str) -> bool:
         return False
 
 
+def int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` [n, k] as asymmetric int4 in groups of 32: (q int32 [n, k] in 0..15, scale, lo
+    [n, k/32]), w ~ q * scale + lo."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, scale, lo
+
+
 class Int4Linear:
     """y = x W^T with W asymmetric int4 in groups of 32: w = (q - 8) * scale + zero, the layout of
     torch's CPU int4 kernel (zero is the value of q = 8), or engine/ckernel.py's where it has
@@ -70,11 +83,7 @@ class Int4Linear:
     single row and ~1.25x for a prompt's, with x in two int8 passes finer than torch's bf16)."""
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None, kernel=None):
-        n, k = w.shape
-        g = w.float().reshape(n, k // GROUP, GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        q, scale, lo = int4_groups(w)
         self.c = kernel.q4(q, scale, lo, bias) if kernel is not None else None
         if self.c is None:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
@@ -378,7 +387,7 @@ class FastDecoder:
         self.head = lin(head)
         self.head_rows = self.embed if head is sd["model.embed_tokens.weight"] else head.to(_BF16)
         self.final_norm = _twice(sd["model.norm.weight"])
-        if self.c_base and any(getattr(ly, s).c is None for ly in self.layers for s in ("qkv", "o", "gate_up", "down")):
+        if self.c_base and any(getattr(ly, s).c is None for ly in self.layers for s in SITES):
             self.c_base = False  # a matmul without a C copy (rows not in blocks of 8): no C step
         rot = model.model.rotary_emb
         self.inv_freq = rot.inv_freq.detach().float()
@@ -398,7 +407,7 @@ class FastDecoder:
             plain = [  # the RMSNorm weights: the first half of _twice's
                 {f: getattr(ly, f) for f in ("q_norm", "k_norm")}
                 | {"norm1": ly.norm1[: cfg.hidden_size], "norm2": ly.norm2[: cfg.hidden_size]}
-                | {site: getattr(ly, site).c for site in ("qkv", "o", "gate_up", "down")}
+                | {site: getattr(ly, site).c for site in SITES}
                 for ly in self.layers
             ]
             dims = {"hidden": cfg.hidden_size, "inter": cfg.intermediate_size, "n_heads": self.n_heads,
