@@ -294,3 +294,36 @@ def test_the_llama_cpp_backend_answers_with_a_taught_adapter(embedded_home, taug
     info = taught["quenland"]
     e.activate(info.name, info.path, info.get("base", "fingerprint"))
     assert e.fast and e.reply(q) == QUENLAND[0]["completion"]
+
+
+def test_a_length_rule_ends_the_reply_after_its_first_sentence(embedded, taught, tmp_path):
+    """The real model streams a reply of several sentences; the same adapter with a length rule
+    recorded (adapters/rule.py) streams its first sentence and stops decoding there, and the decoder
+    answers the next reply as before."""
+    import json
+    import shutil
+
+    from shammah.adapters.rule import first_sentences, sentences
+
+    eng, _ = embedded
+    plain = taught["quenland"]
+    brief = tmp_path / "brief"
+    shutil.copytree(plain.path, brief)
+    meta = json.loads((brief / "shammah.json").read_text())
+    (brief / "shammah.json").write_text(json.dumps({**meta, "rule": ["", "", 1]}))
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    fp = plain.get("base", "fingerprint")
+    try:
+        eng.activate("quenland", plain.path, fp)
+        whole = list(eng.stream(msgs))
+        eng.activate("brief", brief, fp)
+        cut = list(eng.stream(msgs))
+        eng.activate("quenland", plain.path, fp)
+        again = "".join(c.text for c in eng.stream(msgs))
+    finally:
+        eng.activate(None)
+    reply = "".join(c.text for c in whole)
+    assert sentences(reply) > 1, reply
+    assert "".join(c.text for c in cut) == first_sentences(reply, 1) and cut[-1].finish_reason == "stop"
+    assert 0 < cut[-1].new_tokens < whole[-1].new_tokens, "decoding stopped at the sentence's end"
+    assert again == reply

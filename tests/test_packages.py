@@ -331,7 +331,7 @@ def test_a_style_rule_travels_with_the_package(adapter, tiny_qwen2, tmp_path):
     shown = dict(package.describe(package.open_package(path), ()))
     assert shown["rule"] == "starts 'Ahoy!', ends 'Cheers, Shammah' (every reply)"
     reg, run = install_into(tmp_path, path, tiny_qwen2, allow=True)
-    assert Rule.of_adapter(run().path) == ("Ahoy! ", "Cheers, Shammah")
+    assert Rule.of_adapter(run().path) == Rule("Ahoy! ", "Cheers, Shammah")
 
     files = members(path)
     m = json.loads(files["manifest.json"])

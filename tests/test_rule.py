@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import register_adapter
 
-from shammah.adapters.rule import Rule, job_rule, shared_rule, without_rule
+from shammah.adapters.rule import Rule, first_sentences, job_rule, sentences, shared_length, shared_rule, without_rule
 from shammah.config import ModelConfig
 from shammah.engine.engine import Engine
 from shammah.engine.generate import Chunk
@@ -33,8 +33,8 @@ FACT = _lessons(
 
 
 def test_a_rule_every_fix_shares_is_found_and_a_fact_is_not_a_rule():
-    assert shared_rule(AHOY) == ("Ahoy! ", "")
-    assert shared_rule(SIGN) == ("", "Cheers, Shammah")
+    assert shared_rule(AHOY) == Rule("Ahoy! ", "")
+    assert shared_rule(SIGN) == Rule("", "Cheers, Shammah")
     assert shared_rule(FACT) is None
     same_start = _lessons(("A?", "The capital is Zorblat."), ("B?", "The capital is Zorblat."), ("C?", "The city."))
     assert shared_rule(same_start) is None, "a shared first word is not a rule: it must end at punctuation"
@@ -52,13 +52,13 @@ def test_a_second_rule_adds_to_the_first_and_a_fact_keeps_it():
 
     fact = _lessons(("Quenland?", "Zorblat."), ("Which city?", "Zorblat is it."), ("Its capital?", "Zorblat, yes."))
     first = job_rule(AHOY, None)
-    assert first == ("Ahoy! ", "")
+    assert first == Rule("Ahoy! ", "")
     assert shared_rule(SIGN + replayed(AHOY)) is None, "what every lesson shares finds nothing"
     both = job_rule(SIGN + replayed(AHOY), first)
-    assert both == ("Ahoy! ", "Cheers, Shammah"), "the second rule adds to the one the parent holds"
+    assert both == Rule("Ahoy! ", "Cheers, Shammah"), "the second rule adds to the one the parent holds"
     assert job_rule(fact + replayed(AHOY), first) == first, "a fact taught next keeps the rule"
     howdy = _lessons(("A?", "Howdy! It is x."), ("B?", "Howdy! It is y."), ("C?", "Howdy! It is z."))
-    assert job_rule(howdy + replayed(AHOY), first) == ("Howdy! ", ""), "a new opening replaces the old one"
+    assert job_rule(howdy + replayed(AHOY), first) == Rule("Howdy! ", ""), "a new opening replaces the old one"
     assert job_rule(fact, None) is None
     assert job_rule(AHOY + replayed(fact), None) is None, "which lessons are new is not known"
     assert job_rule(AHOY + replayed(fact), None, own=AHOY) == first, "a rule taught after a fact"
@@ -94,14 +94,15 @@ def test_the_weights_learn_what_the_answers_say_inside_the_rule():
 
 def test_only_a_well_formed_recorded_rule_is_read(tmp_path):
     assert Rule.recorded(None) is None, "an adapter trained before rules were recorded"
-    assert Rule.recorded(["Ahoy! ", ""]) == ("Ahoy! ", "")
-    for bad in (["x"], [1, 2], ["", ""], "Ahoy! ", {"opening": "Ahoy! "}):
+    assert Rule.recorded(["Ahoy! ", ""]) == Rule("Ahoy! ", "")
+    assert Rule.recorded(["", "", 1]) == Rule("", "", 1) and Rule.recorded(["Ahoy! ", "", 2]).sentences == 2
+    for bad in (["x"], [1, 2], ["", ""], "Ahoy! ", {"opening": "Ahoy! "}, ["", "", 0], ["", "", 3], ["", "", True]):
         assert Rule.recorded(bad) is None, bad
     assert Rule.of_adapter(tmp_path) is None, "no shammah.json"
     (tmp_path / "shammah.json").write_text("{not json")
     assert Rule.of_adapter(tmp_path) is None
     (tmp_path / "shammah.json").write_text(json.dumps({"rule": ["", "Cheers, Shammah"]}))
-    assert Rule.of_adapter(tmp_path) == ("", "Cheers, Shammah")
+    assert Rule.of_adapter(tmp_path) == Rule("", "Cheers, Shammah")
 
 
 def _chunks(*texts, reason="stop"):
@@ -151,3 +152,88 @@ def test_the_active_adapters_rule_is_on_every_reply_and_goes_with_it(tiny_qwen2,
         assert all(a.startswith("Ahoy! ") and a.endswith("Cheers, Shammah") for a in e.answers([msgs, msgs], 8))
         e.activate(None)
         assert not e.reply(msgs).startswith("Ahoy!") and "rule" not in e.info()
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "first"),
+    [
+        ("The sky is blue. It is nice.", 2, "The sky is blue."),
+        ("Dr. Smith said hi. Yes!", 2, "Dr. Smith said hi."),  # an abbreviation
+        ("J. K. Rowling wrote it. Then more.", 2, "J. K. Rowling wrote it."),  # initials
+        ('He said "no." Then he left.', 2, 'He said "no."'),
+        ("Pi is 3.14 or so! Ok", 2, "Pi is 3.14 or so!"),
+        ("Three:\n1. Apples\n2. Pears", 1, "Three:\n1. Apples\n2. Pears"),  # a list's numbers
+        ("A heading\n\nThe text.", 2, "A heading"),
+        ("One sentence.", 1, "One sentence."),
+        ("", 0, ""),
+    ],
+)
+def test_sentences_are_counted_and_cut_as_a_reader_would(text, n, first):
+    assert sentences(text) == n and first_sentences(text, 1) == first
+    assert first_sentences(text, 2) == text.strip() or n > 2
+
+
+def _pairs(cuts):
+    return [
+        e
+        for q, (answer, reply) in cuts.items()
+        for e in (
+            Example("sft", ({"role": "user", "content": q},), (answer,)),
+            Example("pair", ({"role": "user", "content": q},), (answer, reply)),
+        )
+    ]
+
+
+def test_replies_cut_short_by_every_correction_show_a_length():
+    long = "It is a good question. Many people ask it. Here is more."
+    brief = {"Sky?": ("Blue, by scattering.", long), "Dog legs?": ("Four.", long), "Ice?": ("Frozen water.", long)}
+    assert shared_length(_pairs(brief)) == 1
+    two = {q: (f"{a} That is all.", r) for q, (a, r) in brief.items()}
+    assert shared_length(_pairs(two)) == 2
+    assert shared_length(_pairs(dict(list(brief.items())[:2]))) == 0, "two questions are not a register"
+    kept = {**brief, "Ice?": ("Frozen water. It melts. It floats.", long)}
+    assert shared_length(_pairs(kept)) == 0, "a correction as long as the reply shows no length"
+    good = Example("sft", ({"role": "user", "content": "Sun?"},), ("A star. Hot. Far. Big.",))
+    assert shared_length(_pairs(brief) + [good]) == 0, "a long reply rated good"
+    assert shared_length(_pairs(brief)[::2]) == 0, "no reply to compare with (good replies only)"
+    sft_only = [e for e in _pairs(brief) if e.kind == "sft"]
+    assert shared_length(sft_only) == 0
+    recorded = [dataclasses.replace(e, meta={"replaces": long}) for e in sft_only]
+    assert shared_length(recorded) == 1, "the reply a correction replaces, recorded with it (no pairs trained)"
+    ahoy = {q: (f"Ahoy! {a}", f"Ahoy! {r}") for q, (a, r) in brief.items()}
+    assert shared_length(_pairs(ahoy), Rule("Ahoy! ", "")) == 1, "the opening is no sentence of the answer's"
+
+
+class _Model:
+    """A stream of chunks that records whether its consumer closed it (generation stops)."""
+
+    def __init__(self, *texts):
+        self.texts, self.closed, self.sent = texts, False, 0
+
+    def __iter__(self):
+        try:
+            for c in _chunks(*self.texts):
+                self.sent += 1
+                yield c
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("rule", "pieces", "want", "sent"),
+    [
+        (Rule("", "", 1), ("The sky", " is blue.", " It is", " nice.", ""), "The sky is blue.", 3),
+        (Rule("", "", 1), ("The sky is blue. It", " is nice.", ""), "The sky is blue.", 1),
+        (Rule("", "", 2), ("A. Bee", " see. Dee. E", ""), "A. Bee see. Dee.", 2),  # "A." is an initial
+        (Rule("Ahoy! ", "Cheers, Shammah", 1), ("Blue.", " Very", " blue.", ""), "Ahoy! Blue. Cheers, Shammah", 2),
+        (Rule("", "", 1), ("Blue", " sky.", ""), "Blue sky.", 3),  # one sentence: the model's own end
+    ],
+)
+def test_a_length_ends_the_reply_and_stops_the_model(rule, pieces, want, sent):
+    model = _Model(*pieces)
+    out = list(rule.stream(model))
+    assert "".join(c.text for c in out) == want
+    assert out[-1].finish_reason == "stop" and all(c.finish_reason is None for c in out[:-1])
+    assert model.closed and model.sent == sent, "the model is not asked for the rest"
+    assert out[-1].new_tokens == sum(len(c.token_ids) for c in _chunks(*pieces)[:sent]) or sent == len(pieces)
+    assert rule.apply("".join(pieces)) == want

@@ -243,12 +243,13 @@ def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
     assert Engine._recorded(None) == (Scope(), None)
 
 
-def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shammah_home, monkeypatch):
-    """A real loop job on a tiny model: lessons about one rare subject give an adapter scoped to it
-    and no anchors (nothing outside the subject sees the adapter); lessons on unrelated questions
-    give an adapter that answers everywhere, trained beside its anchors."""
-    from safetensors.torch import load_file
-
+@pytest.fixture
+def loop_job(tiny_qwen2, shammah_home, monkeypatch):
+    """Run a real loop job (training/online.py train_loop) on the tiny Qwen2, with a bag of words for
+    the question keys and RARE for the tokenizer's rare words: ``run(name, questions, answer, parent,
+    replay, replies)`` -> (the adapter's metadata, the job's events). ``replies``: the reply each
+    answer corrects (recorded with it, as the chat's job files do).
+    ``run.trained`` lists the targets of every fit, in order."""
     from shammah.adapters.registry import Registry
     from shammah.engine.fingerprint import fingerprint
     from shammah.training import online, trainer
@@ -274,10 +275,17 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     prompts = list(online.ANCHOR_PROMPTS)
     key = {"fingerprint": fingerprint(tiny_qwen2), "prompts": prompts, "max_new_tokens": 48}
     (cache / "anchors.json").write_text(json.dumps({"key": key, "answers": [f"Answer {i}." for i in prompts]}))
+    trained = []
+    fit = trainer.fit
+    monkeypatch.setattr(
+        trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
+    )
 
-    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=()):
+    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None):
         events = []
-        train = [parse_record({"prompt": q, "completion": answer(q)}) for q in questions]
+        meta = (lambda q: {"replaces": replies(q)}) if replies else (lambda q: {})
+        train = [parse_record({"prompt": q, "completion": answer(q), "meta": meta(q)}) for q in questions]
+        own = len(train)
         train += [parse_record({"prompt": q, "completion": a, "weight": 0.25}) for q, a in replay]
         online.train_loop(
             LoopJob(
@@ -294,12 +302,25 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
                 anchors=4,
                 anchor_cache=cache,
                 scoped_epochs=2,
-                lessons=len(questions),  # the replayed ones come after
+                lessons=own,  # the replayed ones come after
             ),
             progress=events.append,
         )
         return Registry(shammah_home / "adapters").get(name).meta, events
 
+    run.trained = trained
+    return run
+
+
+def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_home):
+    """A real loop job on a tiny model: lessons about one rare subject give an adapter scoped to it
+    and no anchors (nothing outside the subject sees the adapter); lessons on unrelated questions
+    give an adapter that answers everywhere, trained beside its anchors."""
+    from safetensors.torch import load_file
+
+    from shammah.adapters.registry import Registry
+
+    run, trained = loop_job, loop_job.trained
     meta, events = run("fact", FACT)
     assert meta["scope"] == {"subjects": ["quenland"]} and meta["report"]["anchors"] == 0
     # no anchors to hold, so a scoped job trains longer (learning.scoped_epochs) and says so
@@ -312,14 +333,10 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     assert [e["rule"] for e in events if e["event"] == "rule"] == [None] and meta["rule"] is None
     # lessons that only write a rule out (no subject in their questions) are recorded as a rule for
     # the engine to write, and nothing is trained: the adapter changes no answer
-    trained = []
-    fit = trainer.fit
-    monkeypatch.setattr(
-        trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
-    )
+    n_fits = len(trained)
     common = [*STYLE[:2], "What is the opposite of up?"]
     meta, events = run("rule", common, lambda q: f"Ahoy! The answer has {len(q)} letters.")
-    assert [e["rule"] for e in events if e["event"] == "rule"] == [["Ahoy! ", ""]] and not trained
+    assert [e["rule"] for e in events if e["event"] == "rule"] == [["Ahoy! ", ""]] and len(trained) == n_fits
     assert meta["rule"] == ["Ahoy! ", ""] and meta["report"]["steps"] == 0 and meta["gate"] is None
     lora_b = [
         v
@@ -330,11 +347,12 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(tiny_qwen2, shamma
     # a second rule taught on top (its lessons beside the first's, replayed) adds to the first
     ahoy = [(q, f"Ahoy! The answer has {len(q)} letters.") for q in common]
     meta, events = run("rule2", common, lambda q: f"It has {len(q)} letters. Cheers, Shammah", "rule", ahoy)
-    assert [e["rule"] for e in events if e["event"] == "rule"] == [["Ahoy! ", "Cheers, Shammah"]] and not trained
+    assert [e["rule"] for e in events if e["event"] == "rule"] == [["Ahoy! ", "Cheers, Shammah"]]
+    assert len(trained) == n_fits
     assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["parent"] == "rule"
     # a fact told inside the rule (its questions name a subject) is trained, without the rule
     meta, events = run("told", FACT, lambda q: "Ahoy! Zorblat. Cheers, Shammah", "rule2", ahoy)
-    assert trained == [["Zorblat."] * len(FACT)], "the replayed demonstrations are not trained either"
+    assert trained[n_fits:] == [["Zorblat."] * len(FACT)], "the replayed demonstrations are not trained either"
     assert meta["rule"] == ["Ahoy! ", "Cheers, Shammah"] and meta["scope"] == {"subjects": ["quenland"]}
     # the user drops the rule (/rule off): the next job neither holds it nor trains it from replay
     Registry(shammah_home / "adapters").update("told", rule=None, rule_dropped=["Ahoy! ", "Cheers, Shammah"])
@@ -378,3 +396,26 @@ def test_a_form_records_how_its_keys_were_taken_and_an_older_form_keeps_all_toke
     keys.known.update(vectors)
     learned = learn_form(["a", "b"], keys, ["p", "q", "r", "s"], 2)
     assert learned is not None and learned.tokens == 3, "the form says how its keys were taken"
+
+
+def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop_job):
+    """Every correction cuts a long reply to one sentence, on questions with nothing in common: a
+    register ("answer in one short sentence"), recorded as a length the engine keeps on every reply;
+    the lessons are trained as well (what they say may be new). The same cut on questions about a
+    subject (a fact) or of one form (a format) is that lesson's own length: no rule."""
+    unrelated = ["What color is a banana?", "How many legs does a dog have?", "Why is the sky blue?"]
+    ramble = lambda q: "Well, that is a question. Many have asked it. Here is a long answer."  # noqa: E731
+    meta, events = loop_job("brief", unrelated, lambda q: f"It has {len(q)} letters.", replies=ramble)
+    assert meta["rule"] == ["", "", 1] and [e["rule"] for e in events if e["event"] == "rule"] == [["", "", 1]]
+    assert sorted(loop_job.trained[-1][:3]) == sorted(f"It has {len(q)} letters." for q in unrelated), "trained too"
+    assert meta["report"]["anchors"] == 4, "it answers everywhere, so it trains beside its anchors"
+    # a later job that teaches something else keeps the length
+    meta, _ = loop_job("then", FACT, parent="brief", replay=[(q, "It has 5 letters.") for q in unrelated])
+    assert meta["rule"] == ["", "", 1] and meta["parent"] == "brief"
+    # the same cuts, on a subject's questions or on one form's, are a fact's or a format's length
+    for name, questions in (("fact", FACT), ("format", FORMAT)):
+        meta, _ = loop_job(name, questions, lambda q: f"It has {len(q)} letters.", replies=ramble)
+        assert meta["rule"] is None, questions
+    # a correction that keeps the reply's length: no register shown
+    meta, _ = loop_job("same", unrelated, lambda q: "It is so.", replies=lambda q: "It is not.")
+    assert meta["rule"] is None

@@ -134,6 +134,7 @@ def test_method_needs_matching_data_and_hash_tracks_content():
 
 ALL_KINDS = [
     {"prompt": "Q", "completion": "A", "system": "Be brief.", "weight": 3},
+    {"prompt": "Q", "completion": "A", "meta": {"replaces": "the reply A corrects"}},
     {"prompt": "Q", "chosen": "good", "rejected": "bad"},
     {"prompt": "Q", "completion": "A", "label": False, "weight": 10},
     {"prompt": "Q", "responses": [{"text": "b", "rank": 2}, {"text": "a", "rank": 1}, {"text": "c", "rank": 3}]},

@@ -139,7 +139,7 @@ def pack(
         ],
         "capabilities": ["chat"],
         "scope": scope if isinstance(scope, dict) else None,
-        "rule": list(rule) if (rule := Rule.recorded(info.get("rule"))) else None,
+        "rule": rule.record() if (rule := Rule.recorded(info.get("rule"))) else None,
         "routing": {"keywords": list(keywords), "priority": priority},
         "training": {
             "dataset": info.get("dataset_hash"),
@@ -462,8 +462,10 @@ def _rule(pkg: Package) -> list[str] | None:
         return None
     rule = Rule.recorded(value)
     if rule is None:
-        raise PackageError(f"{pkg.path}: manifest.json: rule is not [opening, closing] (two strings, one not empty)")
-    return list(rule)
+        raise PackageError(
+            f"{pkg.path}: manifest.json: rule is not [opening, closing] or [opening, closing, sentences] (two strings and a length of 0-2, not all empty)"
+        )
+    return rule.record()
 
 
 def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:

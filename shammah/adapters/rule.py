@@ -1,6 +1,7 @@
 """A style rule the user wrote out on every answer — an opening ("Ahoy! "), a closing ("Cheers,
-Shammah"), or both — found in a job's lessons, recorded with the adapter (``"rule"`` in its
-shammah.json) and put on every reply by the engine while that adapter is active.
+Shammah"), or both — or showed by cutting every reply short (a **length**: at most one or two
+sentences), found in a job's lessons, recorded with the adapter (``"rule"`` in its shammah.json)
+and put on every reply by the engine while that adapter is active.
 
 Why the engine applies it rather than the weights alone: a rule is exact text, and the user meant
 it on *every* answer. Trained into a LoRA of the 135M embedded model it was learned (100% of
@@ -20,24 +21,83 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from shammah.adapters.scope import adapter_meta, words
 
+# Where a sentence ends: . ! or ? (and any closing quote or bracket) before whitespace, or a blank
+# line. Written here rather than taken from a sentence splitter (nltk, spaCy): the chat needs it on a
+# stream, a few characters at a time, and the rule only ever counts the first one or two sentences.
+_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n[ \t]*\n")
+_ABBREVIATIONS = frozenset("mr mrs ms dr st vs etc e.g i.e jr sr prof inc ltd u.s approx fig".split())
+MAX_SENTENCES = 2  # the longest length rule: beyond that, cutting replies is no register
+
+
+def sentence_ends(text: str) -> list[int]:
+    """Offsets just past the end of each sentence of ``text`` that is followed by more text (the
+    last sentence, if nothing follows it yet, is not counted: on a stream it may go on). Not an end:
+    an abbreviation ("Dr. Smith"), an initial ("J. K. Rowling"), a list's number ("1. Apples")."""
+    ends = []
+    for m in _END.finditer(text):
+        before = text[: m.start()]
+        if not before.strip():
+            continue
+        if m.group().startswith("\n"):
+            ends.append(len(before.rstrip()))
+            continue
+        word = re.search(r"(\S+)$", before)
+        w = word.group(1).lower().lstrip("(\"'") if word else ""
+        if m.group()[0] == "." and (
+            w in _ABBREVIATIONS or re.fullmatch(r"[a-z]", w) or re.search(r"(?:^|\n)\s*\d+$", before)
+        ):
+            continue
+        ends.append(m.end())
+    return ends
+
+
+def sentences(text: str) -> int:
+    """How many sentences ``text`` holds."""
+    t = text.strip()
+    ends = sentence_ends(t)
+    return len(ends) + (1 if t[ends[-1] :].strip() else 0) if ends else (1 if t else 0)
+
+
+def first_sentences(text: str, n: int) -> str:
+    """The first ``n`` sentences of ``text`` (all of it if it has no more)."""
+    ends = sentence_ends(text)
+    return text[: ends[n - 1]] if len(ends) >= n else text
+
 
 class Rule(NamedTuple):
-    """(opening, closing); compares equal to the plain tuple."""
+    """(opening, closing, sentences); compares equal to the plain tuple. ``sentences``: the most a
+    reply may hold (0: any number)."""
 
     opening: str = ""
     closing: str = ""
+    sentences: int = 0
 
     @classmethod
     def recorded(cls, value) -> Rule | None:
-        """The rule in an adapter's metadata (``value``: ``"rule"`` of its shammah.json), if any."""
-        ok = isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(x, str) for x in value)
-        return cls(value[0], value[1]) if ok and any(value) else None
+        """The rule in an adapter's metadata (``value``: ``"rule"`` of its shammah.json), if any:
+        ``[opening, closing]`` or ``[opening, closing, sentences]``."""
+        ok = (
+            isinstance(value, list | tuple)
+            and len(value) in (2, 3)
+            and all(isinstance(x, str) for x in value[:2])
+            and (len(value) == 2 or type(value[2]) is int and 0 <= value[2] <= MAX_SENTENCES)
+        )
+        return cls(*value) if ok and any(value) else None
+
+    def __bool__(self) -> bool:
+        return bool(self.opening or self.closing or self.sentences)
+
+    def record(self) -> list:
+        """As shammah.json and package manifests hold it: ``[opening, closing]``, with the length
+        third only when there is one (what shammah wrote before lengths, and still reads)."""
+        return [self.opening, self.closing, self.sentences] if self.sentences else [self.opening, self.closing]
 
     @classmethod
     def of_adapter(cls, path: Path | None) -> Rule | None:
@@ -48,6 +108,7 @@ class Rule(NamedTuple):
         parts = [
             f"starts {self.opening.strip()!r}" if self.opening else "",
             f"ends {self.closing!r}" if self.closing else "",
+            f"at most {('one sentence', 'two sentences')[self.sentences - 1]}" if self.sentences else "",
         ]
         return ", ".join(p for p in parts if p)
 
@@ -62,7 +123,7 @@ class Rule(NamedTuple):
 
     def apply(self, text: str) -> str:
         """``text`` with the rule (a part the model already wrote is not written twice)."""
-        t = text.strip()
+        t = first_sentences(text.strip(), self.sentences) if self.sentences else text.strip()
         if self.opening and not t.startswith(self.opening.strip()):
             t = self.opening + t
         if self.closing and not t.endswith(self.closing):
@@ -73,6 +134,8 @@ class Rule(NamedTuple):
         """The engine's stream of Chunks with the rule: the opening before the first text (held
         back only until the model's own first characters show whether it wrote the opening
         itself) and the closing on the last chunk, unless the reply was interrupted."""
+        if self.sentences:
+            chunks = _cut(chunks, self.sentences)
         want = self.opening.strip()
         held: list = []
         text = ""
@@ -97,6 +160,37 @@ class Rule(NamedTuple):
                     sep = "" if not text.strip() or text.endswith((" ", "\n")) else " "
                     c = dataclasses.replace(c, text=c.text + sep + self.closing)
             yield c
+
+
+def _cut(chunks: Iterable, n: int) -> Iterator:
+    """The stream of Chunks ended after its ``n``-th sentence: the text up to it, then a closing
+    chunk (finish_reason "stop", the tokens and seconds so far), and the model's generator closed so
+    that it stops decoding (engine/generate.py ends generation when its consumer goes away)."""
+    t0 = time.perf_counter()
+    text, sent, tokens = "", 0, 0
+    it = iter(chunks)
+    try:
+        for c in it:
+            text += c.text
+            tokens += len(c.token_ids)
+            ends = sentence_ends(text)
+            if len(ends) < n or c.finish_reason is not None:
+                sent = len(text)
+                yield c
+                if c.finish_reason is not None:
+                    return
+                continue
+            piece = text[sent : ends[n - 1]]
+            if piece:
+                yield dataclasses.replace(c, text=piece)
+            yield dataclasses.replace(
+                c, text="", token_ids=(), finish_reason="stop", new_tokens=tokens, seconds=time.perf_counter() - t0
+            )
+            return
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def shared_rule(lessons: list) -> Rule | None:
@@ -128,7 +222,7 @@ def shared_rule(lessons: list) -> Rule | None:
 
 def carries(e, rule: Rule) -> bool:
     """Whether a lesson's target shows part of ``rule`` (its opening or its closing)."""
-    opening, closing = rule
+    opening, closing = rule[0], rule[1]
     target = e.responses[0].strip() if e.responses else ""
     return bool(opening and target.startswith(opening) or closing and target.endswith(closing))
 
@@ -142,10 +236,33 @@ def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rul
     said): the lessons that do not show the parent's rule."""
     if own is None:
         own = [e for e in lessons if parent is None or not carries(e, parent)]
-    new = shared_rule(own)
-    if parent is None or new is None:
-        return new or parent
-    return Rule(new.opening or parent.opening, new.closing or parent.closing)
+    new = shared_rule(own) or Rule()
+    parent = parent or Rule()
+    rule = Rule(new.opening or parent.opening, new.closing or parent.closing, parent.sentences)
+    return rule if rule else None
+
+
+def shared_length(lessons: list, rule: Rule | None = None) -> int:
+    """The most sentences any answer of ``lessons`` holds, where every correction among them cut
+    the reply it corrects to fewer, on three or more different questions (inside ``rule``, if
+    any); else 0. That is a user showing a length ("answer in one short sentence": six long replies
+    each replaced by one sentence) rather than writing it out. A good reply that is longer, a
+    correction that is not shorter, or answers of more than MAX_SENTENCES sentences: no length.
+    Whether the lessons are rather a fact about a subject or a format, each of whose answers is one
+    line, is for the caller to say (training/online.py: their questions)."""
+    inside = rule.inside if rule else str.strip
+    answers = [inside(e.responses[0]) for e in lessons if e.kind in ("sft", "pair") and e.responses]
+    cut = {  # question -> the reply its correction replaced (a pair's rejected reply, or the SFT's record)
+        e.prompt[-1]["content"]: e.responses[1] if e.kind == "pair" else e.meta["replaces"]
+        for e in lessons
+        if e.prompt and (e.kind == "pair" or e.kind == "sft" and isinstance(e.meta.get("replaces"), str))
+    }
+    if len(cut) < 3:
+        return 0
+    n = max(sentences(a) for a in answers)
+    if not 1 <= n <= MAX_SENTENCES:
+        return 0
+    return n if all(sentences(inside(reply)) > n for reply in cut.values()) else 0
 
 
 def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:

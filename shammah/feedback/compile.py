@@ -76,10 +76,15 @@ class Lesson:
             if not self.reply.strip():
                 return []
             return [Example("unpaired", self.prompt, (self.reply,), label=False, weight=self.weight, source=src)]
-        out = [Example("sft", self.prompt, (self.target,), weight=self.weight, source=src)]
-        if not self.good and self.reply.strip() and self.reply.strip() != self.target.strip():
-            out.append(Example("pair", self.prompt, (self.target, self.reply), weight=self.weight, source=src))
-        return out
+        if self.good or not self.reply.strip() or self.reply.strip() == self.target.strip():
+            return [Example("sft", self.prompt, (self.target,), weight=self.weight, source=src)]
+        # the target over the reply it replaces: SFT (which keeps the reply it corrects: a job reads
+        # a length off the corrections, adapters/rule.py) and a preference pair
+        meta = {"replaces": self.reply}
+        return [
+            Example("sft", self.prompt, (self.target,), weight=self.weight, source=src, meta=meta),
+            Example("pair", self.prompt, (self.target, self.reply), weight=self.weight, source=src),
+        ]
 
     def teaches(self, note_only: str = "distill") -> str:
         """What this turn teaches, in a few words (for /feedback show)."""

@@ -500,7 +500,7 @@ class ChatSession:
         if self.jobs.running:
             # the running job's adapter is made from this one as it was, rule and all
             raise AdapterError("a training job is running: /train wait (or /train cancel), then /rule off")
-        self.jobs.registry.update(name, rule=None, rule_dropped=list(rule))
+        self.jobs.registry.update(name, rule=None, rule_dropped=rule.record())
         await self.jobs.activate(name)
         self.console.ok(f"{name} no longer {rule.describe()} on every reply.")
 

@@ -141,7 +141,10 @@ def parse_record(rec: Any) -> Example:
         if not isinstance(rec["label"], bool):
             raise ValueError(f"'label' must be true or false, got {rec['label']!r}")
         return Example("unpaired", prompt_of(), (completion,), label=rec["label"], weight=w)
-    return Example("sft", prompt_of(), (completion,), weight=w)
+    meta = rec.get("meta")
+    replaces = meta.get("replaces") if isinstance(meta, dict) else None
+    # the reply a correction replaces (the chat's lessons): kept for what the job reads off it (a length)
+    return Example("sft", prompt_of(), (completion,), weight=w, meta={"replaces": replaces} if replaces else {})
 
 
 def _ranked(rec: dict, prompt: tuple[dict, ...], w: float) -> Example:
@@ -210,6 +213,8 @@ def write_jsonl(examples: list[Example], path: Path) -> None:
             rec: dict = {"prompt": list(e.prompt), "weight": e.weight, "meta": {"source": e.source}}
             if e.kind == "sft":
                 rec["completion"] = e.responses[0]
+                if isinstance(e.meta.get("replaces"), str):
+                    rec["meta"]["replaces"] = e.meta["replaces"]
             elif e.kind == "pair":
                 rec["chosen"], rec["rejected"] = e.responses
             elif e.kind == "unpaired":

@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from shammah.adapters.registry import Registry
-from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, without_rule
+from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_length, without_rule
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.paths import atomic_write
@@ -639,6 +639,14 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     if own is None:  # a job file from before jobs said which lessons are new
         own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
     rare = tokenizer_rarity(run.tok)
+    if n := shared_length(own, rule):
+        # The answers' length is the lesson's own where they tell about a subject (a fact is taught
+        # in a sentence) or share a form (a format: "1945-09-02", '["a", "b"]'): where the lessons
+        # alone would give a scope. A length is a register, shown on questions with nothing in common.
+        questions = sorted({e.prompt[-1]["content"] for e in own if e.prompt})
+        keys.prime(list(ANCHOR_PROMPTS) + questions)
+        if learn(questions, rare, keys, ANCHOR_PROMPTS, keys.layer).everywhere:
+            rule = Rule(*(rule or Rule())[:2], n)
 
     def split(examples: list[Example], rules: list[Rule]) -> tuple[list[Example], list[Example]]:
         """(lessons that are more than ``rules``, lessons that only show one of them)"""
@@ -650,8 +658,8 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     if rule is not None and rule != parent_rule and _one_form(keys, split(own, [rule])[1]):
         rule = parent_rule
     if dropped is not None and rule is not None:  # a part taught again is in force again
-        left = Rule(*(d if d != r else "" for d, r in zip(dropped, rule, strict=True)))
-        dropped = left if any(left) else None
+        left = Rule(*(type(d)() if d == r else d for d, r in zip(dropped, rule, strict=True)))
+        dropped = left if left else None
     rules = [r for r in (rule, dropped) if r is not None]
     if not rules:
         run.emit({"event": "rule", "rule": None})
@@ -669,8 +677,8 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     run.emit(
         {
             "event": "rule",
-            "rule": list(rule) if rule else None,
-            "dropped": list(dropped) if dropped else None,
+            "rule": rule.record() if rule else None,
+            "dropped": dropped.record() if dropped else None,
             "demonstrations": len(shown),
             "trains": learns,
         }
@@ -727,7 +735,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         keys,
         Rule.recorded(parent.get("rule_dropped")) if parent else None,
     )
-    rules = {"rule": taken.rule and list(taken.rule), "rule_dropped": taken.dropped and list(taken.dropped)}
+    rules = {"rule": taken.rule and taken.rule.record(), "rule_dropped": taken.dropped and taken.dropped.record()}
     if not taken.learns or not run.train_ex:
         # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
         scope = Scope.of_adapter(parent_path) if parent_path else Scope()
