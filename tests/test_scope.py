@@ -416,6 +416,9 @@ def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop
     for name, questions in (("fact", FACT), ("format", FORMAT)):
         meta, _ = loop_job(name, questions, lambda q: f"It has {len(q)} letters.", replies=ramble)
         assert meta["rule"] is None, questions
+    # corrections that write out an opening are about the opening, however short they are
+    meta, _ = loop_job("ahoy", unrelated, lambda q: f"Ahoy! It has {len(q)} letters.", replies=ramble)
+    assert meta["rule"] == ["Ahoy! ", ""]
     # a correction that keeps the reply's length: no register shown
     meta, _ = loop_job("same", unrelated, lambda q: "It is so.", replies=lambda q: "It is not.")
     assert meta["rule"] is None

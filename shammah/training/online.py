@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from shammah.adapters.registry import Registry
-from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_length, without_rule
+from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_length, shared_rule, without_rule
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.paths import atomic_write
@@ -639,10 +639,12 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     if own is None:  # a job file from before jobs said which lessons are new
         own = [e for e in run.train_ex if parent_rule is None or not carries(e, parent_rule)]
     rare = tokenizer_rarity(run.tok)
-    if n := shared_length(own, rule):
+    if shared_rule(own) is None and (n := shared_length(own, rule)):
         # The answers' length is the lesson's own where they tell about a subject (a fact is taught
         # in a sentence) or share a form (a format: "1945-09-02", '["a", "b"]'): where the lessons
         # alone would give a scope. A length is a register, shown on questions with nothing in common.
+        # Corrections that write out an opening or a closing are about that ("Ahoy! A dog has four
+        # legs." for a long reply): their brevity is not taken for a second rule.
         questions = sorted({e.prompt[-1]["content"] for e in own if e.prompt})
         keys.prime(list(ANCHOR_PROMPTS) + questions)
         if learn(questions, rare, keys, ANCHOR_PROMPTS, keys.layer).everywhere:
