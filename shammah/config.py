@@ -100,6 +100,12 @@ class LearningConfig:
         hi=3600.0,
     )
     revise: bool = _f(True, "after /medium or /critical without a fix, rewrite the answer following the note")
+    rewriter: str = _f(
+        "model",
+        "who writes the note-guided rewrite: the chat's own model, or the teacher (pipeline.teacher_url: a larger"
+        " model behind any OpenAI-compatible server — Ollama, llama.cpp, vLLM, `shammah serve`)",
+        choices=("model", "teacher"),
+    )
     revision_noninteractive: str = _f(
         "reject",
         "what piped/scripted input does with a rewrite nobody sees: reject it, accept it, or accept it only"

@@ -1,7 +1,8 @@
 """A scripted OpenAI-compatible teacher on a loopback port, for the named-training pipeline: it
 writes batches for the `notes` schema (examples/notes) with the faults a real teacher makes —
 an answer that is not JSON, examples that break the schema, near-duplicates — and answers the
-preference stage's "ideal answer" requests from what it generated."""
+preference stage's "ideal answer" requests from what it generated; it also rewrites a rated
+answer as the chat's note asks (learning.rewriter = "teacher")."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class FakeTeacher:
     def __init__(self, seed: int = 0, delay_after: int | None = None, delay_s: float = 60.0):
         self.rng = random.Random(seed)
         self.answers: dict[str, dict] = {}  # request text -> the right answer
+        self.rewrites: list[list[dict]] = []  # the conversations it was asked to rewrite an answer of
         self.requests = 0
         self.batch_requests = 0
         self.delay_after, self.delay_s = delay_after, delay_s
@@ -102,6 +104,13 @@ class FakeTeacher:
         request = user.split("Request:\n", 1)[1].rsplit("\n\nThe ideal answer", 1)[0]
         return json.dumps(self.answers.get(request, {"error": "unknown request"}))
 
+    def rewrite(self, messages: list[dict]) -> str:
+        """A note-guided rewrite (the chat's learning.rewriter = "teacher"), as a model that follows
+        the note writes it: the rated answer, addressed with the phrase the note quotes."""
+        self.rewrites.append(messages)
+        quoted = re.search(r'"([^"]+)"', messages[-1]["content"])
+        return f"{messages[-2]['content'].rstrip('.')}, {quoted.group(1) if quoted else 'corrected'}."
+
     def _handler(self):
         teacher = self
 
@@ -126,7 +135,10 @@ class FakeTeacher:
                 if teacher.delay_after is not None and teacher.requests > teacher.delay_after:
                     time.sleep(teacher.delay_s)  # a slow teacher: the test kills the run meanwhile
                 user = body["messages"][-1]["content"]
-                text = teacher.ideal(user) if "The ideal answer" in user else teacher.batch(user)
+                if user.startswith("That answer was wrong:"):
+                    text = teacher.rewrite(body["messages"])
+                else:
+                    text = teacher.ideal(user) if "The ideal answer" in user else teacher.batch(user)
                 self._send(
                     {
                         "id": "x",

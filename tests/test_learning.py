@@ -395,6 +395,45 @@ def test_chat_orders_one_decision_per_turn_and_no_unseen_rewrite(tiny_qwen2, sha
     s.store.close()
 
 
+def test_a_teacher_writes_the_rewrite_a_note_asks_for(tiny_qwen2, shammah_home):
+    """learning.rewriter = "teacher": the note-guided rewrite comes from the teacher's endpoint (a
+    larger model, which follows a note the chat's own may not), given the conversation, the rated
+    reply and the note; piped input's "check" trains it when it states what the note quotes. No
+    teacher set, or one that cannot be reached: one line saying so, and no rewrite (the note is
+    learnt by distillation, as without one)."""
+    import dataclasses
+
+    from fake_teacher import FakeTeacher
+
+    from shammah.config import PipelineConfig
+
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=1000, revision_noninteractive="check", rewriter="teacher")
+    s.engine.load()
+    _scripted_replies(s.engine, ["The ocean is blue.", "Five.", "Wool."])
+    note = '/critical always address me as "Captain"\n'
+    with FakeTeacher() as teacher:
+        s.cfg = dataclasses.replace(s.cfg, pipeline=PipelineConfig(teacher_url=teacher.url))
+        run_lines(s, "What color is the ocean?\n" + note)
+    [asked] = teacher.rewrites
+    assert asked[-3:-1] == [
+        {"role": "user", "content": "What color is the ocean?"},
+        {"role": "assistant", "content": "The ocean is blue."},
+    ] and '"Captain"' in asked[-1]["content"]
+    s.cfg, s._teacher = dataclasses.replace(s.cfg, pipeline=PipelineConfig(teacher_url="http://127.0.0.1:9/v1")), None
+    run_lines(s, "How many fingers does a hand have?\n" + note)
+    s.cfg, s._teacher = dataclasses.replace(s.cfg, pipeline=PipelineConfig()), None
+    run_lines(s, "What do sheep give us?\n" + note)
+    first, unreachable, unset = compile_feedback(s.store, 0)[0]
+    assert (first.target, first.source) == ("The ocean is blue, Captain.", "revision-auto")
+    assert unreachable.target is None and unset.target is None
+    assert [e.kind for e in unreachable.examples()] == ["distill"]
+    text = out.getvalue()
+    assert "Revision following your note (by fake-teacher):" in text and "The ocean is blue, Captain." in text
+    assert "cannot reach the teacher at http://127.0.0.1:9/v1" in text and "no teacher: set pipeline.teacher_url" in text
+    assert "Traceback" not in text
+    s.store.close()
+
+
 def test_a_rejected_adapter_falls_back_to_the_last_snapshot_that_passes(tiny_qwen2, monkeypatch):
     """Real generation on a tiny model: controls whose right answer is what the base says; the final
     adapter (large random LoRA weights) changes the answers and is refused; the snapshot taken

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from shammah.errors import ShammahError
 from shammah.paths import Paths, atomic_write
 from shammah.pipeline import generate as gen
 from shammah.pipeline.schema import Schema, check_output, load
-from shammah.pipeline.teacher import Teacher, TeacherError, parse_json
+from shammah.pipeline.teacher import Teacher, parse_json
 
 STAGES = ("generate", "sft", "preferences", "dpo", "quantize", "eval")
 
@@ -73,15 +72,7 @@ class Pipeline:
     @property
     def teacher(self) -> Teacher:
         if self._teacher is None:
-            pc = self.cfg.pipeline
-            if not pc.teacher_url:
-                raise PipelineError(
-                    "no teacher: set pipeline.teacher_url (or --teacher-url) to an OpenAI-compatible API root, "
-                    "e.g. http://127.0.0.1:8000/v1 for a `shammah serve` running a larger model"
-                )
-            self._teacher = Teacher(
-                pc.teacher_url, pc.teacher_model or _first_model(pc.teacher_url, pc.teacher_key), pc.teacher_key
-            )
+            self._teacher = Teacher.from_config(self.cfg.pipeline)
         return self._teacher
 
     def _done(self, stage: str, **info) -> None:
@@ -292,17 +283,6 @@ class Pipeline:
         )
         self.results = results
         self._done("eval", examples=len(items))
-
-
-def _first_model(url: str, key: str) -> str:
-    req = urllib.request.Request(f"{url.rstrip('/')}/models", headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())["data"][0]["id"]
-    except OSError as e:
-        raise TeacherError(f"cannot reach the teacher at {url} ({e}); check pipeline.teacher_url") from None
-    except (ValueError, KeyError, IndexError) as e:
-        raise TeacherError(f"no pipeline.teacher_model set and {url}/models did not list one ({e})") from None
 
 
 def table(results: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:

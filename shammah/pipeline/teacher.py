@@ -25,11 +25,25 @@ class Teacher:
     temperature: float = 0.8
     timeout: float = 300
 
+    @classmethod
+    def from_config(cls, pc) -> Teacher:
+        """The teacher ``pc`` (the config's ``pipeline`` section) names; TeacherError if none is set."""
+        if not pc.teacher_url:
+            raise TeacherError(
+                "no teacher: set pipeline.teacher_url (or --teacher-url) to an OpenAI-compatible API root, "
+                "e.g. http://127.0.0.1:8000/v1 for a `shammah serve` running a larger model"
+            )
+        return cls(pc.teacher_url, pc.teacher_model or first_model(pc.teacher_url, pc.teacher_key), pc.teacher_key)
+
     def ask(self, system: str, user: str, temperature: float | None = None) -> str:
         """One chat completion's text; a connection failure is retried once."""
+        return self.chat([{"role": "system", "content": system}, {"role": "user", "content": user}], temperature)
+
+    def chat(self, messages: list[dict], temperature: float | None = None) -> str:
+        """The completion's text for a whole conversation (``messages``: role/content dicts)."""
         body = {
             "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "messages": messages,
             "temperature": self.temperature if temperature is None else temperature,
         }
         headers = {"Content-Type": "application/json"}
@@ -56,6 +70,18 @@ class Teacher:
             except (ValueError, KeyError, IndexError, TypeError):
                 raise TeacherError(f"the teacher at {self.url} sent an answer that is not a chat completion") from None
         raise AssertionError("unreachable")
+
+
+def first_model(url: str, key: str) -> str:
+    """The first model an OpenAI-compatible endpoint lists (GET /models)."""
+    req = urllib.request.Request(f"{url.rstrip('/')}/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["data"][0]["id"]
+    except OSError as e:
+        raise TeacherError(f"cannot reach the teacher at {url} ({e}); check pipeline.teacher_url") from None
+    except (ValueError, KeyError, IndexError) as e:
+        raise TeacherError(f"no pipeline.teacher_model set and {url}/models did not list one ({e})") from None
 
 
 FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```\s*$")

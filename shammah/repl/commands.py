@@ -70,6 +70,7 @@ class ChatSession:
         self.history: list[dict] = []  # user/assistant messages of this conversation
         self.last_turn_id: int | None = None
         self._stop: threading.Event | None = None
+        self._teacher = None  # learning.rewriter = "teacher": its endpoint, resolved at the first rewrite
 
     # dispatch ----------------------------------------------------------------
     @classmethod
@@ -256,11 +257,14 @@ class ChatSession:
         """Rewrite the rated answer following the note; the user accepts, edits or rejects it."""
         turn = self.store.turn(item.turn_id)
         messages = revision_messages(turn.messages, turn.reply, item.note or "")
-        self._stop = stop = threading.Event()
-        self.console.info("Revision following your note:")
-        with self._sigint_stops_reply():
-            await self.ensure_loaded()
-            text, _, _ = await self._stream(messages, stop, self.engine.gen_params(temperature=0.0))
+        if self.cfg.learning.rewriter == "teacher":
+            text = await self._teacher_rewrite(messages)
+        else:
+            self._stop = stop = threading.Event()
+            self.console.info("Revision following your note:")
+            with self._sigint_stops_reply():
+                await self.ensure_loaded()
+                text, _, _ = await self._stream(messages, stop, self.engine.gen_params(temperature=0.0))
         if not text:
             self.console.info("(no revision produced; /fix <better answer> gives one)")
             return
@@ -274,6 +278,24 @@ class ChatSession:
         self.store.resolve_revision(item.id, accept, seen=False)
         verdict = "accepted" if accept else "rejected"
         self.console.info(f"(revision {verdict}: learning.revision_noninteractive = {decision!r})")
+
+    async def _teacher_rewrite(self, messages: list[dict]) -> str:
+        """The rewrite by the teacher (``learning.rewriter = "teacher"``): a model that follows a note
+        the chat's own may not (the 135M embedded model does not follow "always address me as
+        Captain" in its context, README). Greedy, as the chat's own rewrite; "" if it cannot answer."""
+        from shammah.pipeline.teacher import Teacher, TeacherError
+
+        try:
+            if self._teacher is None:
+                self._teacher = await asyncio.to_thread(Teacher.from_config, self.cfg.pipeline)
+            self.console.info(f"Revision following your note (by {self._teacher.model}):")
+            text = (await asyncio.to_thread(self._teacher.chat, messages, 0.0)).strip()
+        except TeacherError as e:
+            self.console.error(f"{e} (learning.rewriter = 'teacher'; 'model' rewrites with the chat's own model)")
+            return ""
+        self.console.stream(text)
+        self.console.end_stream()
+        return text
 
     def _after_feedback(self) -> None:
         msg = self.jobs.maybe_trigger()
