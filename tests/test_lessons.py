@@ -68,6 +68,23 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_replies_cut_to_one_sentence_teach_a_length(engine, embedded_home, tmp_path):
+    """brief: six long replies, each replaced by the user's one sentence, on questions with nothing
+    in common. The job records the length as a rule (adapters/rule.py) and every held-out reply is
+    one sentence; before, it was left to the weights and seed 2 kept long answers (README). Its
+    lessons still train everywhere with anchors (they may say something new), which is where its
+    0-2 unseen controls a seed go: not asserted here."""
+    from shammah.adapters.rule import sentences
+
+    lesson = next(x for x in suite.LESSONS if x.name == "brief")
+    res = suite.run_lesson(engine, tmp_path / "home", embedded_home / "cache", [lesson], seed=0, revision="reject")
+    assert "at most one sentence on every reply" in res["jobs"][0], res["jobs"]
+    assert all(sentences(a) == 1 for a in res["held"]["brief"]), res["held"]["brief"]
+    assert statistics.mean(lesson.follows(a) for a in res["held"]["brief"]) >= 4 / 6, res["held"]["brief"]
+
+
+@pytest.mark.integration
 def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_scope(engine):
     """The scope rules (adapters/scope.py) on the real model and the suite's lessons: each fact's
     subject, and each format's form, covers all its held-out paraphrases; a subject covers none of
