@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -287,7 +288,9 @@ class ChatSession:
 
         try:
             if self._teacher is None:
-                self._teacher = await asyncio.to_thread(Teacher.from_config, self.cfg.pipeline)
+                teacher = await asyncio.to_thread(Teacher.from_config, self.cfg.pipeline)
+                # the chat waits on it: two minutes, not the pipeline's five (a batch of examples)
+                self._teacher = dataclasses.replace(teacher, timeout=120)
             self.console.info(f"Revision following your note (by {self._teacher.model}):")
             text = (await asyncio.to_thread(self._teacher.chat, messages, 0.0)).strip()
         except TeacherError as e:
