@@ -645,8 +645,7 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
         # alone would give a scope. A length is a register, shown on questions with nothing in common.
         # Corrections that write out an opening or a closing are about that ("Ahoy! A dog has four
         # legs." for a long reply): their brevity is not taken for a second rule.
-        questions = sorted({e.prompt[-1]["content"] for e in own if e.prompt})
-        keys.prime(list(ANCHOR_PROMPTS) + questions)
+        questions = _questions(keys, own)
         if learn(questions, rare, keys, ANCHOR_PROMPTS, keys.layer).everywhere:
             rule = Rule(*(rule or Rule())[:2], n)
 
@@ -691,9 +690,15 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
 def _one_form(keys: KeyCache, lessons: list[Example]) -> bool:
     """Whether the questions of ``lessons`` are asked in one form (adapters/scope.py), as a format's
     are; a style rule is taught on questions with nothing in common."""
+    questions = _questions(keys, lessons)
+    return learn_form(questions, keys, ANCHOR_PROMPTS, keys.layer) is not None
+
+
+def _questions(keys: KeyCache, lessons: list[Example]) -> list[str]:
+    """The questions of ``lessons``, their keys computed beside the anchor pool's (in one batch)."""
     questions = sorted({e.prompt[-1]["content"] for e in lessons if e.prompt})
     keys.prime(list(ANCHOR_PROMPTS) + questions)
-    return learn_form(questions, keys, ANCHOR_PROMPTS, keys.layer) is not None
+    return questions
 
 
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
