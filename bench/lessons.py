@@ -584,7 +584,18 @@ def main(argv: list[str] | None = None) -> int:
             r1, lost = score(res, first)
             r2, _ = score(res, second)
             print(f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}")
-            report.setdefault("sequence", []).append({"seed": seed, first.name: r1, second.name: r2, "lost": lost})
+            report.setdefault("sequence", []).append(
+                {
+                    "seed": seed,
+                    first.name: r1,
+                    second.name: r2,
+                    "lost": lost,
+                    "jobs": res["jobs"],
+                    "steps": res["steps"],
+                    "held": res["held"],
+                    "controls": res["controls"],
+                }
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

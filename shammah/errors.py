@@ -8,6 +8,8 @@ Library code raises these; the CLI and the REPL turn each into one clear line
 class ShammahError(Exception):
     """Base class: ``str(err)`` is the complete message shown to the user."""
 
+    not_learned = False  # a training job whose lessons taught nothing (not a failure of the job)
+
 
 class ConfigError(ShammahError):
     """One or more configuration problems, all listed together."""

@@ -602,8 +602,8 @@ class JobManager:
         elif kind == "gate":
             job.status = "checking"
             job.result = {**(job.result or {}), "gate": ev}
-        elif kind == "rule":
-            job.result = {**(job.result or {}), "rule": ev}
+        elif kind in ("rule", "notes"):
+            job.result = {**(job.result or {}), kind: ev}
         elif kind in ("done", "error"):
             job.result = {**(job.result or {}), kind: ev}
 
@@ -615,6 +615,9 @@ class JobManager:
         if rc != 0 or "done" not in res:
             why = res.get("error", {}).get("message") or f"the training process exited with code {rc}"
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
+            if res.get("error", {}).get("not_learned"):
+                self._finish(job, "failed", None, f"Not learned: {why}. The feedback stays in the buffer.")
+                return
             self._finish(
                 job,
                 "failed",
@@ -637,6 +640,9 @@ class JobManager:
                 f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
                 + (f"; {rule.describe()} on every reply" if rule else "")
             )
+        if n := (res.get("notes") or {}).get("unfollowed"):
+            words = " or ".join(f'"{t}"' for t in res["notes"]["missing"][:3])
+            summary += f"; {n} note(s) not learned: with them in mind the model did not write {words}"
         if gate is not None and not gate["passed"]:
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
             lost = ", ".join(gate["controls_lost"]) or "held-out feedback got worse"

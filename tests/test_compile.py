@@ -254,6 +254,26 @@ def test_an_unseen_rewrite_is_trusted_only_if_it_states_the_note(note, question,
     assert checkable_terms("the capital of Quenland is Zorblat", "capital of Quenland?") == ["Zorblat"]
 
 
+@pytest.mark.parametrize(
+    "note, question, terms",
+    [
+        # a quoted example of a form is not words every answer must repeat ("Volcano: ..." follows it)
+        ('start definitions with the term and a colon, like "Photosynthesis: ..."', "What is a volcano?", []),
+        ('give arithmetic answers as "Answer: <number>" and nothing else', "What is 7 + 5?", []),
+        ('start definitions like "Volcano: …"', "What is a noun?", []),
+        ('give lists as a JSON array of strings, like ["a", "b"]', "Name three fruits.", []),  # no words quoted
+        ('always address me as "Captain"', "What falls from clouds?", ["Captain"]),
+        (
+            'say "Cheers, shammah" at the end, like "4. Cheers, shammah"',
+            "What is 2+2?",
+            ["Cheers, shammah", "4. Cheers, shammah"],
+        ),
+    ],
+)
+def test_a_quoted_form_is_not_checked_word_for_word(note, question, terms):
+    assert checkable_terms(note, question) == terms
+
+
 def test_anchors_are_the_lessons_neighbours_and_a_random_rest():
     from shammah.training import online
 

@@ -415,10 +415,14 @@ def test_a_teacher_writes_the_rewrite_a_note_asks_for(tiny_qwen2, shammah_home):
         s.cfg = dataclasses.replace(s.cfg, pipeline=PipelineConfig(teacher_url=teacher.url))
         run_lines(s, "What color is the ocean?\n" + note)
     [asked] = teacher.rewrites
-    assert asked[-3:-1] == [
-        {"role": "user", "content": "What color is the ocean?"},
-        {"role": "assistant", "content": "The ocean is blue."},
-    ] and '"Captain"' in asked[-1]["content"]
+    assert (
+        asked[-3:-1]
+        == [
+            {"role": "user", "content": "What color is the ocean?"},
+            {"role": "assistant", "content": "The ocean is blue."},
+        ]
+        and '"Captain"' in asked[-1]["content"]
+    )
     s.cfg, s._teacher = dataclasses.replace(s.cfg, pipeline=PipelineConfig(teacher_url="http://127.0.0.1:9/v1")), None
     run_lines(s, "How many fingers does a hand have?\n" + note)
     s.cfg, s._teacher = dataclasses.replace(s.cfg, pipeline=PipelineConfig()), None
@@ -429,8 +433,28 @@ def test_a_teacher_writes_the_rewrite_a_note_asks_for(tiny_qwen2, shammah_home):
     assert [e.kind for e in unreachable.examples()] == ["distill"]
     text = out.getvalue()
     assert "Revision following your note (by fake-teacher):" in text and "The ocean is blue, Captain." in text
-    assert "cannot reach the teacher at http://127.0.0.1:9/v1" in text and "no teacher: set pipeline.teacher_url" in text
+    assert (
+        "cannot reach the teacher at http://127.0.0.1:9/v1" in text and "no teacher: set pipeline.teacher_url" in text
+    )
     assert "Traceback" not in text
+    s.store.close()
+
+
+def test_a_note_the_model_does_not_follow_is_not_learned_and_the_chat_says_so(tiny_qwen2, shammah_home):
+    """Note-only lessons are learned from the model's own answer with the note in mind; when it
+    never says what the note quotes, the job trains nothing, the chat says why and what to do in
+    one line, no adapter is made, and the feedback stays in the buffer (a /fix later teaches it)."""
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=1000)
+    note = '/critical always address me as "Captain"\n'
+    run_lines(s, "".join(f"Question {i}?\n{note}" for i in range(3)) + "/train\n/train wait\n")
+    text = out.getvalue()
+    assert 'Not learned: with your note in mind the model still did not write "Captain" (3 of 3 answers)' in text
+    assert "/fix a reply with the answer you want" in text
+    assert "Training failed" not in text and "Traceback" not in text
+    assert s.engine.adapter is None and not s.jobs.registry.list()
+    assert s.store.db.execute("SELECT status FROM jobs").fetchone()[0] == "failed"
+    new, _ = compile_feedback(s.store, 0)
+    assert len(new) == 3 and all(x.target is None and x.note for x in new), "still in the buffer"
     s.store.close()
 
 

@@ -247,8 +247,9 @@ def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
 def loop_job(tiny_qwen2, shammah_home, monkeypatch):
     """Run a real loop job (training/online.py train_loop) on the tiny Qwen2, with a bag of words for
     the question keys and RARE for the tokenizer's rare words: ``run(name, questions, answer, parent,
-    replay, replies)`` -> (the adapter's metadata, the job's events). ``replies``: the reply each
-    answer corrects (recorded with it, as the chat's job files do).
+    replay, replies, notes)`` -> (the adapter's metadata, the job's events). ``replies``: the reply each
+    answer corrects (recorded with it, as the chat's job files do); ``notes``: (question, note, the
+    teacher's answer or None to generate it) of note-only lessons.
     ``run.trained`` lists the targets of every fit, in order."""
     from shammah.adapters.registry import Registry
     from shammah.engine.fingerprint import fingerprint
@@ -281,10 +282,13 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
         trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
     )
 
-    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None):
+    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None, notes=()):
         events = []
         meta = (lambda q: {"replaces": replies(q)}) if replies else (lambda q: {})
         train = [parse_record({"prompt": q, "completion": answer(q), "meta": meta(q)}) for q in questions]
+        for q, note, said in notes:  # note-only lessons, as the chat compiles them (the teacher's answer: said)
+            rec = {"prompt": q, "teacher_prompt": [{"role": "system", "content": note}, {"role": "user", "content": q}]}
+            train.append(parse_record(rec | {"meta": {"note": note}} | ({"completion": said} if said else {})))
         own = len(train)
         train += [parse_record({"prompt": q, "completion": a, "weight": 0.25}) for q, a in replay]
         online.train_loop(
@@ -422,3 +426,25 @@ def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop
     # a correction that keeps the reply's length: no register shown
     meta, _ = loop_job("same", unrelated, lambda q: "It is so.", replies=lambda q: "It is not.")
     assert meta["rule"] is None
+
+
+def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job, shammah_home):
+    """A note without a correction is learned from the model's own answer with the note in mind.
+    Where the note names something (a quoted phrase, a name) and that answer does not say it, the
+    model did not follow the note: that lesson is not trained, and a job left with none of its own
+    lessons stops, saying so, instead of training its replay again."""
+    from shammah.training.online import NotLearned
+
+    run, note = loop_job, 'always address me as "Captain"'
+    # the tiny model's own answers, the note in their context, never say "Captain"
+    with pytest.raises(NotLearned, match=r'did not write "Captain" \(3 of 3 answers\).*/fix a reply'):
+        run("captain", [], notes=[(q, note, None) for q in STYLE], replay=[("Who wrote Emma?", "Austen.")])
+    assert not (shammah_home / "adapters" / "captain").exists()
+    # the answer that says it is learned; the others are dropped, and the job says how many
+    meta, events = run("some", [], notes=[(STYLE[0], note, "Yellow, Captain.")] + [(q, note, None) for q in STYLE[1:]])
+    assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(2, ["Captain"])]
+    assert run.trained[-1] == ["Yellow, Captain."] and meta["report"]["examples"] == 1
+    # a note with nothing to check ("too long") is distilled as before (the teacher's non-empty answers)
+    meta, events = run("terse", [], notes=[(q, "too long: answer in one short sentence", None) for q in STYLE])
+    assert not [e for e in events if e["event"] == "notes"] and meta["report"]["examples"] == len(run.trained[-1])
+    assert run.trained[-1] and all(t.strip() for t in run.trained[-1])

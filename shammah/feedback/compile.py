@@ -70,7 +70,9 @@ class Lesson:
     def examples(self, note_only: str = "distill") -> list[Example]:
         src = f"turn:{self.turn_id}"
         if self.target is None and self.note and note_only == "distill":
-            meta = {"teacher_prompt": self.teacher_prompt(), "teacher": "current"}
+            # the note itself travels too: a job trains the teacher's answer only where it says what
+            # the note says (training/online.py drop_unfollowed)
+            meta = {"teacher_prompt": self.teacher_prompt(), "teacher": "current", "note": self.note}
             return [Example("distill", self.prompt, (), weight=self.weight, source=src, meta=meta)]
         if self.target is None:  # a bad reply and nothing better: only "don't say this"
             if not self.reply.strip():

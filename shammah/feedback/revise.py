@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 
 _QUOTED = re.compile(r"[\"'“‘`]([^\"'”’`]{2,})[\"'”’`]")
+# A quote that shows a form rather than words to write ("Photosynthesis: ...", "Answer: <number>").
+_TEMPLATE = re.compile(r"\.\.\.|…|<[^<>]+>")
 _TOKEN = re.compile(r"\b(?:\d[\d.,:/-]*\d|\d|[A-Z][\w-]*[a-z0-9][\w-]*)\b")
 # Words that start a note's sentences without being what it asserts.
 _COMMON = set(
@@ -39,8 +41,9 @@ def trust_unseen(policy: str, note: str, question: str, rewrite: str) -> bool:
 
 
 def checkable_terms(note: str, question: str = "") -> list[str]:
-    """What the note asserts that a rewrite must repeat: quoted phrases, numbers, names."""
-    terms = [q.strip() for q in _QUOTED.findall(note) if q.strip()]
+    """What the note asserts that a rewrite must repeat: quoted phrases, numbers, names. A quoted
+    form with a placeholder is an example of the shape, not words to repeat: it is not checked."""
+    terms = [q.strip() for q in _QUOTED.findall(note) if re.search(r"\w", q) and not _TEMPLATE.search(q)]
     rest = _QUOTED.sub(" ", note)
     terms += [w for w in _TOKEN.findall(rest) if w.lower() not in _COMMON]
     q = question.lower()

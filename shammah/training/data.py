@@ -124,6 +124,9 @@ def parse_record(rec: Any) -> Example:
             "teacher_prompt": tuple(sys_msgs + _messages(rec["teacher_prompt"], "teacher_prompt")),
             "teacher": teacher,
         }
+        note = rec["meta"].get("note") if isinstance(rec.get("meta"), dict) else None
+        if isinstance(note, str):  # the chat's note lessons: what the teacher's answer must say
+            meta["note"] = note
         return Example("distill", prompt_of(), responses, weight=w, meta=meta)
     if "chosen" in keys or "rejected" in keys:
         if not ("chosen" in keys and "rejected" in keys):
@@ -223,6 +226,8 @@ def write_jsonl(examples: list[Example], path: Path) -> None:
                 rec["responses"] = [{"text": t, "rank": i + 1} for i, t in enumerate(e.responses)]
             elif e.kind == "distill":
                 rec["teacher_prompt"], rec["teacher"] = list(e.meta["teacher_prompt"]), e.meta["teacher"]
+                if isinstance(e.meta.get("note"), str):
+                    rec["meta"]["note"] = e.meta["note"]
                 if e.responses:
                     rec["completion"] = e.responses[0]
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")

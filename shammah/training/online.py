@@ -31,6 +31,8 @@ from shammah.adapters.registry import Registry
 from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_length, shared_rule, without_rule
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
+from shammah.errors import ShammahError
+from shammah.feedback.revise import checkable_terms, states_the_note
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -701,6 +703,67 @@ def _questions(keys: KeyCache, lessons: list[Example]) -> list[str]:
     return questions
 
 
+class NotLearned(ShammahError):
+    """A job whose own lessons all turned out to teach nothing (every note it was to learn, the model
+    did not follow): the chat says so in one line, and the feedback stays in the buffer."""
+
+    not_learned = True
+
+
+def drop_unfollowed(run, own: list[Example]) -> str | None:
+    """Learn a note only where the model with the note in mind says what the note says.
+
+    A note without a correction is learned by context distillation: the current model answers the
+    question with the note in its context, and that answer is the teacher. Where the note names
+    something checkable (a quoted phrase, a name, a number: feedback/revise.py, the rule that decides
+    whether an unseen rewrite is trusted) and the teacher's answer does not say it, the model did not
+    follow the note, and distilling that answer teaches its own unrelated ramble. On bench/lessons.py
+    captain ('always address me as "Captain"', note-only), the 135M model never wrote "Captain" with
+    the note in mind: 21 steps of that taught nothing (0% of held-out answers, 3 seeds) and cost 1-2
+    unseen controls. Such lessons are taken out of the job (replayed ones too); when none of the
+    job's own lessons is left, the job stops with :class:`NotLearned` instead of training its replay
+    again (or saves only the rule the job's other lessons showed). Returns why nothing is left, or
+    None. The teacher's answers are generated here, before fit (which skips answered examples)."""
+    from shammah.training import trainer
+
+    answered = trainer.teacher_answers(run.model, run.tok, run.train_ex, run.job.args.teacher_max_tokens, True)
+    kept, unfollowed, missing = [], [], []
+    for e in answered:
+        note = e.meta.get("note") if e.kind == "distill" else None
+        question = e.prompt[-1]["content"] if e.prompt else ""
+        terms = checkable_terms(note, question) if note else []
+        if terms and not states_the_note(note, question, e.responses[0]):
+            unfollowed.append(e)
+            missing += [t for t in terms if t.lower() not in e.responses[0].lower()]
+        elif e.kind != "distill" or e.responses[0].strip():  # an empty answer teaches nothing
+            kept.append(e)
+    run.train_ex = kept
+    if not unfollowed:
+        return None
+    # this job's own lessons, by their prompt (a replayed one is another turn: another question)
+    mine = {json.dumps(e.prompt, sort_keys=True) for e in own}
+
+    def is_mine(e: Example) -> bool:
+        return json.dumps(e.prompt, sort_keys=True) in mine
+
+    run.emit(
+        {
+            "event": "notes",
+            "unfollowed": sum(map(is_mine, unfollowed)),
+            "missing": list(dict.fromkeys(missing)),
+        }
+    )
+    if any(map(is_mine, kept)):
+        return None
+    words = " or ".join(f'"{t}"' for t in list(dict.fromkeys(missing))[:3])
+    n = sum(map(is_mine, unfollowed))
+    return (
+        f"with your note in mind the model still did not write {words} ({n} of {n} answers), so there is "
+        "nothing to learn from it; /fix a reply with the answer you want (a larger model can follow "
+        'such notes: learning.rewriter = "teacher")'
+    )
+
+
 def at_share(anchors: list[Example], lessons: list[Example], share: float) -> list[Example]:
     """``anchors`` weighted alike so that they get ``share`` of the draws beside ``lessons``."""
     w = sum(e.weight for e in lessons) * share / (1 - share) / len(anchors)
@@ -735,15 +798,15 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
 
     # question keys for a form, memoised: the rule's form check and the scope share the anchor pool's
     keys = key_of(run.model, run.tok, default_layer(run.model))
-    taken = take_rule(
-        run,
-        lj,
-        Rule.recorded(parent.get("rule")) if parent else None,
-        keys,
-        Rule.recorded(parent.get("rule_dropped")) if parent else None,
-    )
+    parent_rule = Rule.recorded(parent.get("rule")) if parent else None
+    parent_dropped = Rule.recorded(parent.get("rule_dropped")) if parent else None
+    taken = take_rule(run, lj, parent_rule, keys, parent_dropped)
     rules = {"rule": taken.rule and taken.rule.record(), "rule_dropped": taken.dropped and taken.dropped.record()}
-    if not taken.learns or not run.train_ex:
+    own = lj.job.train[: lj.lessons] if lj.lessons >= 0 else run.train_ex
+    nothing_left = drop_unfollowed(run, own) if taken.learns else None
+    if nothing_left and (taken.rule, taken.dropped) == (parent_rule, parent_dropped):
+        raise NotLearned(nothing_left)
+    if not taken.learns or nothing_left or not run.train_ex:
         # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
         scope = Scope.of_adapter(parent_path) if parent_path else Scope()
         files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}

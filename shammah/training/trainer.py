@@ -323,9 +323,12 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool | str) -> str | None:
     return str(ckpts[-1])
 
 
-def teacher_answers(model, tok, examples: list[Example], max_new_tokens: int) -> list[Example]:
+def teacher_answers(
+    model, tok, examples: list[Example], max_new_tokens: int, keep_empty: bool = False
+) -> list[Example]:
     """Distillation examples without a completion get the teacher's own greedy answer to the
-    teacher prompt (the current model, or the base with the adapter disabled)."""
+    teacher prompt (the current model, or the base with the adapter disabled). An empty answer
+    teaches nothing: its example is left out (``keep_empty``: kept, for the caller to judge)."""
     todo = [i for i, e in enumerate(examples) if e.kind == "distill" and not e.responses]
     if not todo:
         return examples
@@ -346,7 +349,7 @@ def teacher_answers(model, tok, examples: list[Example], max_new_tokens: int) ->
                 for i, text in zip(chunk, generate_batch(model, tok, chats, max_new_tokens), strict=True):
                     out[i] = dataclasses.replace(examples[i], responses=(text,))
     model.train(was_training)
-    return [e for e in out if e.kind != "distill" or e.responses[0].strip()]  # an empty answer teaches nothing
+    return [e for e in out if keep_empty or e.kind != "distill" or e.responses[0].strip()]
 
 
 # --- the run: setup -> fit -> save ------------------------------------------------------------

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         from shammah.training.online import train_loop
 
         train_loop(LoopJob.read(Path(argv[0])), out)
-    except ShammahError as e:
-        out({"event": "error", "message": str(e)})
+    except ShammahError as e:  # NotLearned (training/online.py) is no failure: its lessons taught nothing
+        out({"event": "error", "message": str(e), **({"not_learned": True} if e.not_learned else {})})
         return 1
     except Exception as e:  # reported to the chat as one line; the traceback goes to stderr (the job log)
         import traceback
