@@ -658,7 +658,13 @@ class JobManager:
         swap_s = await self.activate(name)
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
-        if gate and gate.get("step") != gate.get("final_step"):
+        if gate and gate.get("rule_only"):
+            first = gate["tried"][0]
+            extra = (
+                f"; only the rule was kept: no trained step kept the controls "
+                f"({first['controls']} vs {gate['controls_current']}: {', '.join(first['lost'])})"
+            )
+        elif gate and gate.get("step") != gate.get("final_step"):
             first = gate["tried"][0]
             extra += (
                 f"; kept step {gate['step']} of {gate['final_step']}: the final adapter lost controls "

@@ -448,7 +448,7 @@ def test_a_note_the_model_does_not_follow_is_not_learned_and_the_chat_says_so(ti
     note = '/critical always address me as "Captain"\n'
     run_lines(s, "".join(f"Question {i}?\n{note}" for i in range(3)) + "/train\n/train wait\n")
     text = out.getvalue()
-    assert 'Not learned: with your note in mind the model still did not write "Captain" (3 of 3 answers)' in text
+    assert 'Not learned: with your note in mind the model still did not write "Captain" in any of its 3 answers' in text
     assert "/fix a reply with the answer you want" in text
     assert "Training failed" not in text and "Traceback" not in text
     assert s.engine.adapter is None and not s.jobs.registry.list()

@@ -247,7 +247,7 @@ def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
 def loop_job(tiny_qwen2, shammah_home, monkeypatch):
     """Run a real loop job (training/online.py train_loop) on the tiny Qwen2, with a bag of words for
     the question keys and RARE for the tokenizer's rare words: ``run(name, questions, answer, parent,
-    replay, replies, notes)`` -> (the adapter's metadata, the job's events). ``replies``: the reply each
+    replay, replies, notes, gate)`` -> (the adapter's metadata, the job's events). ``replies``: the reply each
     answer corrects (recorded with it, as the chat's job files do); ``notes``: (question, note, the
     teacher's answer or None to generate it) of note-only lessons.
     ``run.trained`` lists the targets of every fit, in order."""
@@ -282,7 +282,7 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
         trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
     )
 
-    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None, notes=()):
+    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None, notes=(), gate=False):
         events = []
         meta = (lambda q: {"replaces": replies(q)}) if replies else (lambda q: {})
         train = [parse_record({"prompt": q, "completion": answer(q), "meta": meta(q)}) for q in questions]
@@ -305,6 +305,7 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
                 ),
                 anchors=4,
                 anchor_cache=cache,
+                gate=gate,
                 scoped_epochs=2,
                 lessons=own,  # the replayed ones come after
             ),
@@ -428,6 +429,28 @@ def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop
     assert meta["rule"] is None
 
 
+def test_a_job_the_gate_rejects_still_keeps_the_rule_its_lessons_showed(loop_job, shammah_home, monkeypatch):
+    """When no trained step passes the gate, a rule the lessons showed (here a length) is still the
+    most learning that does not leak: it changes no weight. The adapter holds the rule on the
+    weights it started from and says why; a job with no new rule is rejected as before."""
+    from safetensors.torch import load_file
+
+    from shammah.training import online
+
+    refuse = {"passed": False, "controls": "0/12", "controls_current": "12/12", "controls_lost": ["What is 2+2?"]}
+    monkeypatch.setattr(online, "gate", lambda *a, **k: dict(refuse, answers={}))
+    unrelated = ["What color is a banana?", "How many legs does a dog have?", "Why is the sky blue?"]
+    ramble = lambda q: "Well, that is a question. Many have asked it. Here is a long answer."  # noqa: E731
+    meta, events = loop_job("brief", unrelated, lambda q: f"It has {len(q)} letters.", replies=ramble, gate=True)
+    assert meta["rule"] == ["", "", 1] and meta["report"]["steps"] > 0, "trained, then refused"
+    assert meta["gate"]["passed"] and meta["gate"]["rule_only"] and meta["gate"]["tried"][0]["lost"] == ["What is 2+2?"]
+    assert "answers" not in meta["gate"], "the refused weights' answers are not this adapter's"
+    weights = load_file(shammah_home / "adapters" / "brief" / "adapter_model.safetensors")
+    assert all(not v.any() for k, v in weights.items() if "lora_B" in k), "a fresh LoRA: the weights change nothing"
+    meta, _ = loop_job("fact", FACT, gate=True)
+    assert meta["rule"] is None and not meta["gate"]["passed"] and "rule_only" not in meta["gate"]
+
+
 def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job, shammah_home):
     """A note without a correction is learned from the model's own answer with the note in mind.
     Where the note names something (a quoted phrase, a name) and that answer does not say it, the
@@ -437,7 +460,7 @@ def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job
 
     run, note = loop_job, 'always address me as "Captain"'
     # the tiny model's own answers, the note in their context, never say "Captain"
-    with pytest.raises(NotLearned, match=r'did not write "Captain" \(3 of 3 answers\).*/fix a reply'):
+    with pytest.raises(NotLearned, match=r'did not write "Captain" in any of its 3 answers.*/fix a reply'):
         run("captain", [], notes=[(q, note, None) for q in STYLE], replay=[("Who wrote Emma?", "Austen.")])
     assert not (shammah_home / "adapters" / "captain").exists()
     # the answer that says it is learned; the others are dropped, and the job says how many

@@ -476,6 +476,13 @@ def gate(
     }
 
 
+def _adapter_weights(model) -> dict:
+    """A copy of the trainable adapter weights (for Snapshots, and a job's starting point)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
 class Snapshots(TrainerCallback):
     """Copies of the trainable adapter weights at ``points`` evenly spaced steps before the end."""
 
@@ -487,10 +494,7 @@ class Snapshots(TrainerCallback):
         total = state.max_steps
         marks = {round(total * k / (self.points + 1)) for k in range(1, self.points + 1)}
         if state.global_step in marks and 0 < state.global_step < total and model is not None:
-            from peft import get_peft_model_state_dict
-
-            weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-            self.saved.append((state.global_step, weights))
+            self.saved.append((state.global_step, _adapter_weights(model)))
 
 
 class Learned(TrainerCallback):
@@ -565,9 +569,9 @@ def gate_with_fallback(
         }
     ]
     if not result["passed"] and snapshots is not None and snapshots.saved:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import set_peft_model_state_dict
 
-        final = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        final = _adapter_weights(model)
         for step, weights in reversed(snapshots.saved):
             set_peft_model_state_dict(model, weights)
             r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint, scope)
@@ -758,7 +762,7 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     words = " or ".join(f'"{t}"' for t in list(dict.fromkeys(missing))[:3])
     n = sum(map(is_mine, unfollowed))
     return (
-        f"with your note in mind the model still did not write {words} ({n} of {n} answers), so there is "
+        f"with your note in mind the model still did not write {words} in any of its {n} answers, so there is "
         "nothing to learn from it; /fix a reply with the answer you want (a larger model can follow "
         'such notes: learning.rewriter = "teacher")'
     )
@@ -828,6 +832,9 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             run.job = dataclasses.replace(run.job, args=dataclasses.replace(run.job.args, epochs=lj.scoped_epochs))
     snapshots = Snapshots() if lj.gate else None
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy else None
+    # the weights the job starts from, while a new rule may have to be kept without what was trained
+    new_rule = taken.rule is not None and taken.rule != parent_rule
+    start = _adapter_weights(run.model) if lj.gate and new_rule else None
     trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
     if learned is not None:
         run.emit({"event": "learned", "stopped_at": learned.stopped_at, "accuracy": learned.history})
@@ -844,6 +851,17 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             run.trainer.state.global_step,
             scope,
         )
+        if not gate_result["passed"] and start is not None:
+            # No trained step keeps the controls, but the rule the lessons showed is no weight, so it
+            # cannot lose one: the most learning that does not leak (bench/lessons.py brief, seeds
+            # 3-5: a rejected job took its one-sentence length with it, 0% of held-out answers).
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(run.model, start)
+            # (its control answers were the trained weights': not recorded, so a later gate asks again)
+            kept = {k: v for k, v in gate_result.items() if k != "answers"}
+            gate_result = {**kept, "passed": True, "rule_only": True, "step": 0}
+            scope = Scope.of_adapter(parent_path) if parent_path else Scope()
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
     meta: dict = {"gate": gate_result, "scope": scope.summary(), **rules}
     if learned is not None:
