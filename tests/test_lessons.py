@@ -85,6 +85,21 @@ def test_replies_cut_to_one_sentence_teach_a_length(engine, embedded_home, tmp_p
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_a_note_the_model_does_not_follow_trains_nothing(engine, embedded_home, tmp_path):
+    """captain: six replies, each rated down with only the note 'always address me as "Captain"'.
+    With the note in its context the 135M model still never writes "Captain", so distilling its
+    answers would teach nothing and cost 1-2 unseen controls (README): the job says "Not learned"
+    and what to do, no adapter is made, and the six lessons stay in the buffer."""
+    lesson = next(x for x in suite.LESSONS if x.name == "captain")
+    res = suite.run_lesson(engine, tmp_path / "home", embedded_home / "cache", [lesson], seed=0, revision="reject")
+    [said] = res["jobs"]
+    assert said.startswith('Not learned: with your note in mind the model still did not write "Captain"'), said
+    assert "/fix a reply with the answer you want" in said and res["adapter"] is None
+    assert "Traceback" not in res["chat"]
+
+
+@pytest.mark.integration
 def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_scope(engine):
     """The scope rules (adapters/scope.py) on the real model and the suite's lessons: each fact's
     subject, and each format's form, covers all its held-out paraphrases; a subject covers none of
