@@ -14,7 +14,8 @@ The unit is the **turn**, not the rating: users rate in any order (`/fix` then `
   reply, DPO); with no target but a note it learns the note by **context distillation**
   (``learning.note_only = "distill"``): the current model's answer *with the note in its
   context* is the teacher for the model without it — the model's own, unseen text is never a
-  hard target, only its distribution given what the user said; with neither (or
+  hard target, only its distribution given what the user said (and only where that answer says
+  what the note names: a job drops the rest, training/online.py drop_unfollowed); with neither (or
   ``note_only = "avoid"``) it is an unpaired "undesirable" example (KTO);
 - the weight is the good weight for a good reply, else the heaviest rating the turn got
   (`/fix` then `/critical` weighs 10), but a rewrite nobody saw never weighs more than a `/fix`.
