@@ -183,6 +183,11 @@ class _Adopted:
                 f.close()
 
 
+def _why_refused(controls_lost: list[str]) -> str:
+    """What made the gate refuse a candidate: the controls it lost, else its held-out loss."""
+    return ", ".join(controls_lost) or "held-out feedback got worse"
+
+
 class JobManager:
     def __init__(
         self, cfg: Config, paths: Paths, store: Store, engine: Engine, notify: Callable[[str], None] | None = None
@@ -645,7 +650,7 @@ class JobManager:
             summary += f"; {n} note(s) not learned: with them in mind the model did not write {words}"
         if gate is not None and not gate["passed"]:
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
-            lost = ", ".join(gate["controls_lost"]) or "held-out feedback got worse"
+            lost = _why_refused(gate["controls_lost"])
             self._finish(
                 job,
                 "rejected",
@@ -661,8 +666,8 @@ class JobManager:
         if gate and gate.get("rule_only"):
             first = gate["tried"][0]
             extra = (
-                f"; only the rule was kept: no trained step kept the controls "
-                f"({first['controls']} vs {gate['controls_current']}: {', '.join(first['lost'])})"
+                f"; only the rule was kept: no trained step passed the gate "
+                f"(controls {first['controls']} vs {gate['controls_current']}: {_why_refused(first['lost'])})"
             )
         elif gate and gate.get("step") != gate.get("final_step"):
             first = gate["tried"][0]

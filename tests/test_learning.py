@@ -215,6 +215,38 @@ def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
     s.store.close()
 
 
+def test_a_refused_job_that_kept_only_its_rule_swaps_and_says_why(tiny_qwen2, shammah_home):
+    """The gate refused every trained step but the job kept the rule it found (training/online.py):
+    the adapter is swapped in, and the chat says only the rule was kept, and why."""
+    s, out = make_session(tiny_qwen2, shammah_home)
+    register_adapter(tiny_qwen2, shammah_home, "cand")
+
+    async def scenario():
+        for line in ["Q", "/fix A."]:
+            await s.handle(line)
+        job, d = s.jobs._snapshot("test", "job-test")
+        refused = {"step": 21, "controls": "11/12", "lost": [], "passed": False}
+        job.result = {
+            "done": {"adapter": "cand", "examples": 6, "anchors": 20, "final_train_loss": 0.1},
+            "rule": {"rule": ["", "", 1]},
+            "gate": {
+                "passed": True,
+                "rule_only": True,
+                "controls": "11/12",
+                "controls_current": "12/12",
+                "tried": [refused],
+            },
+        }
+        await s.jobs._conclude(job, 0, 1.0, d)
+
+    asyncio.run(scenario())
+    text = out.getvalue()
+    assert "Learned: now answering with cand" in text and "at most one sentence on every reply" in text
+    assert "only the rule was kept: no trained step passed the gate (controls 11/12 vs 12/12: held-out" in text
+    assert s.engine.adapter == "cand"
+    s.store.close()
+
+
 def test_adapter_for_another_base_is_refused(tiny_qwen2, tiny_qwen3, shammah_home, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
