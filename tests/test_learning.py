@@ -124,8 +124,21 @@ def test_threshold_trains_in_the_background_and_swaps(tiny_qwen2, shammah_home):
 
 
 def test_second_trigger_is_queued_and_continues_from_the_active_adapter(tiny_qwen2, shammah_home):
+    """A correction while a job trains queues a second job, which continues from the adapter the
+    first one swapped in. The second correction waits for the first job to start: two corrections
+    within the settle time are one job (the race that made this test fail about one run in ten)."""
     s, out = make_session(tiny_qwen2, shammah_home, threshold=3, settle_seconds=0.0)
-    run_lines(s, "Q1\n/fix A1.\nQ2\n/fix A2.\n")
+
+    async def scenario():
+        for line in ("Q1", "/fix A1."):
+            await s.handle(line)
+        while s.jobs._task is None:  # the first job has left its settle time
+            await asyncio.sleep(0.01)
+        for line in ("Q2", "/fix A2."):
+            await s.handle(line)
+        await s.jobs.wait()
+
+    asyncio.run(scenario())
     names = [a.name for a in s.jobs.registry.list()]
     assert len(names) >= 2, out.getvalue()[-2000:]
     last = s.jobs.registry.get(names[-1])
