@@ -33,6 +33,7 @@ from shammah.adapters.rule import Rule
 from shammah.config import Config, LearningConfig
 from shammah.engine import Engine
 from shammah.feedback.compile import buffer, compile_feedback, examples_of
+from shammah.feedback.revise import any_of
 from shammah.feedback.store import Store
 from shammah.paths import Paths, ensure_dir
 from shammah.training.args import TrainArgs, build
@@ -646,8 +647,7 @@ class JobManager:
                 + (f"; {rule.describe()} on every reply" if rule else "")
             )
         if n := (res.get("notes") or {}).get("unfollowed"):
-            words = " or ".join(f'"{t}"' for t in res["notes"]["missing"][:3])
-            summary += f"; {n} note(s) not learned: with them in mind the model did not write {words}"
+            summary += f"; {n} note(s) not learned: with them in mind the model did not write {any_of(res['notes']['missing'])}"
         if gate is not None and not gate["passed"]:
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
             lost = _why_refused(gate["controls_lost"])

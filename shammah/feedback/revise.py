@@ -54,3 +54,8 @@ def states_the_note(note: str, question: str, rewrite: str) -> bool:
     terms = checkable_terms(note, question)
     text = rewrite.lower()
     return bool(terms) and all(t.lower() in text for t in terms)
+
+
+def any_of(terms: list[str]) -> str:
+    """'"a" or "b" or "c"': the first three of ``terms``, as a message names what was not said."""
+    return " or ".join(f'"{t}"' for t in terms[:3])

@@ -32,7 +32,7 @@ from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
-from shammah.feedback.revise import checkable_terms, states_the_note
+from shammah.feedback.revise import any_of, checkable_terms
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -734,11 +734,11 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     kept, unfollowed, missing = [], [], []
     for e in answered:
         note = e.meta.get("note") if e.kind == "distill" else None
-        question = e.prompt[-1]["content"] if e.prompt else ""
-        terms = checkable_terms(note, question) if note else []
-        if terms and not states_the_note(note, question, e.responses[0]):
+        terms = checkable_terms(note, e.prompt[-1]["content"] if e.prompt else "") if note else []
+        unsaid = [t for t in terms if t.lower() not in e.responses[0].lower()]
+        if unsaid:  # the note names something its teacher's answer does not say (revise.states_the_note)
             unfollowed.append(e)
-            missing += [t for t in terms if t.lower() not in e.responses[0].lower()]
+            missing += unsaid
         elif e.kind != "distill" or e.responses[0].strip():  # an empty answer teaches nothing
             kept.append(e)
     run.train_ex = kept
@@ -750,19 +750,12 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     def is_mine(e: Example) -> bool:
         return json.dumps(e.prompt, sort_keys=True) in mine
 
-    run.emit(
-        {
-            "event": "notes",
-            "unfollowed": sum(map(is_mine, unfollowed)),
-            "missing": list(dict.fromkeys(missing)),
-        }
-    )
+    n, missing = sum(map(is_mine, unfollowed)), list(dict.fromkeys(missing))
+    run.emit({"event": "notes", "unfollowed": n, "missing": missing})
     if any(map(is_mine, kept)):
         return None
-    words = " or ".join(f'"{t}"' for t in list(dict.fromkeys(missing))[:3])
-    n = sum(map(is_mine, unfollowed))
     return (
-        f"with your note in mind the model still did not write {words} in any of its {n} answers, so there is "
+        f"with your note in mind the model still did not write {any_of(missing)} in any of its {n} answers, so there is "
         "nothing to learn from it; /fix a reply with the answer you want (a larger model can follow "
         'such notes: learning.rewriter = "teacher")'
     )
@@ -812,7 +805,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         raise NotLearned(nothing_left)
     if not taken.learns or nothing_left or not run.train_ex:
         # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
-        scope = Scope.of_adapter(parent_path) if parent_path else Scope()
+        scope = Scope.of_adapter(parent_path)
         files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
         return trainer.save(run, {"gate": None, "scope": scope.summary(), **rules}, files)
     holdout = taken.holdout
@@ -861,7 +854,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             # (its control answers were the trained weights': not recorded, so a later gate asks again)
             kept = {k: v for k, v in gate_result.items() if k != "answers"}
             gate_result = {**kept, "passed": True, "rule_only": True, "step": 0}
-            scope = Scope.of_adapter(parent_path) if parent_path else Scope()
+            scope = Scope.of_adapter(parent_path)
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
     meta: dict = {"gate": gate_result, "scope": scope.summary(), **rules}
     if learned is not None:
