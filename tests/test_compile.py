@@ -7,7 +7,7 @@ import pytest
 
 from shammah.config import FeedbackConfig
 from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of
-from shammah.feedback.revise import checkable_terms, states_the_note
+from shammah.feedback.revise import checkable_terms, form_shape, states_the_note
 from shammah.feedback.store import Store
 from shammah.training.data import load_jsonl, write_jsonl
 
@@ -247,6 +247,13 @@ def test_trust_order_is_people_first():
         ("It was invented in 1987 by Ada Brenwick", "Who invented it?", "Ada Brenwick, in 1987.", True),
         ("It was invented in 1987 by Ada Brenwick", "Who invented it?", "Ada Lovelace, in 1987.", False),
         ("too long, answer in one line", "Explain tides", "Tides come from the moon.", False),  # nothing checkable
+        # a quoted form: some line of the rewrite has its shape, whatever the term
+        ('start definitions like "Photosynthesis: ..."', "What is a noun?", "**Noun**: a naming word.", True),
+        ('start definitions like "Photosynthesis: ..."', "What is a noun?", "Sure:\nNoun: a naming word.", True),
+        ('start definitions like "Photosynthesis: ..."', "What is a noun?", "A noun is a word: a name.", False),
+        ('give sums as "Answer: <number>"', "What is 7 + 5?", "Answer: 12", True),
+        ('give sums as "Answer: <number>"', "What is 7 + 5?", "The answer is 12.", False),
+        ('give lists like ["a", "b"]', "Name two fruits.", '["apple", "pear"]', False),  # no shape to check
     ],
 )
 def test_an_unseen_rewrite_is_trusted_only_if_it_states_the_note(note, question, rewrite, ok):
@@ -272,6 +279,25 @@ def test_an_unseen_rewrite_is_trusted_only_if_it_states_the_note(note, question,
 )
 def test_a_quoted_form_is_not_checked_word_for_word(note, question, terms):
     assert checkable_terms(note, question) == terms
+
+
+@pytest.mark.parametrize(
+    "quote, lines, shaped",
+    [
+        ("Photosynthesis: ...", ["Volcano: a mountain.", "Water cycle: rain.", "**Noun**: a word.", "- Habitat: home."], True),
+        ("Photosynthesis: ...", ["A volcano is a mountain.", "It is a mountain that: erupts.", ":"], False),
+        ("Answer: <number>", ["Answer: 12", "answer:12"], True),
+        ("<n> years", ["5 years"], None),  # nothing before the placeholder: no shape
+        ("Answer <number>", ["Answer 12"], None),  # words alone: no shape
+        ("Cheers, Shammah", ["Cheers, Shammah"], None),  # no placeholder: words to repeat, not a form
+    ],
+)
+def test_a_quoted_form_is_checked_by_its_shape(quote, lines, shaped):
+    shape = form_shape(quote)
+    if shaped is None:
+        assert shape is None
+    else:
+        assert all(bool(shape.search(line)) is shaped for line in lines), [shape.search(x) for x in lines]
 
 
 def test_anchors_are_the_lessons_neighbours_and_a_random_rest():

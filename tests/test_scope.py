@@ -467,6 +467,12 @@ def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job
     meta, events = run("some", [], notes=[(STYLE[0], note, "Yellow, Captain.")] + [(q, note, None) for q in STYLE[1:]])
     assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(2, ["Captain"])]
     assert run.trained[-1] == ["Yellow, Captain."] and meta["report"]["examples"] == 1
+    # a quoted form is checked by its shape: an answer with no line like "Term: ..." did not follow it
+    form = 'start definitions with the term and a colon, like "Photosynthesis: ..."'
+    answers = ("Banana: a yellow fruit.", "The sky is blue because of the air.", "**Dogs**: pets with four legs.")
+    meta, events = run("form", [], notes=[(q, form, a) for q, a in zip(STYLE, answers, strict=False)])
+    assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(1, ["Photosynthesis: ..."])]
+    assert sorted(run.trained[-1]) == sorted([answers[0], answers[2]])
     # a note with nothing to check ("too long") is distilled as before (the teacher's non-empty answers)
     meta, events = run("terse", [], notes=[(q, "too long: answer in one short sentence", None) for q in STYLE])
     assert not [e for e in events if e["event"] == "notes"] and meta["report"]["examples"] == len(run.trained[-1])

@@ -3,8 +3,9 @@ nobody has seen may be trusted (``learning.revision_noninteractive = "check"``).
 
 A small model's rewrite can keep the fact of the note and invent the rest, or drop the fact. The
 check is deliberately literal: every quoted phrase, number and capitalised name the note adds
-(not already in the question) must appear in the rewrite. A note with nothing checkable (e.g.
-"too long") never passes: what the model made of it cannot be verified without a person.
+(not already in the question) must appear in the rewrite, and a quoted form ("Photosynthesis:
+...", "Answer: <number>") must be the shape of one of its lines. A note with nothing checkable
+(e.g. "too long") never passes: what the model made of it cannot be verified without a person.
 """
 
 from __future__ import annotations
@@ -50,10 +51,38 @@ def checkable_terms(note: str, question: str = "") -> list[str]:
     return [t for t in dict.fromkeys(terms) if t.lower() not in q]
 
 
+def form_shape(quote: str) -> re.Pattern | None:
+    """The shape a quoted form asks of an answer's line, from what comes before its placeholder: its
+    words stand for any one to four words (the term of "Photosynthesis: ..." is the question's own),
+    its punctuation is kept, Markdown emphasis is allowed ("**Volcano**: ..."). None where the form
+    has no placeholder, or nothing but words before it: a shape of words alone says nothing."""
+    m = _TEMPLATE.search(quote)
+    prefix = quote[: m.start()].strip() if m else ""
+    if not re.search(r"[^\w\s]", prefix):
+        return None
+    word = r"\**\w[\w'’-]*(?:\s+\w[\w'’-]*){0,3}\**"
+    parts = (word if re.match(r"\w", p) else r"\s*" if p.isspace() else re.escape(p) for p in _PIECE.findall(prefix))
+    return re.compile(r"^[\s*#>_-]*" + "".join(parts), re.M)
+
+
+_PIECE = re.compile(r"\w+(?:\s+\w+)*|\s+|[^\w\s]")
+
+
+def checkable_forms(note: str) -> list[str]:
+    """The quoted forms of ``note`` whose shape can be checked (:func:`form_shape`)."""
+    return [q.strip() for q in _QUOTED.findall(note) if form_shape(q) is not None]
+
+
+def unsaid(note: str, question: str, answer: str) -> list[str]:
+    """What ``answer`` leaves out of what the note asserts: the quoted phrases, numbers and names it
+    does not say, the quoted forms none of its lines has the shape of."""
+    text = answer.lower()
+    missing = [t for t in checkable_terms(note, question) if t.lower() not in text]
+    return missing + [f for f in checkable_forms(note) if not form_shape(f).search(answer)]
+
+
 def states_the_note(note: str, question: str, rewrite: str) -> bool:
-    terms = checkable_terms(note, question)
-    text = rewrite.lower()
-    return bool(terms) and all(t.lower() in text for t in terms)
+    return bool(checkable_terms(note, question) or checkable_forms(note)) and not unsaid(note, question, rewrite)
 
 
 def any_of(terms: list[str]) -> str:

@@ -32,7 +32,7 @@ from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
-from shammah.feedback.revise import any_of, checkable_terms
+from shammah.feedback.revise import any_of, unsaid
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -719,8 +719,9 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
 
     A note without a correction is learned by context distillation: the current model answers the
     question with the note in its context, and that answer is the teacher. Where the note names
-    something checkable (a quoted phrase, a name, a number: feedback/revise.py, the rule that decides
-    whether an unseen rewrite is trusted) and the teacher's answer does not say it, the model did not
+    something checkable (a quoted phrase, a name, a number, a quoted form such as "Term: ...":
+    feedback/revise.py, the rule that decides whether an unseen rewrite is trusted) and the teacher's
+    answer does not say it (or has no line of the form's shape), the model did not
     follow the note, and distilling that answer teaches its own unrelated ramble. On bench/lessons.py
     captain ('always address me as "Captain"', note-only), the 135M model never wrote "Captain" with
     the note in mind: 21 steps of that taught nothing (0% of held-out answers, 3 seeds) and cost 1-2
@@ -734,11 +735,10 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     kept, unfollowed, missing = [], [], []
     for e in answered:
         note = e.meta.get("note") if e.kind == "distill" else None
-        terms = checkable_terms(note, e.prompt[-1]["content"] if e.prompt else "") if note else []
-        unsaid = [t for t in terms if t.lower() not in e.responses[0].lower()]
-        if unsaid:  # the note names something its teacher's answer does not say (revise.states_the_note)
+        left_out = unsaid(note, e.prompt[-1]["content"] if e.prompt else "", e.responses[0]) if note else []
+        if left_out:  # the note names a word or a form its teacher's answer does not have (revise.unsaid)
             unfollowed.append(e)
-            missing += unsaid
+            missing += left_out
         elif e.kind != "distill" or e.responses[0].strip():  # an empty answer teaches nothing
             kept.append(e)
     run.train_ex = kept
