@@ -284,7 +284,11 @@ def test_a_quoted_form_is_not_checked_word_for_word(note, question, terms):
 @pytest.mark.parametrize(
     "quote, lines, shaped",
     [
-        ("Photosynthesis: ...", ["Volcano: a mountain.", "Water cycle: rain.", "**Noun**: a word.", "- Habitat: home."], True),
+        (
+            "Photosynthesis: ...",
+            ["Volcano: a mountain.", "Water cycle: rain.", "**Noun**: a word.", "- Habitat: home."],
+            True,
+        ),
         ("Photosynthesis: ...", ["A volcano is a mountain.", "It is a mountain that: erupts.", ":"], False),
         ("Answer: <number>", ["Answer: 12", "answer:12"], True),
         ("<n> years", ["5 years"], None),  # nothing before the placeholder: no shape
