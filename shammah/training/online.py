@@ -136,6 +136,10 @@ ANCHOR_PROMPTS = (
 # Control prompts whose answers must survive every swap: (prompt, accepted answers). Only facts the
 # embedded model answers right robustly: "capital of Italy" (it says "Il Coriobella") and "capital of
 # Ireland" (Dublin turns into "Limerick" after any lesson, even a style rule) made every candidate fail.
+# The last six (rivers, languages, currencies, authors, scientists: kinds the first twelve lacked) are
+# the ones of 22 such questions the base answers right; on bench/lessons.py brief (the one lesson that
+# trains everywhere) they turned one of six seeds from a kept step that lost 2 unseen controls into the
+# rule alone (100%, none lost) and changed no other seed.
 CONTROLS = (
     ("What is the capital of France?", ("paris",)),
     ("What is the capital of Japan?", ("tokyo",)),
@@ -149,6 +153,12 @@ CONTROLS = (
     ("What is the largest desert in the world?", ("sahara",)),
     ("What do bees collect from flowers?", ("nectar",)),
     ("Who invented the World Wide Web?", ("berners",)),
+    ("What is the longest river in Africa?", ("nile",)),
+    ("What language is spoken in France?", ("french",)),
+    ("What language is spoken in Germany?", ("german",)),
+    ("What is the currency of the United States?", ("dollar",)),
+    ("Who wrote the Odyssey?", ("homer",)),
+    ("Who discovered gravity?", ("newton",)),
 )
 
 
