@@ -15,7 +15,7 @@ never saw: at least 6 held-out paraphrases per lesson, and CONTROLS — general-
 questions that appear nowhere in shammah's anchors or gate controls (``shammah/training/online.py``);
 a control counts only if the base model answers it right.
 
-    .venv/bin/python bench/lessons.py                 # all lessons, seeds 0 1 2 (~1 h on 2 cores)
+    .venv/bin/python bench/lessons.py                 # all lessons, seeds 0 1 2 (~35 min on 2 cores)
     .venv/bin/python bench/lessons.py --quick         # a few lessons, one seed
     .venv/bin/python bench/lessons.py --only quenland,ahoy --seeds 0 --revision check
 
