@@ -33,7 +33,7 @@ from shammah.adapters.rule import Rule
 from shammah.config import Config, LearningConfig
 from shammah.engine import Engine
 from shammah.feedback.compile import buffer, compile_feedback, examples_of
-from shammah.feedback.revise import any_of
+from shammah.feedback.revise import did_not
 from shammah.feedback.store import Store
 from shammah.paths import Paths, ensure_dir
 from shammah.training.args import TrainArgs, build
@@ -647,7 +647,7 @@ class JobManager:
                 + (f"; {rule.describe()} on every reply" if rule else "")
             )
         if n := (res.get("notes") or {}).get("unfollowed"):
-            summary += f"; {n} note(s) not learned: with them in mind the model did not write {any_of(res['notes']['missing'])}"
+            summary += f"; {n} note(s) not learned: with them in mind the model {did_not(res['notes']['missing'])}"
         if gate is not None and not gate["passed"]:
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
             lost = _why_refused(gate["controls_lost"])

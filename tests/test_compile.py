@@ -7,7 +7,7 @@ import pytest
 
 from shammah.config import FeedbackConfig
 from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of
-from shammah.feedback.revise import checkable_terms, form_shape, states_the_note
+from shammah.feedback.revise import checkable_terms, did_not, form_shape, states_the_note, unsaid
 from shammah.feedback.store import Store
 from shammah.training.data import load_jsonl, write_jsonl
 
@@ -350,3 +350,14 @@ def test_an_anchor_holds_the_base_answer_over_its_span_and_never_its_end(tmp_pat
         whole = by_prompt[e.prompt[-1]["content"]]
         assert e.responses == ((whole if span == "answer" else online.opening(whole)),)
         assert e.meta["eos"] is False and e.meta["free_prefix"] == online.FREE_PREFIX
+
+
+def test_what_an_answer_left_out_is_named_as_words_or_as_a_form():
+    form = 'start definitions with the term and a colon, like "Photosynthesis: ..."'
+    left = unsaid(form, "What is a volcano?", "A volcano is a mountain.")
+    assert left == ["Photosynthesis: ..."]
+    assert did_not(left) == 'did not answer like "Photosynthesis: ..."'
+    assert did_not(unsaid('always address me as "Captain"', "Why?", "Because.")) == 'did not write "Captain"'
+    both = 'call me "Captain" and answer like "Answer: <n>"'
+    assert did_not(unsaid(both, "What is 2+2?", "4")) == 'did not write "Captain" or answer like "Answer: <n>"'
+    assert unsaid(both, "What is 2+2?", "Answer: 4, Captain") == []

@@ -88,3 +88,12 @@ def states_the_note(note: str, question: str, rewrite: str) -> bool:
 def any_of(terms: list[str]) -> str:
     """'"a" or "b" or "c"': the first three of ``terms``, as a message names what was not said."""
     return " or ".join(f'"{t}"' for t in terms[:3])
+
+
+def did_not(missing: list[str]) -> str:
+    """'did not write "Captain"', 'did not answer like "Term: ..."': what a message says of the
+    words and forms (:func:`unsaid`) an answer left out."""
+    words = [m for m in missing if form_shape(m) is None]
+    forms = [m for m in missing if form_shape(m) is not None]
+    parts = ([f"write {any_of(words)}"] if words else []) + ([f"answer like {any_of(forms)}"] if forms else [])
+    return "did not " + " or ".join(parts)

@@ -32,7 +32,7 @@ from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
-from shammah.feedback.revise import any_of, unsaid
+from shammah.feedback.revise import did_not, unsaid
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -765,7 +765,7 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     if any(map(is_mine, kept)):
         return None
     return (
-        f"with your note in mind the model still did not write {any_of(missing)} in any of its {n} answers, so there is "
+        f"with your note in mind the model still {did_not(missing)} in any of its {n} answers, so there is "
         "nothing to learn from it; /fix a reply with the answer you want (a larger model can follow "
         'such notes: learning.rewriter = "teacher")'
     )
