@@ -100,6 +100,20 @@ def test_a_note_the_model_does_not_follow_trains_nothing(engine, embedded_home, 
 
 
 @pytest.mark.integration
+def test_the_embedded_model_answers_every_gate_control_right(engine):
+    """The gate counts a control lost only where the current model answered it right: a control the
+    base gets wrong guards nothing. Every one of shammah's controls is answered right by the base,
+    greedily, as the gate asks it (GATE_TOKENS)."""
+    from shammah.engine.generate import generate_batch
+    from shammah.training import online
+
+    chats = [[{"role": "user", "content": p}] for p, _ in online.CONTROLS]
+    answers = generate_batch(engine.model, engine.tokenizer, chats, online.GATE_TOKENS)
+    right = online._controls_right(answers)
+    assert all(right), [(p, a) for (p, _), a, ok in zip(online.CONTROLS, answers, right, strict=True) if not ok]
+
+
+@pytest.mark.integration
 def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_scope(engine):
     """The scope rules (adapters/scope.py) on the real model and the suite's lessons: each fact's
     subject, and each format's form, covers all its held-out paraphrases; a subject covers none of

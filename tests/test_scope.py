@@ -470,7 +470,7 @@ def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job
     # a quoted form is checked by its shape: an answer with no line like "Term: ..." did not follow it
     form = 'start definitions with the term and a colon, like "Photosynthesis: ..."'
     answers = ("Banana: a yellow fruit.", "The sky is blue because of the air.", "**Dogs**: pets with four legs.")
-    meta, events = run("form", [], notes=[(q, form, a) for q, a in zip(STYLE, answers, strict=False)])
+    meta, events = run("form", [], notes=[(q, form, a) for q, a in zip(STYLE, answers, strict=True)])
     assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(1, ["Photosynthesis: ..."])]
     assert sorted(run.trained[-1]) == sorted([answers[0], answers[2]])
     # a note with nothing to check ("too long") is distilled as before (the teacher's non-empty answers)

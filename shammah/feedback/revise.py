@@ -15,6 +15,8 @@ import re
 _QUOTED = re.compile(r"[\"'“‘`]([^\"'”’`]{2,})[\"'”’`]")
 # A quote that shows a form rather than words to write ("Photosynthesis: ...", "Answer: <number>").
 _TEMPLATE = re.compile(r"\.\.\.|…|<[^<>]+>")
+# A form's pieces: a run of words, a space, one punctuation mark.
+_PIECE = re.compile(r"\w+(?:\s+\w+)*|\s+|[^\w\s]")
 _TOKEN = re.compile(r"\b(?:\d[\d.,:/-]*\d|\d|[A-Z][\w-]*[a-z0-9][\w-]*)\b")
 # Words that start a note's sentences without being what it asserts.
 _COMMON = set(
@@ -63,9 +65,6 @@ def form_shape(quote: str) -> re.Pattern | None:
     word = r"\**\w[\w'’-]*(?:\s+\w[\w'’-]*){0,3}\**"
     parts = (word if re.match(r"\w", p) else r"\s*" if p.isspace() else re.escape(p) for p in _PIECE.findall(prefix))
     return re.compile(r"^[\s*#>_-]*" + "".join(parts), re.M)
-
-
-_PIECE = re.compile(r"\w+(?:\s+\w+)*|\s+|[^\w\s]")
 
 
 def checkable_forms(note: str) -> list[str]:
