@@ -67,9 +67,9 @@ def form_shape(quote: str) -> re.Pattern | None:
     return re.compile(r"^[\s*#>_-]*" + "".join(parts), re.M)
 
 
-def checkable_forms(note: str) -> list[str]:
-    """The quoted forms of ``note`` whose shape can be checked (:func:`form_shape`)."""
-    return [q.strip() for q in _QUOTED.findall(note) if form_shape(q) is not None]
+def _shapes(note: str) -> list[tuple[str, re.Pattern]]:
+    """The quoted forms of ``note`` whose shape can be checked, each with its shape (:func:`form_shape`)."""
+    return [(q.strip(), s) for q in _QUOTED.findall(note) if (s := form_shape(q)) is not None]
 
 
 def unsaid(note: str, question: str, answer: str) -> list[str]:
@@ -77,22 +77,21 @@ def unsaid(note: str, question: str, answer: str) -> list[str]:
     does not say, the quoted forms none of its lines has the shape of."""
     text = answer.lower()
     missing = [t for t in checkable_terms(note, question) if t.lower() not in text]
-    return missing + [f for f in checkable_forms(note) if not form_shape(f).search(answer)]
+    return missing + [q for q, shape in _shapes(note) if not shape.search(answer)]
 
 
 def states_the_note(note: str, question: str, rewrite: str) -> bool:
-    return bool(checkable_terms(note, question) or checkable_forms(note)) and not unsaid(note, question, rewrite)
-
-
-def any_of(terms: list[str]) -> str:
-    """'"a" or "b" or "c"': the first three of ``terms``, as a message names what was not said."""
-    return " or ".join(f'"{t}"' for t in terms[:3])
+    return bool(checkable_terms(note, question) or _shapes(note)) and not unsaid(note, question, rewrite)
 
 
 def did_not(missing: list[str]) -> str:
     """'did not write "Captain"', 'did not answer like "Term: ..."': what a message says of the
-    words and forms (:func:`unsaid`) an answer left out."""
-    words = [m for m in missing if form_shape(m) is None]
+    words and forms (:func:`unsaid`) an answer left out, the first three of each."""
     forms = [m for m in missing if form_shape(m) is not None]
-    parts = ([f"write {any_of(words)}"] if words else []) + ([f"answer like {any_of(forms)}"] if forms else [])
+    words = [m for m in missing if m not in forms]
+    parts = [
+        f"{verb} " + " or ".join(f'"{m}"' for m in ms[:3])
+        for verb, ms in (("write", words), ("answer like", forms))
+        if ms
+    ]
     return "did not " + " or ".join(parts)
