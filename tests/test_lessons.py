@@ -42,10 +42,13 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["ahoy", "jsonlist"])
+@pytest.mark.parametrize("name", ["ahoy", "brief", "jsonlist"])
 def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name):
     """ahoy: a style rule written out on every answer, which shammah writes on every reply and
-    trains nothing for (adapters/rule.py); jsonlist: a format, scoped to its form
+    trains nothing for (adapters/rule.py); brief: six long replies, each cut to the user's one
+    sentence on questions with nothing in common, a length shammah keeps on every reply, likewise
+    trained nothing for (trained everywhere, its lessons cost 1-2 unseen controls in 3 of 6 seeds,
+    README); jsonlist: a format, scoped to its form
     (adapters/scope.py), which keeps every unseen control with the base model."""
     lesson = next(x for x in suite.LESSONS if x.name == name)
     before = suite.ask(engine, list(lesson.held_out))
@@ -65,23 +68,11 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     if name == "ahoy":  # trained into the weights, the rule cost 0-2 unseen controls a run (README)
         assert "starts 'Ahoy!' on every reply; nothing else to train" in res["jobs"][0]
         assert rate == 1.0
+    if name == "brief":
+        from shammah.adapters.rule import sentences
 
-
-@pytest.mark.integration
-@pytest.mark.timeout(900)
-def test_replies_cut_to_one_sentence_teach_a_length(engine, embedded_home, tmp_path):
-    """brief: six long replies, each replaced by the user's one sentence, on questions with nothing
-    in common. The job records the length as a rule (adapters/rule.py) and every held-out reply is
-    one sentence; before, it was left to the weights and seed 2 kept long answers (README). Its
-    lessons still train everywhere with anchors (they may say something new), which is where its
-    0-2 unseen controls a seed go: not asserted here."""
-    from shammah.adapters.rule import sentences
-
-    lesson = next(x for x in suite.LESSONS if x.name == "brief")
-    res = suite.run_lesson(engine, tmp_path / "home", embedded_home / "cache", [lesson], seed=0, revision="reject")
-    assert "at most one sentence on every reply" in res["jobs"][0], res["jobs"]
-    assert all(sentences(a) == 1 for a in res["held"]["brief"]), res["held"]["brief"]
-    assert statistics.mean(lesson.follows(a) for a in res["held"]["brief"]) >= 4 / 6, res["held"]["brief"]
+        assert "at most one sentence on every reply; nothing else to train" in res["jobs"][0], res["jobs"]
+        assert all(sentences(a) == 1 for a in res["held"]["brief"]), res["held"]["brief"]
 
 
 @pytest.mark.integration

@@ -8,7 +8,16 @@ import json
 import pytest
 from conftest import register_adapter
 
-from shammah.adapters.rule import Rule, first_sentences, job_rule, sentences, shared_length, shared_rule, without_rule
+from shammah.adapters.rule import (
+    Rule,
+    demonstrates,
+    first_sentences,
+    job_rule,
+    sentences,
+    shared_length,
+    shared_rule,
+    without_rule,
+)
 from shammah.config import ModelConfig
 from shammah.engine.engine import Engine
 from shammah.engine.generate import Chunk
@@ -202,6 +211,42 @@ def test_replies_cut_short_by_every_correction_show_a_length():
     assert shared_length(recorded) == 1, "the reply a correction replaces, recorded with it (no pairs trained)"
     ahoy = {q: (f"Ahoy! {a}", f"Ahoy! {r}") for q, (a, r) in brief.items()}
     assert shared_length(_pairs(ahoy), Rule("Ahoy! ", "")) == 1, "the opening is no sentence of the answer's"
+
+
+def test_a_lesson_only_shows_a_rule_unless_it_says_something_new():
+    """What a job need not train (adapters/rule.py demonstrates): a correction that writes the rule
+    out or cuts a long reply to its length, on a question that names no subject, saying no name or
+    number that its question and the reply it corrects lack."""
+    from shammah.feedback.revise import names_and_numbers
+
+    assert names_and_numbers("Our team lead is Sam. Grass is green, Bo said in 1999.") == ["Sam", "Bo", "1999"]
+    assert names_and_numbers("Ahoy! A dog has four legs.\n**Cats** purr.") == []
+    common = lambda w: False  # noqa: E731
+    rare = {"quenland"}.__contains__
+    long = "Well, that is a question. Many have asked it. Here is a long answer about it."
+
+    def fix(q, a, replaced=long, kind="sft"):
+        prompt = ({"role": "user", "content": q},)
+        if kind == "pair":
+            return Example("pair", prompt, (a, replaced))
+        return Example("sft", prompt, (a,), meta={} if replaced is None else {"replaces": replaced})
+
+    brief, ahoy = Rule("", "", 1), Rule("Ahoy! ", "")
+    assert demonstrates(fix("Why is the sky blue?", "Light scatters."), brief, common)
+    assert demonstrates(fix("Why is the sky blue?", "Light scatters.", kind="pair"), brief, common)
+    assert demonstrates(fix("Why is the sky blue?", "Light scatters.", replaced=None), brief, common), "rated good"
+    assert not demonstrates(fix("Why is the sky blue?", "Light scatters. It is blue."), brief, common), "too long"
+    assert not demonstrates(fix("Why is the sky blue?", "Light scatters.", "It scatters."), brief, common), "no cut"
+    assert not demonstrates(fix("What is Quenland's capital?", "Zorblat."), brief, rare), "a subject"
+    assert not demonstrates(fix("Who leads our team?", "Our team lead is Sam."), brief, common), "a new name"
+    assert not demonstrates(fix("When is the meeting?", "It is at 3."), brief, common), "a new number"
+    assert demonstrates(fix("When is the meeting?", "It is at 3.", "At 3, and it is long. Yes. No."), brief, common)
+    assert demonstrates(fix("Who is Sam?", "Sam leads the team."), brief, common), "named in the question"
+    assert demonstrates(fix("A dog?", "Ahoy! A dog has four legs.", "Dogs bark."), ahoy, common)
+    assert not demonstrates(fix("A dog?", "Ahoy! Our dog is Rex.", "Dogs bark."), ahoy, common), "a name"
+    assert not demonstrates(fix("A dog?", "A dog has four legs.", "Dogs bark."), ahoy, common), "no rule shown"
+    sign = Rule("", "Cheers, Shammah")
+    assert demonstrates(fix("Grass?", "Grass is green. Cheers, Shammah", "Grass is red."), sign, common)
 
 
 class _Model:

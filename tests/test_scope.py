@@ -403,24 +403,48 @@ def test_a_form_records_how_its_keys_were_taken_and_an_older_form_keeps_all_toke
     assert learned is not None and learned.tokens == 3, "the form says how its keys were taken"
 
 
-def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop_job):
+def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop_job, shammah_home):
     """Every correction cuts a long reply to one sentence, on questions with nothing in common: a
-    register ("answer in one short sentence"), recorded as a length the engine keeps on every reply;
-    the lessons are trained as well (what they say may be new). The same cut on questions about a
-    subject (a fact) or of one form (a format) is that lesson's own length: no rule."""
+    register ("answer in one short sentence"), recorded as a length the engine keeps on every reply.
+    Such cuts only show the length (what they say is what the model would say anyway, in the
+    user's words), so they are not trained: trained everywhere, brief's lessons cost 1-2 unseen
+    controls in 3 of 6 seeds (bench/lessons.py, README). A cut on a subject's question is a fact
+    told in a sentence, and is trained. The same cut on questions about a subject (a fact) or of
+    one form (a format) is that lesson's own length: no rule."""
+    from safetensors.torch import load_file
+
     unrelated = ["What color is a banana?", "How many legs does a dog have?", "Why is the sky blue?"]
     ramble = lambda q: "Well, that is a question. Many have asked it. Here is a long answer."  # noqa: E731
-    meta, events = loop_job("brief", unrelated, lambda q: f"It has {len(q)} letters.", replies=ramble)
+    told = lambda q: f"It is about the {q.split()[-1].rstrip('?').lower()}."  # noqa: E731
+    fits = len(loop_job.trained)
+    meta, events = loop_job("brief", unrelated, told, replies=ramble)
     assert meta["rule"] == ["", "", 1] and [e["rule"] for e in events if e["event"] == "rule"] == [["", "", 1]]
-    assert sorted(loop_job.trained[-1][:3]) == sorted(f"It has {len(q)} letters." for q in unrelated), "trained too"
-    assert meta["report"]["anchors"] == 4, "it answers everywhere, so it trains beside its anchors"
-    # a later job that teaches something else keeps the length
-    meta, _ = loop_job("then", FACT, parent="brief", replay=[(q, "It has 5 letters.") for q in unrelated])
+    assert [(e["demonstrations"], e["trains"]) for e in events if e["event"] == "rule"] == [(3, False)]
+    assert len(loop_job.trained) == fits and meta["report"]["steps"] == 0, "only a length shown: nothing trained"
+    weights = load_file(shammah_home / "adapters" / "brief" / "adapter_model.safetensors")
+    assert all(not v.any() for k, v in weights.items() if "lora_B" in k), "a LoRA that changes nothing"
+    # one of the cuts answers a question about a subject: that one is trained, the others are not
+    meta, _ = loop_job("subject", [*unrelated, STYLE[2]], told, replies=ramble)
+    assert meta["rule"] == ["", "", 1] and loop_job.trained[-1] == [told(STYLE[2])]
+    # one names what neither its question nor the reply it cut did (a name, a number): a fact told
+    # in a short sentence, trained whatever its question
+    lead = "Who leads our team?"
+    said = lambda q: "Our team lead is Sam." if q == lead else told(q)  # noqa: E731
+    meta, _ = loop_job("named", [*unrelated, lead], said, replies=ramble)
+    assert meta["rule"] == ["", "", 1] and loop_job.trained[-1] == ["Our team lead is Sam."]
+    # a later job keeps the length; its replayed cuts are not trained, and its own correction of a
+    # reply the length already cut (the chat stores replies as the engine wrote them) is trained
+    replay = [(q, told(q)) for q in unrelated]
+    meta, _ = loop_job("then", unrelated[:1], lambda q: "It is yellow.", "brief", replay, lambda q: "It is green.")
     assert meta["rule"] == ["", "", 1] and meta["parent"] == "brief"
+    assert loop_job.trained[-1] == ["It is yellow."], "the replayed cuts only show the length"
+    meta, _ = loop_job("fact", FACT, parent="brief", replay=replay)
+    assert meta["rule"] == ["", "", 1] and loop_job.trained[-1] == ["Zorblat."] * len(FACT)
     # the same cuts, on a subject's questions or on one form's, are a fact's or a format's length
-    for name, questions in (("fact", FACT), ("format", FORMAT)):
-        meta, _ = loop_job(name, questions, lambda q: f"It has {len(q)} letters.", replies=ramble)
+    for name, questions in (("fact2", FACT), ("format", FORMAT)):
+        meta, _ = loop_job(name, questions, told, replies=ramble)
         assert meta["rule"] is None, questions
+        assert loop_job.trained[-1] == [told(q) for q in questions], "trained as the fact or format it is"
     # corrections that write out an opening are about the opening, however short they are
     meta, _ = loop_job("ahoy", unrelated, lambda q: f"Ahoy! It has {len(q)} letters.", replies=ramble)
     assert meta["rule"] == ["Ahoy! ", ""]
@@ -441,7 +465,8 @@ def test_a_job_the_gate_rejects_still_keeps_the_rule_its_lessons_showed(loop_job
     monkeypatch.setattr(online, "gate", lambda *a, **k: dict(refuse, answers={}))
     unrelated = ["What color is a banana?", "How many legs does a dog have?", "Why is the sky blue?"]
     ramble = lambda q: "Well, that is a question. Many have asked it. Here is a long answer."  # noqa: E731
-    meta, events = loop_job("brief", unrelated, lambda q: f"It has {len(q)} letters.", replies=ramble, gate=True)
+    questions = [*unrelated, STYLE[2]]  # the last names a subject: trained, where the others only show the length
+    meta, events = loop_job("brief", questions, lambda q: f"It has {len(q)} letters.", replies=ramble, gate=True)
     assert meta["rule"] == ["", "", 1] and meta["report"]["steps"] > 0, "trained, then refused"
     assert meta["gate"]["passed"] and meta["gate"]["rule_only"] and meta["gate"]["tried"][0]["lost"] == ["What is 2+2?"]
     assert "answers" not in meta["gate"], "the refused weights' answers are not this adapter's"

@@ -8,10 +8,12 @@ it on *every* answer. Trained into a LoRA of the 135M embedded model it was lear
 held-out questions) but cost 0-2 unseen general-knowledge answers a run: the rule moves the start
 of every answer, and what the model says after its new opening drifts ("What is the largest
 mammal?" -> "Ahoy! Whales."). Applied as text, it is on every answer by construction and the
-model answers the content as it would without the rule. A lesson that only writes the rule out
-(:func:`demonstrates`) is then not trained at all, and one that tells a fact inside it is trained
-without it (:meth:`Rule.inside`): a job whose lessons only show a rule trains nothing, and its
-adapter is its parent's weights with the rule added, in seconds.
+model answers the content as it would without the rule. A lesson that only writes the rule out,
+or only cuts a long reply to its length (:func:`demonstrates`), is then not trained at all, and one
+that tells a fact inside it is trained without it (:meth:`Rule.inside`): a job whose lessons only
+show a rule trains nothing, and its adapter is its parent's weights with the rule added, in
+seconds. (A length's cuts trained everywhere cost 1-2 unseen controls in 3 of 6 seeds and made
+the first sentences longer, 67-83% of held-out answers short; the length alone: 100%, none lost.)
 
 Torch-free: the chat, the server and the worker use it.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shammah.adapters.scope import adapter_meta, words
+from shammah.feedback.revise import names_and_numbers
 
 # Where a sentence ends: . ! or ? (and any closing quote or bracket) before whitespace, or a blank
 # line. Written here rather than taken from a sentence splitter (nltk, spaCy): the chat needs it on a
@@ -242,6 +245,15 @@ def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rul
     return rule if rule else None
 
 
+def _replaced(e) -> str | None:
+    """The reply lesson ``e`` corrects: a pair's rejected reply, or the one recorded with a
+    correction (None: a reply rated good, or a lesson from a dataset)."""
+    if e.kind == "pair" and len(e.responses) > 1:
+        return e.responses[1]
+    replaced = e.meta.get("replaces")
+    return replaced if isinstance(replaced, str) else None
+
+
 def shared_length(lessons: list, rule: Rule | None = None) -> int:
     """The most sentences any answer of ``lessons`` holds, where every correction among them cut
     the reply it corrects to fewer, on three or more different questions (inside ``rule``, if
@@ -252,10 +264,10 @@ def shared_length(lessons: list, rule: Rule | None = None) -> int:
     line, is for the caller to say (training/online.py: their questions)."""
     inside = rule.inside if rule else str.strip
     answers = [inside(e.responses[0]) for e in lessons if e.kind in ("sft", "pair") and e.responses]
-    cut = {  # question -> the reply its correction replaced (a pair's rejected reply, or the SFT's record)
-        e.prompt[-1]["content"]: e.responses[1] if e.kind == "pair" else e.meta["replaces"]
+    cut = {  # question -> the reply its correction replaced
+        e.prompt[-1]["content"]: r
         for e in lessons
-        if e.prompt and (e.kind == "pair" or e.kind == "sft" and isinstance(e.meta.get("replaces"), str))
+        if e.prompt and e.kind in ("sft", "pair") and (r := _replaced(e)) is not None
     }
     if len(cut) < 3:
         return 0
@@ -265,12 +277,40 @@ def shared_length(lessons: list, rule: Rule | None = None) -> int:
     return n if all(sentences(inside(reply)) > n for reply in cut.values()) else 0
 
 
+def says_new(e, rule: Rule) -> bool:
+    """Whether correction ``e`` names, inside ``rule``, a number or a name that neither its question
+    nor the reply it corrects has ("Ahoy! Our team lead is Sam.", a long reply cut to "The meeting
+    is at 3."): a fact told in the rule's words, trained whatever its question. A reply rated good
+    says nothing the model did not."""
+    replaced = _replaced(e)
+    if replaced is None or not e.responses or not e.prompt:
+        return False
+    known = f"{e.prompt[-1].get('content')} {replaced}".lower()
+    return any(t.lower() not in known for t in names_and_numbers(rule.inside(e.responses[0])))
+
+
+def keeps_length(e, rule: Rule) -> bool:
+    """Whether lesson ``e`` shows ``rule``'s length: its target (inside the rule) holds no more
+    sentences than the length allows and, where it corrects a reply, that reply held more. The
+    chat stores replies as the engine wrote them, with the length in force, so a correction made
+    once the length is a rule cuts nothing and is never taken for one of these."""
+    if not rule.sentences or not e.responses:
+        return False
+    if sentences(rule.inside(e.responses[0])) > rule.sentences:
+        return False
+    replaced = _replaced(e)
+    return replaced is None or sentences(rule.inside(replaced)) > rule.sentences
+
+
 def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:
-    """Whether lesson ``e`` only shows ``rule``: its target carries the rule and its question names
-    no subject (no word the model has no token for, adapters/scope.py). Six such answers on
-    unrelated questions are how a user writes a rule out; what they say inside it is what the
-    model would say anyway, in the user's words."""
-    if e.kind not in ("sft", "pair") or not e.prompt or not carries(e, rule):
+    """Whether lesson ``e`` only shows ``rule``: its target carries the rule (an opening or closing
+    it writes out, or a long reply cut to the rule's length), its question names no subject (no
+    word the model has no token for, adapters/scope.py) and its answer no new name or number
+    (:func:`says_new`). Six such answers on unrelated questions are how a user writes a rule out;
+    what they say inside it is what the model would say anyway, in the user's words."""
+    if e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
+        return False
+    if says_new(e, rule):
         return False
     question = e.prompt[-1].get("content")
     return isinstance(question, str) and not any(rare(w) for w in words(question))

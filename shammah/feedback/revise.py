@@ -18,6 +18,8 @@ _TEMPLATE = re.compile(r"\.\.\.|…|<[^<>]+>")
 # A form's pieces: a run of words, a space, one punctuation mark.
 _PIECE = re.compile(r"\w+(?:\s+\w+)*|\s+|[^\w\s]")
 _TOKEN = re.compile(r"\b(?:\d[\d.,:/-]*\d|\d|[A-Z][\w-]*[a-z0-9][\w-]*)\b")
+# What comes before a word that opens a sentence (its capital says nothing).
+_OPENS = re.compile(r"(?:^|[.!?]\s|\n)\W*$")
 # Words that start a note's sentences without being what it asserts.
 _COMMON = set(
     "a an the i it its it's that this these there they we you your no not wrong answer yes please always never "
@@ -51,6 +53,12 @@ def checkable_terms(note: str, question: str = "") -> list[str]:
     terms += [w for w in _TOKEN.findall(rest) if w.lower() not in _COMMON]
     q = question.lower()
     return [t for t in dict.fromkeys(terms) if t.lower() not in q]
+
+
+def names_and_numbers(text: str) -> list[str]:
+    """The numbers and names ``text`` states: numbers, and capitalised words that do not open a
+    sentence ("Our team lead is Sam." -> ["Sam"]; "Grass is green." -> [])."""
+    return [m.group() for m in _TOKEN.finditer(text) if m.group()[0].isdigit() or not _OPENS.search(text, 0, m.start())]
 
 
 def form_shape(quote: str) -> re.Pattern | None:

@@ -634,7 +634,8 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     """The style rule the new adapter holds (adapters/rule.py: its parent's, with what this job's own
     lessons share on top), and what is left to train. The engine writes the rule on every reply, so
     it is taken off every lesson, and a lesson that only shows it (its question names no subject:
-    "Ahoy! A dog has four legs.") is not trained at all. Trained, such answers taught their brevity
+    "Ahoy! A dog has four legs.", or a long reply cut to one sentence for a length) is not trained
+    at all. Trained, such answers taught their brevity
     and their slips everywhere: on bench/lessons.py ahoy and signoff, seeds 0-2, "What is the
     largest mammal?" -> "The largest mammal is the elephant.", "An hour has 30 minutes." (1-2 unseen
     controls lost in 5 of 6 runs). A lesson with a subject ("Ahoy! The capital of Quenland is
@@ -672,7 +673,10 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
             parts[any(demonstrates(e, r, rare) for r in rules)].append(e)
         return parts
 
-    if rule is not None and rule != parent_rule and _one_form(keys, split(own, [rule])[1]):
+    # an opening or closing written out on questions of one form is a format's (the length was
+    # checked above: shown on questions with nothing in common)
+    written = Rule(*rule[:2]) if rule is not None else None
+    if written and rule != parent_rule and _one_form(keys, split(own, [written])[1]):
         rule = parent_rule
     if dropped is not None and rule is not None:  # a part taught again is in force again
         left = Rule(*(type(d)() if d == r else d for d, r in zip(dropped, rule, strict=True)))
