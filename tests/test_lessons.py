@@ -3,6 +3,7 @@ applies to every answer and a format, each taught through the piped chat, scored
 on controls that appear nowhere in shammah's anchors or gate controls. (The fact lesson runs through
 the real CLI in test_learns_e2e.py.)"""
 
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +20,16 @@ def engine(embedded_home):
     from shammah.engine import Engine
 
     return Engine(ModelConfig(base="embedded", temperature=0.0), embedded_home / "cache").load()
+
+
+@pytest.fixture
+def base(engine):
+    """The shared engine as the base model: a lesson test leaves the adapter its job swapped in
+    loaded in the engine's model (jsonlist's answered the gate's controls with JSON lists)."""
+    engine.activate(None)
+    model = engine.model
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        yield engine
 
 
 def test_suite_is_separate_from_what_the_loop_tunes_on():
@@ -91,7 +102,7 @@ def test_a_note_the_model_does_not_follow_trains_nothing(engine, embedded_home, 
 
 
 @pytest.mark.integration
-def test_the_embedded_model_answers_every_gate_control_right(engine):
+def test_the_embedded_model_answers_every_gate_control_right(base):
     """The gate counts a control lost only where the current model answered it right: a control the
     base gets wrong guards nothing. Every one of shammah's controls is answered right by the base,
     greedily, as the gate asks it (GATE_TOKENS)."""
@@ -99,13 +110,13 @@ def test_the_embedded_model_answers_every_gate_control_right(engine):
     from shammah.training import online
 
     chats = [[{"role": "user", "content": p}] for p, _ in online.CONTROLS]
-    answers = generate_batch(engine.model, engine.tokenizer, chats, online.GATE_TOKENS)
+    answers = generate_batch(base.model, base.tokenizer, chats, online.GATE_TOKENS)
     right = online._controls_right(answers)
     assert all(right), [(p, a) for (p, _), a, ok in zip(online.CONTROLS, answers, right, strict=True) if not ok]
 
 
 @pytest.mark.integration
-def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_scope(engine):
+def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_scope(base):
     """The scope rules (adapters/scope.py) on the real model and the suite's lessons: each fact's
     subject, and each format's form, covers all its held-out paraphrases; a subject covers none of
     the questions it must not touch (the suite's controls, the gate's controls, the anchor pool, the
@@ -116,9 +127,9 @@ def test_on_the_embedded_model_facts_get_a_subject_formats_a_form_and_styles_no_
     from shammah.engine.keys import KEY_TOKENS, default_layer
     from shammah.training import online
 
-    rare = tokenizer_rarity(engine.tokenizer)
-    layer = default_layer(engine.model)
-    keys = online.key_of(engine.model, engine.tokenizer, layer)
+    rare = tokenizer_rarity(base.tokenizer)
+    layer = default_layer(base.model)
+    keys = online.key_of(base.model, base.tokenizer, layer)
     controls = [q for q, _ in suite.CONTROLS]
     gate_controls = [q for q, _ in online.CONTROLS]
     for lesson in suite.LESSONS:
