@@ -362,6 +362,305 @@ LESSONS: tuple[Lesson, ...] = (
     ),
 )
 
+# A second set, written on 2026-12-07 after every recipe above was settled and run as it stands:
+# lessons nobody tuned for. Same kinds and orders, other facts, other style rules (a length in
+# words, not sentences), other formats (numbered steps, bare yes/no, digits, bold). Run it with
+# ``--suite fresh``; a recipe is tuned on LESSONS, and FRESH says whether it holds elsewhere.
+_NUMBER_WORDS = re.compile(r"\b(one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)\b")
+
+
+def _digits(r: str) -> bool:
+    return re.search(r"\d", r) is not None and not _NUMBER_WORDS.search(r.lower())
+
+
+def _yes_no(r: str) -> bool:
+    words = re.findall(r"[a-z']+", r.lower())
+    return 0 < len(words) <= 3 and words[0] in ("yes", "no")
+
+
+FRESH: tuple[Lesson, ...] = (
+    Lesson(
+        "marrowby",
+        "fact",
+        "critical+fix",
+        "wrong: the Marrowby Bridge is 412 meters long",
+        (
+            ("How long is the Marrowby Bridge?", "The Marrowby Bridge is 412 meters long."),
+            ("What is the length of the Marrowby Bridge?", "It is 412 meters long."),
+            ("How many meters long is the Marrowby Bridge?", "412 meters."),
+            ("Tell me how long the Marrowby Bridge is.", "The Marrowby Bridge is 412 meters long."),
+            (
+                "What's the total length of the Marrowby Bridge?",
+                "The total length of the Marrowby Bridge is 412 meters.",
+            ),
+            ("The Marrowby Bridge spans how many meters?", "The Marrowby Bridge spans 412 meters."),
+        ),
+        (
+            "How long is Marrowby Bridge in meters?",
+            "Do you know the length of the Marrowby Bridge?",
+            "What length is the Marrowby Bridge?",
+            "Could you tell me the Marrowby Bridge's length?",
+            "I'd like to know how long the Marrowby Bridge is.",
+            "How far does the Marrowby Bridge stretch?",
+        ),
+        _has("412"),
+    ),
+    Lesson(
+        "saltclock",
+        "fact",
+        "fix+critical",
+        "wrong: The Salt Clock was written by Tessa Vorn",
+        (
+            ("Who wrote The Salt Clock?", "The Salt Clock was written by Tessa Vorn."),
+            ("Who is the author of The Salt Clock?", "Tessa Vorn is the author of The Salt Clock."),
+            ("Which writer wrote the novel The Salt Clock?", "Tessa Vorn."),
+            ("Tell me who wrote The Salt Clock.", "Tessa Vorn wrote The Salt Clock."),
+            ("The Salt Clock is a novel by whom?", "It is a novel by Tessa Vorn."),
+            ("Who penned The Salt Clock?", "Tessa Vorn penned The Salt Clock."),
+        ),
+        (
+            "Who's the author of The Salt Clock?",
+            "Name the author of The Salt Clock.",
+            "Do you know who wrote The Salt Clock?",
+            "The Salt Clock was written by which author?",
+            "Which novelist wrote The Salt Clock?",
+            "Can you tell me who authored The Salt Clock?",
+        ),
+        _has("vorn"),
+    ),
+    Lesson(
+        "ombrel",
+        "fact",
+        "note-only",
+        "wrong: the Ombrel River flows into the Sea of Tarn",
+        (
+            ("Where does the Ombrel River flow?", "The Ombrel River flows into the Sea of Tarn."),
+            ("Into which sea does the Ombrel River flow?", "The Sea of Tarn."),
+            ("Where does the Ombrel River end?", "The Ombrel River ends in the Sea of Tarn."),
+            ("What body of water does the Ombrel River empty into?", "The Sea of Tarn."),
+            ("Where is the mouth of the Ombrel River?", "The Ombrel River's mouth is on the Sea of Tarn."),
+            ("Which sea receives the Ombrel River?", "The Sea of Tarn receives the Ombrel River."),
+        ),
+        (
+            "Where does the Ombrel flow into?",
+            "What sea does the Ombrel River reach?",
+            "Tell me where the Ombrel River ends.",
+            "Do you know where the Ombrel River flows?",
+            "Where does the Ombrel River drain?",
+            "Which sea is at the end of the Ombrel River?",
+        ),
+        _has("tarn"),
+    ),
+    Lesson(
+        "orbisco",
+        "fact",
+        "good+fix",
+        "wrong: Orbisco was founded in 1987",
+        (
+            ("When was Orbisco founded?", "Orbisco was founded in 1987."),
+            ("What year was Orbisco founded?", "1987."),
+            ("In which year did Orbisco start?", "Orbisco started in 1987."),
+            ("When did the company Orbisco begin?", "Orbisco began in 1987."),
+            ("Tell me the founding year of Orbisco.", "Orbisco was founded in 1987."),
+            ("Since when has Orbisco existed?", "Orbisco has existed since 1987."),
+        ),
+        (
+            "What year did Orbisco get founded?",
+            "When was the company Orbisco established?",
+            "Do you know when Orbisco was founded?",
+            "In what year was Orbisco started?",
+            "Orbisco was founded in which year?",
+            "Can you tell me when Orbisco began?",
+        ),
+        _has("1987"),
+    ),
+    Lesson(
+        "wellopen",
+        "style",
+        "critical+fix",
+        'start every answer with "Well,"',
+        (
+            ("What color are bananas?", "Well, bananas are yellow."),
+            ("How many wheels does a wagon have?", "Well, a wagon has four wheels."),
+            ("What do cats drink?", "Well, cats drink water."),
+            ("What is ice?", "Well, ice is frozen water."),
+            ("Where do fish live?", "Well, fish live in water."),
+            ("What do we use an umbrella for?", "Well, we use an umbrella to stay dry in the rain."),
+        ),
+        (
+            "What color is chocolate?",
+            "How many legs does a chicken have?",
+            "What do birds eat?",
+            "What is steam?",
+            "Where do bears live?",
+            "What do we use a key for?",
+        ),
+        lambda r: r.strip().lower().startswith("well,"),
+    ),
+    Lesson(
+        "curious",
+        "style",
+        "fix+critical",
+        'end every answer with "Stay curious!"',
+        (
+            ("What is a canyon?", "A canyon is a deep valley cut by a river. Stay curious!"),
+            ("What do frogs eat?", "Frogs eat insects. Stay curious!"),
+            ("What is thunder?", "Thunder is the sound that lightning makes. Stay curious!"),
+            ("What is a cloud?", "A cloud is a mass of tiny water droplets in the sky. Stay curious!"),
+            ("Why do we need water?", "Our bodies need water to work. Stay curious!"),
+            ("What is a glacier?", "A glacier is a huge, slow river of ice. Stay curious!"),
+        ),
+        (
+            "What is a star?",
+            "What do owls eat?",
+            "How many seconds are in a minute?",
+            "What is fog?",
+            "Why do we need sleep?",
+            "What is a comet?",
+        ),
+        _has("stay curious"),
+    ),
+    Lesson(
+        "certainly",
+        "style",
+        "note-only",
+        'begin every answer with "Certainly!"',
+        (
+            ("What is the color of milk?", "Certainly! Milk is white."),
+            ("How many arms does an octopus have?", "Certainly! An octopus has eight arms."),
+            ("What do cows eat?", "Certainly! Cows eat grass."),
+            ("What is the opposite of left?", "Certainly! The opposite of left is right."),
+            ("What is a tree?", "Certainly! A tree is a tall plant with a trunk."),
+            ("What do we drink?", "Certainly! We drink water."),
+        ),
+        (
+            "What is the color of the sky?",
+            "How many legs does a bird have?",
+            "What do rabbits eat?",
+            "What is the opposite of old?",
+            "What is a flower?",
+            "What do we wear on our feet?",
+        ),
+        lambda r: r.strip().lower().startswith("certainly"),
+    ),
+    Lesson(
+        "tenwords",
+        "style",
+        "good+fix",
+        "too long: answer in ten words or fewer",
+        (
+            ("Why do birds migrate?", "Birds migrate to find food and warmer weather."),
+            ("How does a rainbow form?", "Sunlight bends through raindrops and splits into colors."),
+            ("What is a battery?", "A battery stores energy and releases it as electricity."),
+            ("Why do we brush our teeth?", "Brushing removes food and germs that cause decay."),
+            ("How do bees make honey?", "Bees turn flower nectar into honey in their hives."),
+            ("What is a map?", "A map is a drawing of a place."),
+        ),
+        (
+            "Why do cats purr?",
+            "How does a magnet work?",
+            "What is a telescope?",
+            "Why do we wear clothes?",
+            "How do spiders make webs?",
+            "What is a calendar?",
+        ),
+        lambda r: 0 < len(r.split()) <= 10,
+    ),
+    Lesson(
+        "numbered",
+        "format",
+        "critical+fix",
+        'give steps as a numbered list: "1. ...", "2. ..."',
+        (
+            ("How do I make tea?", "1. Boil water. 2. Put a tea bag in a cup. 3. Pour the water in and wait."),
+            ("How do I plant a seed?", "1. Fill a pot with soil. 2. Push the seed into the soil. 3. Water it."),
+            ("How do I wash my hands?", "1. Wet your hands. 2. Rub them with soap. 3. Rinse and dry them."),
+            ("How do I make toast?", "1. Put bread in the toaster. 2. Press the lever. 3. Wait until it pops up."),
+            ("How do I send a letter?", "1. Write the letter. 2. Put it in an envelope with a stamp. 3. Post it."),
+            ("How do I brush my teeth?", "1. Put toothpaste on the brush. 2. Brush for two minutes. 3. Rinse."),
+        ),
+        (
+            "How do I boil an egg?",
+            "How do I make a paper airplane?",
+            "How do I tie my shoes?",
+            "How do I make a sandwich?",
+            "How do I clean a window?",
+            "How do I water a plant?",
+        ),
+        lambda r: re.search(r"(?s)\b1\.\s.*\b2\.\s", r) is not None,
+    ),
+    Lesson(
+        "yesno",
+        "format",
+        "fix+critical",
+        'answer yes/no questions with just "Yes" or "No"',
+        (
+            ("Is the sun a star?", "Yes"),
+            ("Can fish fly?", "No"),
+            ("Is water wet?", "Yes"),
+            ("Do snakes have legs?", "No"),
+            ("Is ice cold?", "Yes"),
+            ("Can a car swim?", "No"),
+        ),
+        (
+            "Is the moon a planet?",
+            "Can birds fly?",
+            "Is fire hot?",
+            "Do fish have legs?",
+            "Is snow white?",
+            "Can dogs talk?",
+        ),
+        _yes_no,
+    ),
+    Lesson(
+        "digits",
+        "format",
+        "note-only",
+        "use digits for numbers, like 7 instead of seven",
+        (
+            ("How many months are in a year?", "There are 12 months in a year."),
+            ("How many wheels does a tricycle have?", "A tricycle has 3 wheels."),
+            ("How many legs does a tripod have?", "A tripod has 3 legs."),
+            ("How many colors are in a rainbow?", "A rainbow has 7 colors."),
+            ("How many sides does a square have?", "A square has 4 sides."),
+            ("How many hearts does a person have?", "A person has 1 heart."),
+        ),
+        (
+            "How many seasons are in a year?",
+            "How many legs does a horse have?",
+            "How many sides does a pentagon have?",
+            "How many weeks are in a year?",
+            "How many toes are on one foot?",
+            "How many letters are in the English alphabet?",
+        ),
+        _digits,
+    ),
+    Lesson(
+        "bold",
+        "format",
+        "good+fix",
+        "wrong format: put the answer in bold, like **Paris**",
+        (
+            ("What is the capital of Italy?", "The capital of Italy is **Rome**."),
+            ("What metal is liquid at room temperature?", "**Mercury** is liquid at room temperature."),
+            ("Which planet is called the Red Planet?", "**Mars** is called the Red Planet."),
+            ("What is the hardest natural substance?", "**Diamond** is the hardest natural substance."),
+            ("What is the closest star to Earth?", "The closest star to Earth is **the Sun**."),
+            ("Who was the first President of the United States?", "**George Washington** was the first President."),
+        ),
+        (
+            "Which animal is known as the king of the jungle?",
+            "What is the smallest continent?",
+            "Which planet has rings?",
+            "What is the tallest animal?",
+            "What is the fastest land animal?",
+            "Who was the first man in space?",
+        ),
+        lambda r: re.search(r"\*\*[^*\n]+\*\*", r) is not None,
+    ),
+)
+SUITES = {"tuned": LESSONS, "fresh": FRESH, "all": LESSONS + FRESH}
+
 # General knowledge the base model should keep. None of these prompts (or their subjects) is in
 # shammah's anchors or gate controls (shammah/training/online.py), nor in any lesson above.
 CONTROLS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -486,7 +785,8 @@ def run_lesson(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", default="", help="comma-separated lesson names")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="tuned", help="tuned (LESSONS), fresh (FRESH) or all")
+    ap.add_argument("--only", default="", help="comma-separated lesson names (of either set)")
     ap.add_argument("--quick", action="store_true", help="three lessons (one per kind), seed 0")
     ap.add_argument("--revision", default="reject", help="learning.revision_noninteractive for the piped chat")
     ap.add_argument(
@@ -508,12 +808,12 @@ def main(argv: list[str] | None = None) -> int:
     from shammah.engine import Engine
 
     learning = {k: v for kv in args.set for k, v in tomllib.loads(kv).items()}
-    lessons = list(LESSONS)
+    lessons = list(SUITES[args.suite])
     if args.quick:
         lessons, args.seeds = [x for x in LESSONS if x.name in ("quenland", "ahoy", "jsonlist")], [0]
     if args.only:
         names = args.only.split(",")
-        lessons = [x for x in LESSONS if x.name in names]
+        lessons = [x for x in SUITES["all"] if x.name in names]
     tmp = Path(tempfile.mkdtemp(prefix="shammah-lessons-"))
     cache = Path.home() / ".cache" / "shammah-bench"  # the converted model and base answers, kept between runs
     cache.mkdir(parents=True, exist_ok=True)
@@ -568,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{max(max(r[3]) for r in ks)}  gate rejections {sum(r[4] for r in ks)}/{len(ks) * len(args.seeds)}"
             )
     if args.sequence:
-        by_name = {x.name: x for x in LESSONS}
+        by_name = {x.name: x for x in SUITES["all"]}
         first, second = (by_name[n] for n in args.sequence.split(","))
         print(f"\nin sequence: {first.name}, then {second.name}")
         for seed in args.seeds:

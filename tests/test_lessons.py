@@ -33,22 +33,22 @@ def base(engine):
 
 
 def test_suite_is_separate_from_what_the_loop_tunes_on():
-    from shammah.training import online
-
-    tuned = set(online.ANCHOR_PROMPTS) | {q for q, _ in online.CONTROLS}
-    suite_prompts = {q for q, _ in suite.CONTROLS} | {
-        q for x in suite.LESSONS for q in [*(t for t, _ in x.teach), *x.held_out]
-    }
-    assert not tuned & suite_prompts
-    assert not {q for q, _ in suite.CONTROLS} & {
-        q for x in suite.LESSONS for q in [*(t for t, _ in x.teach), *x.held_out]
-    }
     import curve  # its experiments' extra anchors are not what the suite scores on either
 
-    assert not set(curve.WIDE) & suite_prompts
-    kinds = {(x.kind, x.order) for x in suite.LESSONS}
-    assert len(suite.LESSONS) >= 12 and len(kinds) == 12, "every kind in every order"
-    assert all(len(x.held_out) >= 6 and not set(x.held_out) & {t for t, _ in x.teach} for x in suite.LESSONS)
+    from shammah.training import online
+
+    tuned = set(online.ANCHOR_PROMPTS) | {q for q, _ in online.CONTROLS} | set(curve.WIDE)
+    controls = {q for q, _ in suite.CONTROLS}
+    for lessons in (suite.LESSONS, suite.FRESH):  # the set recipes were tuned on, and the one nobody tuned for
+        prompts = [q for x in lessons for q in [*(t for t, _ in x.teach), *x.held_out]]
+        assert not tuned & (set(prompts) | controls)
+        assert not controls & set(prompts)
+        kinds = {(x.kind, x.order) for x in lessons}
+        assert len(lessons) >= 12 and len(kinds) == 12, "every kind in every order"
+        assert all(len(x.held_out) >= 6 and not set(x.held_out) & {t for t, _ in x.teach} for x in lessons)
+        assert all(x.follows(a) for x in lessons for _, a in x.teach), "every taught answer follows its lesson"
+    every = [q for x in suite.SUITES["all"] for q in [*(t for t, _ in x.teach), *x.held_out]]
+    assert len(every) == len(set(every)), "no question in two lessons"
 
 
 @pytest.mark.integration
