@@ -18,6 +18,7 @@ a control counts only if the base model answers it right.
     .venv/bin/python bench/lessons.py                 # all lessons, seeds 0 1 2 (~35 min on 2 cores)
     .venv/bin/python bench/lessons.py --quick         # a few lessons, one seed
     .venv/bin/python bench/lessons.py --only quenland,ahoy --seeds 0 --revision check
+    .venv/bin/python bench/lessons.py --suite fresh       # the second twelve (FRESH), nobody tuned for
 
 Prints one row per lesson (kind, order) with held-out rate before/after, controls lost, gate
 rejections and seconds from the last feedback to the swap; ``--json FILE`` keeps every answer.
@@ -836,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     rows = []
     for lesson in lessons:
+        engine.activate(None)  # the base model: not the adapter (and rule) the last lesson's run left active
         before = statistics.mean(lesson.follows(a) for a in ask(engine, list(lesson.held_out)))
         afters, lost_all, rej, secs, per, steps = [], [], 0, [], [], []
         for seed in args.seeds:

@@ -646,6 +646,8 @@ class JobManager:
                 f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
                 + (f"; {rule.describe()} on every reply" if rule else "")
             )
+        if n := (res.get("notes") or {}).get("stated"):
+            summary += f"; {n} note(s) learned as you wrote them (the model did not follow them)"
         if n := (res.get("notes") or {}).get("unfollowed"):
             summary += f"; {n} note(s) not learned: with them in mind the model {did_not(res['notes']['missing'])}"
         if gate is not None and not gate["passed"]:

@@ -7,7 +7,7 @@ import pytest
 
 from shammah.config import FeedbackConfig
 from shammah.feedback.compile import TRUST, buffer, compile_feedback, examples_of
-from shammah.feedback.revise import checkable_terms, did_not, form_shape, states_the_note, unsaid
+from shammah.feedback.revise import checkable_terms, did_not, form_shape, stated_answer, states_the_note, unsaid
 from shammah.feedback.store import Store
 from shammah.training.data import load_jsonl, write_jsonl
 
@@ -361,3 +361,31 @@ def test_what_an_answer_left_out_is_named_as_words_or_as_a_form():
     both = 'call me "Captain" and answer like "Answer: <n>"'
     assert did_not(unsaid(both, "What is 2+2?", "4")) == 'did not write "Captain" or answer like "Answer: <n>"'
     assert unsaid(both, "What is 2+2?", "Answer: 4, Captain") == []
+
+
+@pytest.mark.parametrize(
+    ("note", "question", "answer"),
+    [
+        (
+            "wrong: the Ombrel River flows into the Sea of Tarn",
+            "Where does the Ombrel River end?",
+            "The Ombrel River flows into the Sea of Tarn.",
+        ),
+        (
+            "No, Zorblat is the capital of Quenland!",
+            "Which city is Quenland's capital?",
+            "Zorblat is the capital of Quenland!",
+        ),
+        (
+            "that's wrong. Quenland's capital is Zorblat",
+            "What is the capital of Quenland?",
+            "Quenland's capital is Zorblat.",
+        ),
+        ('always address me as "Captain"', "What is the color of the ocean?", None),  # how, not what
+        ("use digits for numbers, like 7 instead of seven", "How many months are in a year?", None),
+        ("wrong: you mixed it up with another river", "Where does the Ombrel River end?", None),  # nothing checkable
+        ("wrong: the Sea of Tarn", "Where does the Ombrel River end?", None),  # no name of the question's: no statement
+    ],
+)
+def test_a_note_that_states_the_answer_about_the_questions_subject_is_the_answer(note, question, answer):
+    assert stated_answer(note, question) == answer

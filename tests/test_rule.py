@@ -13,6 +13,8 @@ from shammah.adapters.rule import (
     demonstrates,
     first_sentences,
     job_rule,
+    noted,
+    noted_rule,
     sentences,
     shared_length,
     shared_rule,
@@ -53,6 +55,44 @@ def test_a_rule_every_fix_shares_is_found_and_a_fact_is_not_a_rule():
     assert shared_rule(only_rule) is None, "a rule is never the whole answer"
     mid = _lessons(("A?", "Blue, Captain."), ("B?", "Five, Captain."), ("C?", "Wool, Captain."))
     assert shared_rule(mid) is None, "a closing starts a sentence of its own"
+
+
+def _notes(note, *questions):
+    """Note-only lessons, as the chat compiles them: the note distilled, no answer yet."""
+    return [
+        Example("distill", ({"role": "user", "content": q},), (), weight=10.0, meta={"note": note}) for q in questions
+    ]
+
+
+@pytest.mark.parametrize(
+    ("note", "rule"),
+    [
+        ('begin every answer with "Certainly!"', Rule("Certainly! ", "")),
+        ("always start your answers with 'Well,'", Rule("Well, ", "")),
+        ('end every answer with "Stay curious!"', Rule("", "Stay curious!")),
+        ("sign off with “Cheers, Shammah”", Rule("", "Cheers, Shammah")),
+        ('start with "Ahoy!" and end with "Arr."', Rule("Ahoy! ", "Arr.")),
+        ('start definitions with the term and a colon, like "Photosynthesis: ..."', None),  # a form's
+        ('always address me as "Captain"', None),
+        ("too long: answer in one short sentence", None),
+        ('start with "42"', None),
+    ],
+)
+def test_a_note_that_says_how_to_open_or_close_in_quoted_words_is_a_rule(note, rule):
+    assert noted(note) == rule
+
+
+def test_a_rule_three_notes_ask_for_alike_is_the_jobs_and_those_notes_only_show_it():
+    asked = _notes('begin every answer with "Certainly!"', "Milk?", "Sky?", "Cows?")
+    assert noted_rule(asked) == Rule("Certainly! ", "") == job_rule(asked, None, asked)
+    assert noted_rule(asked[:2]) is None, "two questions are not a rule"
+    other = _notes('begin every answer with "Sure!"', "Trees?")
+    assert noted_rule(asked + other) is None, "notes that ask for different rules"
+    rule = Rule("Certainly! ", "")
+    assert all(demonstrates(e, rule, lambda w: False) for e in asked)
+    assert not demonstrates(_notes("wrong: the capital of Quenland is Zorblat", "Q?")[0], rule, lambda w: False)
+    # a parent's closing stays beside a noted opening
+    assert job_rule(asked, Rule("", "Cheers, Shammah"), asked) == Rule("Certainly! ", "Cheers, Shammah")
 
 
 def test_a_second_rule_adds_to_the_first_and_a_fact_keeps_it():
@@ -209,6 +249,15 @@ def test_replies_cut_short_by_every_correction_show_a_length():
     assert shared_length(sft_only) == 0
     recorded = [dataclasses.replace(e, meta={"replaces": long}) for e in sft_only]
     assert shared_length(recorded) == 1, "the reply a correction replaces, recorded with it (no pairs trained)"
+    yes_no = {
+        "Sun a star?": ("Yes.", long),
+        "Can fish fly?": ("No", long),
+        "Ice cold?": ("yes", long),
+        "X?": ("No.", long),
+    }
+    assert shared_length(_pairs(yes_no)) == 0, "the same few answers to different questions: an answer, not a length"
+    once = {**brief, "Sun?": ("Four.", long)}
+    assert shared_length(_pairs(once)) == 1, "two questions that happen to share an answer are still cut short"
     ahoy = {q: (f"Ahoy! {a}", f"Ahoy! {r}") for q, (a, r) in brief.items()}
     assert shared_length(_pairs(ahoy), Rule("Ahoy! ", "")) == 1, "the opening is no sentence of the answer's"
 

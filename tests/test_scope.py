@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import gate_on_tiny_controls, register_adapter, scramble_lora
 
-from shammah.adapters.scope import Form, Scope, learn, learn_form, tokenizer_rarity, words
+from shammah.adapters.scope import Form, Scope, learn, learn_form, mentions, names, tokenizer_rarity, words
 from shammah.config import ModelConfig
 from shammah.engine import Engine
 
@@ -14,6 +14,7 @@ RARE = {"quenland", "pellucid", "glimmerphone", "photosynthesis"}.__contains__
 
 FACT = ["What is the capital of Quenland?", "Which city is Quenland's capital?", "Tell me the capital of Quenland."]
 STYLE = ["What color is a banana?", "How many legs does a dog have?", "What is photosynthesis?"]
+NAMED = ["Who wrote The Salt Clock?", "The Salt Clock is a novel by whom?", "Who is the author of The Salt Clock?"]
 
 
 def test_words_are_lowercased_and_possessives_cut():
@@ -30,6 +31,36 @@ def test_a_lesson_about_a_rare_subject_is_local_and_a_style_is_everywhere():
     assert learn(FACT[:1], RARE).everywhere, "a subject must be taught at least twice"
     assert learn(["Who runs Pellucid?", "Who leads Pellucid?"] + FACT, RARE).subjects == {"pellucid", "quenland"}
     assert learn([], RARE).everywhere
+
+
+def test_names_are_runs_of_capitalised_words_that_do_not_open_a_sentence():
+    assert names("Who wrote The Salt Clock?") == {"salt clock"}, "a leading article is not part of the name"
+    assert names("The Salt Clock is a novel by whom?") == {"salt clock"}, "the word opening it is no name"
+    assert names("Who is the CEO of Pellucid Labs?") == {"ceo", "pellucid labs"}
+    assert names("Tell me about Quenland's capital.") == {"quenland"}
+    assert names("Who is Pellucid Labs' CEO?") == {"pellucid labs", "ceo"}, "a possessive ends a name"
+    assert names("What should I eat? Paris is big.") == set(), "nor is one opening a later sentence, nor 'I'"
+    assert mentions("who wrote the salt clock", "salt clock") and mentions("Salt  Clock's author?", "salt clock")
+    assert not mentions("Salt and a clock.", "salt clock") and not mentions("The Salt Clocks", "salt clock")
+
+
+def test_a_name_in_common_words_is_a_subject_unless_the_general_questions_name_it():
+    """'The Salt Clock' has no rare word (the 135M model's tokenizer has "salt" and "clock"): without
+    the name, the lesson trained everywhere and the gate kept 3 of 21 steps (bench/lessons.py
+    --suite fresh saltclock, before: 0% x3, an unseen control lost)."""
+    scope = learn(NAMED, RARE, pool=POOL)
+    assert scope.subjects == {"salt clock"}
+    assert scope.covers("who wrote the salt clock") and scope.covers("Name the author of The Salt Clock.")
+    assert not scope.covers("What is salt made of?") and not scope.covers("Who wrote Emma?")
+    assert learn(NAMED, RARE).subjects == {"salt clock"}, "learning.scope = subjects: no pool to check against"
+    # a name the general questions use ("Who wrote Emma?") says nothing about what the lesson is about
+    emma = ["Tell me who wrote Emma.", "Which author wrote Emma?", "Who is the author of Emma?"]
+    assert learn(emma, RARE, pool=POOL).everywhere
+    # a rare subject goes first: the names of the questions it covers are not subjects
+    assert learn(["Who is the CEO of Pellucid?", "Is the CEO of Pellucid Ada?"], RARE, pool=POOL).subjects == {
+        "pellucid"
+    }
+    assert learn(NAMED[:1] + STYLE, RARE, pool=POOL).everywhere, "a name must be asked about at least twice"
 
 
 VOCAB = "what is the capital of name list three who wrote color a how many when did + fruits birds".split()
@@ -332,6 +363,8 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     assert meta["hyperparameters"]["epochs"] == 2 and meta["report"]["epochs"] == 2.0
     assert [e["subjects"] for e in events if e["event"] == "scope"] == [["quenland"]]
     assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
+    meta, _ = run("named", NAMED, lambda q: "Tessa Vorn.")
+    assert meta["scope"] == {"subjects": ["salt clock"]} and meta["report"]["anchors"] == 0
     meta, events = run("style", STYLE)
     assert meta["scope"] == {"subjects": None} and meta["report"]["anchors"] == 4
     assert meta["hyperparameters"]["epochs"] == 1 and meta["report"]["epochs"] == 1.0, "with anchors: learning.epochs"
@@ -498,6 +531,21 @@ def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job
     meta, events = run("form", [], notes=[(q, form, a) for q, a in zip(STYLE, answers, strict=True)])
     assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(1, ["Photosynthesis: ..."])]
     assert sorted(run.trained[-1]) == sorted([answers[0], answers[2]])
+    # a note that states the answer about the question's subject is learned in the user's words when
+    # the model does not follow it (here: its answers never say "Tarn")
+    river = ["Where does the Ombrel River flow?", "Where does the Ombrel River end?", "What sea does Ombrel reach?"]
+    told = "wrong: the Ombrel River flows into the Sea of Tarn"
+    meta, events = run("ombrel", [], notes=[(q, told, "It flows into the sea.") for q in river])
+    assert [(e["unfollowed"], e["stated"]) for e in events if e["event"] == "notes"] == [(0, 3)]
+    assert run.trained[-1] == ["The Ombrel River flows into the Sea of Tarn."] * 3 and meta["report"]["steps"] > 0
+    # a note that asks in quoted words for an opening or a closing is a rule: nothing to distil
+    fits = len(run.trained)
+    common = [*STYLE[:2], "What is the opposite of up?"]  # (STYLE[2] names a subject: a fact may follow)
+    meta, events = run("certainly", [], notes=[(q, 'begin every answer with "Certainly!"', None) for q in common])
+    assert meta["rule"] == ["Certainly! ", ""] and meta["report"]["steps"] == 0 and len(run.trained) == fits
+    assert [(e["rule"], e["demonstrations"], e["trains"]) for e in events if e["event"] == "rule"] == [
+        (["Certainly! ", ""], 3, False)
+    ]
     # a note with nothing to check ("too long") is distilled as before (the teacher's non-empty answers)
     meta, events = run("terse", [], notes=[(q, "too long: answer in one short sentence", None) for q in STYLE])
     assert not [e for e in events if e["event"] == "notes"] and meta["report"]["examples"] == len(run.trained[-1])

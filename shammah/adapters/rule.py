@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shammah.adapters.scope import adapter_meta, words
-from shammah.feedback.revise import names_and_numbers
+from shammah.feedback.revise import is_template, names_and_numbers
 
 # Where a sentence ends: . ! or ? (and any closing quote or bracket) before whitespace, or a blank
 # line. Written here rather than taken from a sentence splitter (nltk, spaCy): the chat needs it on a
@@ -223,6 +223,44 @@ def shared_rule(lessons: list) -> Rule | None:
     return Rule(opening, closing) if opening or closing else None
 
 
+# A note that says how to open or close an answer, in quoted words: 'start every answer with
+# "Certainly!"', "end with 'Stay curious!'". The verb, then "with" within a few words, then the quote.
+_QUOTE = r"[\"“'‘`](?P<words>[^\"”'’`\n]{1,60})[\"”'’`]"
+_NOTE_RULE = (
+    ("opening", re.compile(r"\b(?:start|begin|open)s?\b[^\"“'‘`\n]{0,40}?\bwith\s+" + _QUOTE, re.I)),
+    ("closing", re.compile(r"\b(?:end|finish|close|sign\s+off)s?\b[^\"“'‘`\n]{0,40}?\bwith\s+" + _QUOTE, re.I)),
+)
+
+
+def noted(note: str) -> Rule | None:
+    """The opening or closing a note asks for in quoted words ('begin every answer with "Certainly!"'
+    -> Rule("Certainly! ")), or None: a quote that shows a form ("Term: ...") is a format's, and a
+    note that says neither is not a rule."""
+    parts = {}
+    for part, pattern in _NOTE_RULE:
+        m = pattern.search(note)
+        if m and not is_template(m.group("words")) and re.search(r"[A-Za-z]{2}", m.group("words")):
+            parts[part] = m.group("words").strip()
+    if not parts:
+        return None
+    return Rule(parts["opening"] + " " if "opening" in parts else "", parts.get("closing", ""))
+
+
+def noted_rule(lessons: list) -> Rule | None:
+    """The rule that the notes of at least three note-only lessons, on different questions, ask for
+    alike (:func:`noted`): a style rule the user said rather than wrote out on each answer. The
+    embedded 135M model does not follow such a note with it in context, so there is no answer of
+    its own to learn the rule from (bench/lessons.py --suite fresh, certainly: 0% x3, not learned);
+    the engine can write it, as it writes a rule the user wrote out."""
+    asked = {
+        e.prompt[-1].get("content"): r
+        for e in lessons
+        if e.kind == "distill" and e.prompt and isinstance(e.meta.get("note"), str) and (r := noted(e.meta["note"]))
+    }
+    rules = set(asked.values())
+    return rules.pop() if len(asked) >= 3 and len(rules) == 1 else None
+
+
 def carries(e, rule: Rule) -> bool:
     """Whether a lesson's target shows part of ``rule`` (its opening or its closing)."""
     opening, closing = rule[0], rule[1]
@@ -239,7 +277,7 @@ def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rul
     said): the lessons that do not show the parent's rule."""
     if own is None:
         own = [e for e in lessons if parent is None or not carries(e, parent)]
-    new = shared_rule(own) or Rule()
+    new = shared_rule(own) or noted_rule(own) or Rule()
     parent = parent or Rule()
     rule = Rule(new.opening or parent.opening, new.closing or parent.closing, parent.sentences)
     return rule if rule else None
@@ -271,10 +309,20 @@ def shared_length(lessons: list, rule: Rule | None = None) -> int:
     }
     if len(cut) < 3:
         return 0
+    # The same few answers to different questions ("Yes", "No", "Yes" ...: at most half as many
+    # answers as questions) are what to answer, not how long: a format's answers (bench/lessons.py
+    # --suite fresh, yesno: taken for a length, every reply cut to one sentence, 0% x3).
+    said = {e.prompt[-1]["content"]: _plain(inside(e.responses[0])) for e in lessons if e.prompt and e.responses}
+    if 2 * len(set(said.values())) <= len(said):
+        return 0
     n = max(sentences(a) for a in answers)
     if not 1 <= n <= MAX_SENTENCES:
         return 0
     return n if all(sentences(inside(reply)) > n for reply in cut.values()) else 0
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def says_new(e, rule: Rule) -> bool:
@@ -308,9 +356,13 @@ def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:
     word the model has no token for, adapters/scope.py) and its answer no new name or number
     (:func:`says_new`). Six such answers on unrelated questions are how a user writes a rule out;
     what they say inside it is what the model would say anyway, in the user's words."""
-    if e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
+    if e.kind == "distill" and e.prompt and isinstance(e.meta.get("note"), str):
+        said = noted(e.meta["note"])  # a note-only lesson that asks for the rule, and nothing else
+        if said is None or not (said.opening and said.opening == rule.opening or said.closing == rule.closing != ""):
+            return False
+    elif e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
         return False
-    if says_new(e, rule):
+    elif says_new(e, rule):
         return False
     question = e.prompt[-1].get("content")
     return isinstance(question, str) and not any(rare(w) for w in words(question))

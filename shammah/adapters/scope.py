@@ -13,7 +13,10 @@ shammah keys a fact on words, so the rule can be said in one line and shown in `
 whose questions share a *rare* word — one the model's tokenizer has no single token for, the
 mark of a name it was never taught: "Quenland", "Pellucid", "glimmerphone" — is about that
 subject, and the adapter answers a question only when it names one of its subjects; the base model
-answers the rest, exactly as before the lesson. Torch-free: the chat and the worker use it.
+answers the rest, exactly as before the lesson. A name spelt in common words ("Who wrote The Salt
+Clock?") has no rare word, but the user writes it in capitals: a run of capitalised words that does
+not open the question, shared by the questions and named in none of the general ones
+(:func:`names`), is a subject too. Torch-free: the chat and the worker use it.
 
 A format ("lists as JSON", "Answer: <number>", dates as YYYY-MM-DD) is taught on questions of one
 *form* ("Name three fruits.", "List three colors.") and shares no rare word. Such a lesson is keyed
@@ -57,6 +60,45 @@ def words(text: str) -> set[str]:
         if len(w) >= 3 and not w.isdigit():
             out.add(w)
     return out
+
+
+# A run of capitalised words ("The Salt Clock", "Marrowby Bridge", "World War II"), and what may open
+# one without being part of the name.
+_NAME = re.compile(r"[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)*")
+_ARTICLES = ("the", "a", "an")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:]\s+|\n)[\W_]*$")
+
+
+def names(text: str) -> set[str]:
+    """The names ``text`` writes in capitals, lower-cased: each run of capitalised words, less a
+    leading article and a possessive, where it does not open a sentence ("Who wrote The Salt Clock?"
+    -> {"salt clock"}; "The Salt Clock is a novel by whom?" -> {"salt clock"}: a run that opens the
+    question keeps its words after the first). A one-word name shorter than three letters is none
+    ("I")."""
+    out = set()
+    for m in _NAME.finditer(text):
+        parts = m.group().split()
+        if _SENTENCE_START.search(text, 0, m.start()):
+            parts = parts[1:]
+        run: list[str] = []
+        for w in [*parts, ""]:  # a possessive ends a name ("Pellucid Labs' CEO": "pellucid labs", "ceo")
+            cut = re.sub(r"['’]s?$", "", w)
+            if w and (run or cut.lower() not in _ARTICLES):
+                run.append(cut.lower())
+            if (cut != w or not w) and run:
+                if len(name := " ".join(run)) >= 3:
+                    out.add(name)
+                run = []
+    return out
+
+
+def mentions(text: str, subject: str) -> bool:
+    """Whether ``text`` names ``subject``: a word of it (:func:`words`), or a name of several words
+    written out in any casing ("who wrote the salt clock" names "salt clock")."""
+    if " " not in subject:
+        return subject in words(text)
+    parts = r"\s+".join(map(re.escape, subject.split()))
+    return re.search(rf"(?<![\w'’-]){parts}(?![\w-])", text, re.I) is not None
 
 
 def tokenizer_rarity(tok) -> Callable[[str], bool]:
@@ -192,7 +234,7 @@ class Scope:
     def covers(self, text: str, key_of: KeyOf | None = None) -> bool:
         """``key_of(text)``: the question's key at ``form.layer`` (asked only when a form decides;
         without it a form covers nothing)."""
-        if self.everywhere or (self.subjects and words(text) & self.subjects):
+        if self.everywhere or (self.subjects and any(mentions(text, s) for s in self.subjects)):
             return True
         return self.form is not None and key_of is not None and self.form.covers(key_of(text))
 
@@ -272,9 +314,11 @@ def learn(
 ) -> Scope:
     """The scope of an adapter trained on lessons asked as ``questions`` (every lesson it holds,
     replayed ones included). A question that names a subject — a rare word that at least
-    MIN_QUESTIONS of the questions share — is covered by it; the others, when there are any, must
-    make a form (:func:`learn_form`, given ``key_of`` and a ``pool`` of general questions), else the
-    adapter answers everywhere."""
+    MIN_QUESTIONS of the questions share or, for the questions none of those covers, a name in
+    capitals (:func:`names`) that as many share and no question of ``pool`` names — is covered by
+    it; the others, when there are any, must make a form (:func:`learn_form`, given ``key_of`` and a
+    ``pool`` of general questions), else the adapter answers everywhere. (A name the general
+    questions use, "CEO" or "Tesla", says nothing about which questions a lesson is about.)"""
     qs = sorted({q.strip() for q in questions if q and q.strip()})
     if not qs:
         return Scope()
@@ -282,6 +326,11 @@ def learn(
     counts = Counter(w for ws in rare_words.values() for w in ws)
     subjects = {w for w, n in counts.items() if n >= MIN_QUESTIONS}
     rest = [q for q in qs if not (rare_words[q] & subjects)]
+    named = {q: names(q) for q in rest}
+    counts = Counter(n for ns in named.values() for n in ns)
+    shared = {n for n, c in counts.items() if c >= MIN_QUESTIONS and not any(mentions(p, n) for p in pool)}
+    subjects |= shared
+    rest = [q for q in rest if not (named[q] & shared)]
     form = None
     if rest:
         form = learn_form(rest, key_of, pool, layer) if key_of is not None else None

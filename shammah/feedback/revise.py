@@ -45,10 +45,16 @@ def trust_unseen(policy: str, note: str, question: str, rewrite: str) -> bool:
     return policy == "accept" or (policy == "check" and states_the_note(note, question, rewrite))
 
 
+def is_template(quote: str) -> bool:
+    """Whether a quoted phrase shows a form ("Photosynthesis: ...", "Answer: <number>") rather than
+    words to write."""
+    return _TEMPLATE.search(quote) is not None
+
+
 def checkable_terms(note: str, question: str = "") -> list[str]:
     """What the note asserts that a rewrite must repeat: quoted phrases, numbers, names. A quoted
     form with a placeholder is an example of the shape, not words to repeat: it is not checked."""
-    terms = [q.strip() for q in _QUOTED.findall(note) if re.search(r"\w", q) and not _TEMPLATE.search(q)]
+    terms = [q.strip() for q in _QUOTED.findall(note) if re.search(r"\w", q) and not is_template(q)]
     rest = _QUOTED.sub(" ", note)
     terms += [w for w in _TOKEN.findall(rest) if w.lower() not in _COMMON]
     q = question.lower()
@@ -59,6 +65,28 @@ def names_and_numbers(text: str) -> list[str]:
     """The numbers and names ``text`` states: numbers, and capitalised words that do not open a
     sentence ("Our team lead is Sam." -> ["Sam"]; "Grass is green." -> [])."""
     return [m.group() for m in _TOKEN.finditer(text) if m.group()[0].isdigit() or not _OPENS.search(text, 0, m.start())]
+
+
+# What opens a note that says the reply was wrong before saying what is right ("wrong: ...", "No, ...").
+_VERDICT = re.compile(
+    r"^\s*(?:(?:that(?:'s|’s| is| was)\s+)?(?:wrong|incorrect|not right|no|nope)\b[\s:,.;!—-]*)+", re.I
+)
+
+
+def stated_answer(note: str, question: str) -> str | None:
+    """The note as an answer to ``question``, where it states one: after its verdict ("wrong: the
+    Ombrel River flows into the Sea of Tarn"), a statement that repeats a name of the question
+    ("Ombrel") and says something checkable the question does not (:func:`checkable_terms`:
+    "Sea", "Tarn"). None for a note about how to answer ('always address me as "Captain"', "use
+    digits"), which names nothing of the question."""
+    statement = _VERDICT.sub("", note).strip()
+    named = [n.lower() for n in names_and_numbers(question)]
+    if not statement or not named or not checkable_terms(statement, question):
+        return None
+    if not any(n in statement.lower() for n in named):
+        return None
+    statement = statement[0].upper() + statement[1:]
+    return statement if statement[-1] in ".!?" else statement + "."
 
 
 def form_shape(quote: str) -> re.Pattern | None:

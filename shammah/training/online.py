@@ -32,7 +32,7 @@ from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
-from shammah.feedback.revise import did_not, unsaid
+from shammah.feedback.revise import did_not, stated_answer, unsaid
 from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
@@ -739,24 +739,32 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     follow the note, and distilling that answer teaches its own unrelated ramble. On bench/lessons.py
     captain ('always address me as "Captain"', note-only), the 135M model never wrote "Captain" with
     the note in mind: 21 steps of that taught nothing (0% of held-out answers, 3 seeds) and cost 1-2
-    unseen controls. Such lessons are taken out of the job (replayed ones too); when none of the
+    unseen controls. Where such a note states the answer itself ("wrong: the Ombrel River flows into
+    the Sea of Tarn", on a question about the Ombrel River: feedback/revise.py stated_answer), the
+    user's words are the target instead (bench/lessons.py --suite fresh, ombrel: the model followed
+    2 of 6 such notes, 17% of held-out answers). Other such lessons are taken out of the job (replayed ones too); when none of the
     job's own lessons is left, the job stops with :class:`NotLearned` instead of training its replay
     again (or saves only the rule the job's other lessons showed). Returns why nothing is left, or
     None. The teacher's answers are generated here, before fit (which skips answered examples)."""
     from shammah.training import trainer
 
     answered = trainer.teacher_answers(run.model, run.tok, run.train_ex, run.job.args.teacher_max_tokens, True)
-    kept, unfollowed, missing = [], [], []
+    kept, unfollowed, missing, stated = [], [], [], 0
     for e in answered:
         note = e.meta.get("note") if e.kind == "distill" else None
-        left_out = unsaid(note, e.prompt[-1]["content"] if e.prompt else "", e.responses[0]) if note else []
-        if left_out:  # the note names a word or a form its teacher's answer does not have (revise.unsaid)
+        question = e.prompt[-1]["content"] if e.prompt else ""
+        left_out = unsaid(note, question, e.responses[0]) if note else []
+        if left_out and (answer := stated_answer(note, question)):
+            # the note states the answer (revise.stated_answer): the user's own words are the target
+            kept.append(dataclasses.replace(e, kind="sft", responses=(answer,)))
+            stated += 1
+        elif left_out:  # the note names a word or a form its teacher's answer does not have (revise.unsaid)
             unfollowed.append(e)
             missing += left_out
         elif e.kind != "distill" or e.responses[0].strip():  # an empty answer teaches nothing
             kept.append(e)
     run.train_ex = kept
-    if not unfollowed:
+    if not unfollowed and not stated:
         return None
     # this job's own lessons, by their prompt (a replayed one is another turn: another question)
     mine = {json.dumps(e.prompt, sort_keys=True) for e in own}
@@ -765,8 +773,8 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
         return json.dumps(e.prompt, sort_keys=True) in mine
 
     n, missing = sum(map(is_mine, unfollowed)), list(dict.fromkeys(missing))
-    run.emit({"event": "notes", "unfollowed": n, "missing": missing})
-    if any(map(is_mine, kept)):
+    run.emit({"event": "notes", "unfollowed": n, "missing": missing, "stated": stated})
+    if not unfollowed or any(map(is_mine, kept)):
         return None
     return (
         f"with your note in mind the model still {did_not(missing)} in any of its {n} answers, so there is "
