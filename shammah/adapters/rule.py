@@ -357,8 +357,8 @@ def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:
     (:func:`says_new`). Six such answers on unrelated questions are how a user writes a rule out;
     what they say inside it is what the model would say anyway, in the user's words."""
     if e.kind == "distill" and e.prompt and isinstance(e.meta.get("note"), str):
-        said = noted(e.meta["note"])  # a note-only lesson that asks for the rule, and nothing else
-        if said is None or not (said.opening and said.opening == rule.opening or said.closing == rule.closing != ""):
+        said = noted(e.meta["note"])  # a note-only lesson that asks for part of the rule, and nothing else
+        if said is None or not any(part and part == mine for part, mine in zip(said[:2], rule[:2], strict=True)):
             return False
     elif e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
         return False

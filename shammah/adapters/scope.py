@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shammah.feedback.revise import opens_sentence
+
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 MIN_QUESTIONS = 2  # a subject is a rare word in at least this many of the taught questions
 FORM_SLACK = 0.9  # a form's radius: this share of its questions' smallest nearest-neighbour similarity
@@ -66,7 +68,6 @@ def words(text: str) -> set[str]:
 # one without being part of the name.
 _NAME = re.compile(r"[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)*")
 _ARTICLES = ("the", "a", "an")
-_SENTENCE_START = re.compile(r"(?:^|[.!?:]\s+|\n)[\W_]*$")
 
 
 def names(text: str) -> set[str]:
@@ -78,7 +79,7 @@ def names(text: str) -> set[str]:
     out = set()
     for m in _NAME.finditer(text):
         parts = m.group().split()
-        if _SENTENCE_START.search(text, 0, m.start()):
+        if opens_sentence(text, m.start()):
             parts = parts[1:]
         run: list[str] = []
         for w in [*parts, ""]:  # a possessive ends a name ("Pellucid Labs' CEO": "pellucid labs", "ceo")

@@ -61,10 +61,15 @@ def checkable_terms(note: str, question: str = "") -> list[str]:
     return [t for t in dict.fromkeys(terms) if t.lower() not in q]
 
 
+def opens_sentence(text: str, at: int) -> bool:
+    """Whether the word at offset ``at`` of ``text`` opens a sentence (its capital says nothing)."""
+    return _OPENS.search(text, 0, at) is not None
+
+
 def names_and_numbers(text: str) -> list[str]:
     """The numbers and names ``text`` states: numbers, and capitalised words that do not open a
     sentence ("Our team lead is Sam." -> ["Sam"]; "Grass is green." -> [])."""
-    return [m.group() for m in _TOKEN.finditer(text) if m.group()[0].isdigit() or not _OPENS.search(text, 0, m.start())]
+    return [m.group() for m in _TOKEN.finditer(text) if m.group()[0].isdigit() or not opens_sentence(text, m.start())]
 
 
 # What opens a note that says the reply was wrong before saying what is right ("wrong: ...", "No, ...").

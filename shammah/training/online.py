@@ -742,8 +742,8 @@ def drop_unfollowed(run, own: list[Example]) -> str | None:
     unseen controls. Where such a note states the answer itself ("wrong: the Ombrel River flows into
     the Sea of Tarn", on a question about the Ombrel River: feedback/revise.py stated_answer), the
     user's words are the target instead (bench/lessons.py --suite fresh, ombrel: the model followed
-    2 of 6 such notes, 17% of held-out answers). Other such lessons are taken out of the job (replayed ones too); when none of the
-    job's own lessons is left, the job stops with :class:`NotLearned` instead of training its replay
+    2 of 6 such notes, 17% of held-out answers). Other such lessons are taken out of the job
+    (replayed ones too); when none of the job's own lessons is left, the job stops with :class:`NotLearned` instead of training its replay
     again (or saves only the rule the job's other lessons showed). Returns why nothing is left, or
     None. The teacher's answers are generated here, before fit (which skips answered examples)."""
     from shammah.training import trainer
