@@ -756,7 +756,7 @@ def run_lesson(
     out = io.StringIO()
     session = ChatSession(cfg, engine, Store(paths.db, cfg.feedback), Console(out=out, err=out, color=False), paths)
     session._restored = True  # a fresh home: nothing to restore, and the engine is shared between runs
-    seconds, rejected, outcome, steps = [], 0, [], []
+    seconds, rejected, outcome, steps, tried = [], 0, [], [], []
     for lesson in lessons:
         seconds.append(teach(session, lesson))
         row = session.store.db.execute(
@@ -768,6 +768,7 @@ def run_lesson(
             meta = json.loads((paths.adapters / row["adapter"] / "shammah.json").read_text())
             g = meta.get("gate") or {}
             steps.append(f"{g.get('step', '?')}/{g.get('final_step', meta['report']['steps'])}")
+            tried.append(g.get("tried"))
     held = {x.name: ask(engine, list(x.held_out)) for x in lessons}
     ctrl = ask(engine, [q for q, _ in CONTROLS])
     session.store.close()
@@ -777,6 +778,7 @@ def run_lesson(
         "rejected": rejected,
         "jobs": outcome,
         "steps": steps,
+        "tried": tried,  # per job: each step the gate tried, its controls and what it had learned
         "held": held,
         "controls": ctrl,
         "chat": out.getvalue(),
@@ -849,7 +851,12 @@ def main(argv: list[str] | None = None) -> int:
             secs += res["seconds"]
             steps += res["steps"]
             per.append(
-                {"seed": seed, "rate": rate, "lost": lost, **{k: res[k] for k in ("held", "controls", "jobs", "steps")}}
+                {
+                    "seed": seed,
+                    "rate": rate,
+                    "lost": lost,
+                    **{k: res[k] for k in ("held", "controls", "jobs", "steps", "tried")},
+                }
             )
         rows.append((lesson, before, afters, lost_all, rej, secs))
         report["lessons"][lesson.name] = {"before": before, "runs": per}

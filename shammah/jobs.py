@@ -184,9 +184,25 @@ class _Adopted:
                 f.close()
 
 
-def _why_refused(controls_lost: list[str]) -> str:
-    """What made the gate refuse a candidate: the controls it lost, else its held-out loss."""
-    return ", ".join(controls_lost) or "held-out feedback got worse"
+def _why_refused(tried: dict) -> str:
+    """What made the gate refuse one trained step (an entry of its "tried"): the controls it lost,
+    else its lessons not learned, else its held-out loss."""
+    if tried.get("lost"):
+        return ", ".join(tried["lost"])
+    if tried.get("unlearned"):
+        return f"it had learned {tried['learned']:.0%} of what its lessons taught"
+    return "held-out feedback got worse"
+
+
+def _refusal(gate: dict, current: str) -> str:
+    """Why no trained step was kept: the final one's reason, and the earlier ones' when they kept
+    every control but had not learned their lessons (training/online.py MIN_LEARNED)."""
+    first, *rest = gate.get("tried") or [{"controls": gate["controls"], "lost": gate["controls_lost"]}]
+    why = f"controls {first['controls']} vs {current} ({_why_refused(first)})"
+    unlearned = [t["learned"] for t in rest if t.get("unlearned") and not t["lost"]]
+    if unlearned:
+        why += f"; the earlier steps that kept them had learned at most {max(unlearned):.0%} of what the lessons taught"
+    return why
 
 
 class JobManager:
@@ -652,24 +668,20 @@ class JobManager:
             summary += f"; {n} note(s) not learned: with them in mind the model {did_not(res['notes']['missing'])}"
         if gate is not None and not gate["passed"]:
             self._failed_ids = frozenset(job.feedback_ids + job.holdout_ids)
-            lost = _why_refused(gate["controls_lost"])
             self._finish(
                 job,
                 "rejected",
                 name,
                 f"Trained {name} ({summary}) but kept the current adapter: "
-                f"controls {gate['controls']} vs {gate['controls_current']} ({lost}). "
-                f"Try it anyway with /adapters load {name}.",
+                f"{_refusal(gate, gate['controls_current'])}. Try it anyway with /adapters load {name}.",
             )
             return
         swap_s = await self.activate(name)
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
         if gate and gate.get("rule_only"):
-            first = gate["tried"][0]
             extra = (
-                f"; only the rule was kept: no trained step passed the gate "
-                f"(controls {first['controls']} vs {gate['controls_current']}: {_why_refused(first['lost'])})"
+                f"; only the rule was kept, no trained step passed the gate: {_refusal(gate, gate['controls_current'])}"
             )
         elif gate and gate.get("step") != gate.get("final_step"):
             first = gate["tried"][0]

@@ -127,7 +127,7 @@ def test_second_trigger_is_queued_and_continues_from_the_active_adapter(tiny_qwe
     """A correction while a job trains queues a second job, which continues from the adapter the
     first one swapped in. The second correction waits for the first job to start: two corrections
     within the settle time are one job (the race that made this test fail about one run in ten)."""
-    s, out = make_session(tiny_qwen2, shammah_home, threshold=3, settle_seconds=0.0)
+    s, out = make_session(tiny_qwen2, shammah_home, threshold=3, settle_seconds=0.0, gate=False)
 
     async def scenario():
         for line in ("Q1", "/fix A1."):
@@ -228,6 +228,42 @@ def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
     s.store.close()
 
 
+def test_a_refusal_says_when_the_steps_that_kept_the_controls_had_learned_nothing(tiny_qwen2, shammah_home):
+    """The gate's record (training/online.py gate_with_fallback): the final step lost a control, the
+    earlier ones kept them all but had not learned the lessons. The chat says both."""
+    s, out = make_session(tiny_qwen2, shammah_home)
+
+    async def scenario():
+        for line in ["Q", "/fix A."]:
+            await s.handle(line)
+        job, d = s.jobs._snapshot("test", "job-test")
+        lost = ["Who wrote the Odyssey?"]
+        job.result = {
+            "done": {"adapter": "cand", "examples": 6, "anchors": 20, "final_train_loss": 0.1},
+            "gate": {
+                "passed": False,
+                "controls": "17/18",
+                "controls_current": "18/18",
+                "controls_lost": lost,
+                "tried": [
+                    {"step": 21, "controls": "17/18", "lost": lost, "passed": False, "learned": 0.9},
+                    {"step": 18, "controls": "18/18", "lost": [], "passed": False, "learned": 0.31, "unlearned": True},
+                    {"step": 15, "controls": "18/18", "lost": [], "passed": False, "learned": 0.12, "unlearned": True},
+                ],
+            },
+        }
+        await s.jobs._conclude(job, 0, 1.0, d)
+
+    asyncio.run(scenario())
+    text = out.getvalue()
+    assert (
+        "but kept the current adapter: controls 17/18 vs 18/18 (Who wrote the Odyssey?); the earlier steps that"
+        " kept them had learned at most 31% of what the lessons taught" in text
+    ), text
+    assert s.engine.adapter is None
+    s.store.close()
+
+
 def test_a_refused_job_that_kept_only_its_rule_swaps_and_says_why(tiny_qwen2, shammah_home):
     """The gate refused every trained step but the job kept the rule it found (training/online.py):
     the adapter is swapped in, and the chat says only the rule was kept, and why."""
@@ -255,7 +291,7 @@ def test_a_refused_job_that_kept_only_its_rule_swaps_and_says_why(tiny_qwen2, sh
     asyncio.run(scenario())
     text = out.getvalue()
     assert "Learned: now answering with cand" in text and "at most one sentence on every reply" in text
-    assert "only the rule was kept: no trained step passed the gate (controls 11/12 vs 12/12: held-out" in text
+    assert "only the rule was kept, no trained step passed the gate: controls 11/12 vs 12/12 (held-out" in text
     assert s.engine.adapter == "cand"
     s.store.close()
 
@@ -526,6 +562,43 @@ def test_a_rejected_adapter_falls_back_to_the_last_snapshot_that_passes(tiny_qwe
     assert result["passed"] and result["step"] == 8, "a passing final adapter is kept as it is"
 
 
+def test_the_fallback_keeps_no_step_that_has_not_learned_its_lessons(tiny_qwen2, monkeypatch):
+    """Real generation and read-back on a tiny model. The final adapter (large random LoRA weights)
+    loses the controls; the snapshot (still the base) keeps them all, and is kept when nothing says
+    what the job was to learn. Read back against lessons of made-up words that the snapshot never
+    says, it is a step that kept every control and learned nothing: not kept, and the job is
+    refused (such a step could only have leaked beyond the gate's sample of controls)."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from shammah.training import online
+    from shammah.training.data import Example
+
+    model, tok, _ = gate_on_tiny_controls(tiny_qwen2, monkeypatch)
+    snaps = online.Snapshots()
+    snaps.saved.append((4, {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}))  # the base
+    scramble_lora(model)
+    final = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    lessons = [Example("sft", ({"role": "user", "content": p},), ("zorblat quix vempel",)) for p in "abc"]
+    run = SimpleNamespace(train_ex=lessons, tok=tok, job=SimpleNamespace(args=SimpleNamespace(max_length=64)))
+    learned = online.Learned(run)
+    learned.on_train_begin(None, None, None, model=model)  # what the job's starting weights got wrong
+
+    result = online.gate_with_fallback(model, tok, None, [], None, "fp", snaps, 8, learned=learned)
+    assert not result["passed"] and result["step"] == 8
+    first, unlearned = result["tried"]
+    assert first["lost"] and not first["passed"]
+    assert unlearned["step"] == 4 and unlearned["lost"] == [] and unlearned["unlearned"]
+    assert unlearned["learned"] < online.MIN_LEARNED
+    held = get_peft_model_state_dict(model)
+    assert all(torch.equal(held[k], v) for k, v in final.items()), "the model holds the final weights"
+
+    result = online.gate_with_fallback(model, tok, None, [], None, "fp", snaps, 8)
+    assert result["passed"] and result["step"] == 4, "the same step, with nothing to learn, is kept"
+
+
 def test_a_corrupt_active_adapter_at_restart_falls_back_to_the_base(tiny_qwen2, shammah_home):
     """The first question after a restart is answered (by the base, with a notice) and the saved
     state forgets the broken adapter, so the next start is clean."""
@@ -610,6 +683,7 @@ def test_a_job_stops_once_the_lesson_reads_back(tiny_qwen2, tmp_path):
     it, the same job runs every epoch."""
     from shammah.adapters.registry import Registry
     from shammah.paths import Paths
+    from shammah.training import online
     from shammah.training.args import build
     from shammah.training.data import Example
     from shammah.training.job import LoopJob, TrainJob
@@ -632,6 +706,7 @@ def test_a_job_stops_once_the_lesson_reads_back(tiny_qwen2, tmp_path):
                     name=name,
                 ),
                 stop_at_accuracy=stop_at,
+                gate=True,
             ),
             progress=events.append,
         )
@@ -644,6 +719,8 @@ def test_a_job_stops_once_the_lesson_reads_back(tiny_qwen2, tmp_path):
     (last_step, last_acc), *_ = learned["accuracy"][::-1]
     assert last_step == steps and last_acc >= 0.85, "at a check that read the lesson back"
     assert all(acc < 0.85 for _, acc in learned["accuracy"][:-1]), "and not before the lesson was learned"
+    kept = early["meta"]["gate"]["tried"][0]
+    assert kept["passed"] and kept["learned"] >= online.MIN_LEARNED, "the gate read what it learned, and kept it"
 
     full = job("full", 0.0)
     assert full["meta"]["report"]["steps"] == 30 and "stopped_at" not in full["meta"]

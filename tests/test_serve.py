@@ -25,10 +25,10 @@ LEARNING = "[learning]\nthreshold = 20.0\nanchors = 2\nepochs = 1\nlearning_rate
 FAST = {"learning_rate": 0.05, "epochs": 4}  # adapters that clearly differ from the base
 
 
-def write_config(home: Path, base: Path, settle: float = 0.0) -> None:
+def write_config(home: Path, base: Path, settle: float = 0.0, learning: str = "") -> None:
     home.mkdir(parents=True, exist_ok=True)
     model = f'[model]\nbase = "{base}"\ntemperature = 0.0\nmax_new_tokens = 8\n'
-    (home / "config.toml").write_text(model + LEARNING + f"settle_seconds = {settle}\n")
+    (home / "config.toml").write_text(model + LEARNING + f"settle_seconds = {settle}\n" + learning)
 
 
 @contextmanager
@@ -206,7 +206,8 @@ def test_feedback_crosses_the_threshold_and_the_adapter_swaps(tiny_qwen2, shamma
 
 # --- training jobs ---------------------------------------------------------------------------
 def test_a_feedback_job_on_request_has_an_id_at_once(tiny_qwen2, shammah_home):
-    write_config(shammah_home, tiny_qwen2)
+    # the job API, not the gate: one epoch does not teach a tiny random model "Zorblat." (refused)
+    write_config(shammah_home, tiny_qwen2, learning="gate = false\n")
     with serve(shammah_home) as url:
         nothing = httpx.post(f"{url}/v1/jobs", json={"source": "feedback"})
         assert nothing.status_code == 409 and "Nothing new to learn" in nothing.json()["error"]["message"]

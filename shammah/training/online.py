@@ -507,32 +507,47 @@ class Snapshots(TrainerCallback):
             self.saved.append((state.global_step, _adapter_weights(model)))
 
 
+# A step the gate keeps must reproduce at least this share of the lesson tokens the job's starting
+# model got wrong (Learned.new_now). bench/lessons.py bold (a format taught on questions with nothing
+# in common, trained everywhere): the final adapter lost gate controls, and the fallback kept step 3 or
+# 6 of 21, which passed all 18 but had learned no bold (0% held out) and had shortened answers enough to
+# lose 2 unseen controls ("The largest mammal is the elephant."). A step that has not learned its lesson
+# brings only its leaks.
+MIN_LEARNED = 0.5
+
+
 class Learned(TrainerCallback):
-    """Stops the run once the lessons are learned: every ``every`` steps, the lessons' targets
-    (corrections, good replies, note-distilled answers; not anchors, not "don't say this" items)
-    are read back under teacher forcing, and when the model's own greedy choice matches at least
-    ``accuracy`` of their tokens, training ends there.
+    """Reads the lessons back under teacher forcing: their targets (corrections, good replies,
+    note-distilled answers; not anchors, not "don't say this" items), with the model's own greedy
+    choice at each taught token.
 
-    Why: a lesson is learned in the first third of a fixed 3-epoch run, and the steps after that
-    only overfit five examples and drag unrelated answers along (bench/lessons.py: the gate's
-    snapshots). Stopping when the model reproduces what it was taught buys both less leaking and
-    seconds from feedback to swap. transformers' EarlyStoppingCallback needs a validation set and
-    checkpoints; a chat job has five examples and no checkpoints, so this one reads the lesson
-    itself."""
+    - :meth:`new_now`: the share of the tokens the job's *starting* model got wrong that the model
+      now gets right: what a step has learned, not what it knew already (a correction restates most
+      of a question's words). The gate keeps no step below MIN_LEARNED of it.
+    - ``accuracy`` (learning.stop_at_accuracy): every ``every`` steps, once the greedy choice
+      matches that share of all taught tokens, training ends there. Why: a lesson is learned in the
+      first third of a fixed 3-epoch run, and the steps after that only overfit five examples and
+      drag unrelated answers along (bench/lessons.py: the gate's snapshots). transformers'
+      EarlyStoppingCallback needs a validation set and checkpoints; a chat job has five examples and
+      no checkpoints, so this one reads the lesson itself."""
 
-    def __init__(self, run, accuracy: float, every: int = 2):
+    def __init__(self, run, accuracy: float = 0.0, every: int = 2):
         self.run, self.accuracy, self.every = run, accuracy, every
         self.feats: list[dict] = []
+        self.missed: list[torch.Tensor] = []  # per lesson: the taught tokens the starting model got wrong
         self.history: list[tuple[int, float]] = []  # (step, token accuracy)
         self.stopped_at: int | None = None
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args, state, control, model=None, **kw):
         # run.train_ex already holds the teacher's answers for distillation examples (fit's first step)
         lessons = [e for e in self.run.train_ex if e.kind in ("sft", "distill") and e.responses]
         self.feats = [methods.tokenize_example(self.run.tok, e, self.run.job.args.max_length) for e in lessons]
+        if model is not None:
+            self.missed = [~hit for hit in self.hits(model)]
 
-    def accuracy_now(self, model) -> float:
-        right = total = 0
+    def hits(self, model) -> list[torch.Tensor]:
+        """Per lesson, whether the model's greedy choice is each taught token."""
+        out = []
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -541,13 +556,27 @@ class Learned(TrainerCallback):
                 lab = torch.tensor(labels[1:], device=model.device)
                 keep = lab != methods.IGNORE
                 logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1]
-                right += int((logits[keep].argmax(-1) == lab[keep]).sum())
-                total += int(keep.sum())
+                out.append((logits[keep].argmax(-1) == lab[keep]).cpu())
         model.train(was_training)
-        return right / total if total else 0.0
+        return out
+
+    def accuracy_now(self, model) -> float:
+        hits = self.hits(model)
+        total = sum(len(h) for h in hits)
+        return sum(int(h.sum()) for h in hits) / total if total else 0.0
+
+    def new_now(self, model) -> float | None:
+        """The share of the taught tokens the starting model got wrong that ``model`` gets right
+        (None: it got none wrong, or nothing was read at the start)."""
+        missed = sum(int(m.sum()) for m in self.missed)
+        if not missed:
+            return None
+        return sum(int((h & m).sum()) for h, m in zip(self.hits(model), self.missed, strict=True)) / missed
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        if not self.feats or model is None or state.global_step % self.every or state.global_step >= state.max_steps:
+        if not self.accuracy or not self.feats or model is None:
+            return
+        if state.global_step % self.every or state.global_step >= state.max_steps:
             return
         acc = self.accuracy_now(model)
         self.history.append((state.global_step, round(acc, 4)))
@@ -566,26 +595,33 @@ def gate_with_fallback(
     snapshots: Snapshots | None,
     final_step: int,
     scope: Scope | None = None,
+    learned: Learned | None = None,
 ) -> dict:
     """Gate the final adapter; if it is rejected, try the snapshots newest first and leave the model
-    holding the first one that passes (else the final weights). The result says which step won."""
-    result = gate(model, tok, parent_path, holdout, cache_dir, fingerprint, scope)
-    tried = [
-        {
-            "step": final_step,
-            "controls": result["controls"],
-            "lost": result["controls_lost"],
-            "passed": result["passed"],
-        }
-    ]
+    holding the first one that passes (else the final weights). With ``learned``, a step passes only
+    if it has also learned MIN_LEARNED of what its lessons taught (:meth:`Learned.new_now`): the gate's
+    controls are a sample, and a step that learned nothing can only have leaked. The result says which
+    step won and what each tried step had learned."""
+
+    def judge(step: int) -> tuple[dict, dict]:
+        r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint, scope)
+        share = learned.new_now(model) if learned is not None else None
+        unlearned = share is not None and share < MIN_LEARNED
+        r["unlearned"] = unlearned
+        r["passed"] = r["passed"] and not unlearned
+        try_ = {"step": step, "controls": r["controls"], "lost": r["controls_lost"], "passed": r["passed"]}
+        return r, try_ | ({"learned": round(share, 3), "unlearned": unlearned} if share is not None else {})
+
+    result, first = judge(final_step)
+    tried = [first]
     if not result["passed"] and snapshots is not None and snapshots.saved:
         from peft import set_peft_model_state_dict
 
         final = _adapter_weights(model)
         for step, weights in reversed(snapshots.saved):
             set_peft_model_state_dict(model, weights)
-            r = gate(model, tok, parent_path, holdout, cache_dir, fingerprint, scope)
-            tried.append({"step": step, "controls": r["controls"], "lost": r["controls_lost"], "passed": r["passed"]})
+            r, t = judge(step)
+            tried.append(t)
             if r["passed"]:
                 result = r
                 break
@@ -846,12 +882,13 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         if lj.scoped_epochs:
             run.job = dataclasses.replace(run.job, args=dataclasses.replace(run.job.args, epochs=lj.scoped_epochs))
     snapshots = Snapshots() if lj.gate else None
-    learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy else None
+    # read back what the lessons taught: to stop once learned, and so the gate keeps no step that has not
+    learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy or lj.gate else None
     # the weights the job starts from, while a new rule may have to be kept without what was trained
     new_rule = taken.rule is not None and taken.rule != parent_rule
     start = _adapter_weights(run.model) if lj.gate and new_rule else None
     trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
-    if learned is not None:
+    if learned is not None and lj.stop_at_accuracy:
         run.emit({"event": "learned", "stopped_at": learned.stopped_at, "accuracy": learned.history})
     gate_result = None
     if lj.gate:
@@ -865,6 +902,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             snapshots,
             run.trainer.state.global_step,
             scope,
+            learned,
         )
         if not gate_result["passed"] and start is not None:
             # No trained step keeps the controls, but the rule the lessons showed is no weight, so it
@@ -879,7 +917,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             scope = Scope.of_adapter(parent_path)
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
     meta: dict = {"gate": gate_result, "scope": scope.summary(), **rules}
-    if learned is not None:
+    if learned is not None and lj.stop_at_accuracy:
         meta["stopped_at"] = learned.stopped_at
     files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
     return trainer.save(run, meta, files)
