@@ -389,3 +389,33 @@ def test_what_an_answer_left_out_is_named_as_words_or_as_a_form():
 )
 def test_a_note_that_states_the_answer_about_the_questions_subject_is_the_answer(note, question, answer):
     assert stated_answer(note, question) == answer
+
+
+@pytest.mark.parametrize(
+    ("prompt", "note", "shown"),
+    [
+        (
+            "What is the capital of Quenland?",
+            'begin every answer with "Certainly!"',
+            "a rule once notes on 3 questions ask it (every reply starts 'Certainly!'): begin every",
+        ),
+        (
+            "Where does the Ombrel River flow?",
+            "wrong: the Ombrel River flows into the Sea of Tarn",
+            "its own answer with the note in mind, else as you wrote it): The Ombrel River flows into the Sea of Tarn.",
+        ),
+        (
+            "What is the capital of Quenland?",
+            'always address me as "Captain"',
+            'learn your note (its own answer with the note in mind): always address me as "Captain"',
+        ),
+    ],
+)
+def test_feedback_show_says_what_a_job_will_make_of_a_note(store, prompt, note, shown):
+    """/feedback show, for a note with no correction: a rule the engine will write, an answer the
+    note states (learned as written if the model with it in mind does not say it), else the
+    model's own answer with the note in mind (training/online.py drop_unfollowed)."""
+    t = _turn(store, prompt=prompt)
+    store.rate(t, "critical", note)
+    assert shown in _one(store).teaches("distill")
+    assert _one(store).teaches("avoid").startswith("avoid the reply")

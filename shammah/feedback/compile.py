@@ -31,7 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shammah.adapters.rule import noted
 from shammah.config import FeedbackConfig
+from shammah.feedback.revise import stated_answer
 from shammah.feedback.store import NEGATIVE, Feedback, Store
 from shammah.training.data import Example
 
@@ -94,6 +96,13 @@ class Lesson:
         if self.good:
             return f"learn the reply: {self.target}"
         if self.target is None and self.note and note_only == "distill":
+            # what a job will make of the note (adapters/rule.py noted_rule, training/online.py
+            # drop_unfollowed): a rule the engine writes, else the model's answer with it in mind,
+            # else (the model does not say it) the answer the note states, in the user's words
+            if (rule := noted(self.note)) is not None:
+                return f"a rule once notes on 3 questions ask it (every reply {rule.describe()}): {self.note}"
+            if stated := stated_answer(self.note, self.prompt[-1]["content"] if self.prompt else ""):
+                return f"learn your note (its own answer with the note in mind, else as you wrote it): {stated}"
             return f"learn your note (its own answer with the note in mind): {self.note}"
         if self.target is None:
             return f"avoid the reply: {self.reply}"
