@@ -136,12 +136,6 @@ class LearningConfig:
         lo=0,
         hi=100,
     )
-    everywhere_tokens: str = _f(
-        "all",
-        "what a job that answers everywhere (a lesson with no subject or form) trains of the taught answers:"
-        " all their tokens, or only the new ones: those the current model does not already say there",
-        choices=("all", "new"),
-    )
     stop_at_accuracy: float = _f(
         0.0,
         "end a job early once the model's greedy choice reproduces this share of the taught answers' tokens"

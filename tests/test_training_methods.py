@@ -45,47 +45,6 @@ def test_anchor_targets_leave_the_opening_and_the_end_free(tok):
     assert supervised == list(range(first + 3, len(a_ids))), "the first three answer tokens carry no loss"
 
 
-def test_new_tokens_only_have_a_loss_where_the_model_would_not_say_them(tiny_qwen2, tok):
-    """training/online.py new_tokens_only, on a real tiny model: a taught answer that opens with the
-    model's own greedy answer and goes on in made-up words keeps a loss exactly at the tokens the
-    model does not choose under teacher forcing, the end included where it would not stop there;
-    distillation examples are untouched."""
-    from types import SimpleNamespace
-
-    from transformers import AutoModelForCausalLM
-
-    from shammah.engine.generate import generate_batch
-    from shammah.training import online
-    from shammah.training.data import Example
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
-    torch.manual_seed(1)
-    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.5)  # says varied words
-    prompt = ({"role": "user", "content": "alpha"},)
-    [own] = generate_batch(model, tok, [list(prompt)], 8)
-    ids = tok(own, add_special_tokens=False)["input_ids"][:4]  # a greedy prefix, as token ids
-    head = tok.decode(ids)
-    taught = Example("sft", prompt, (head + " zorblat quix vempel",))
-    distill = Example("distill", prompt, ("whatever",))
-    run = SimpleNamespace(
-        model=model, tok=tok, job=SimpleNamespace(args=SimpleNamespace(max_length=64)), emit=lambda ev: None
-    )
-    run.train_ex = [taught, distill]
-    online.new_tokens_only(run)
-    marked, untouched = run.train_ex
-    assert untouched is distill and "loss_at" not in distill.meta
-    [(seq, labels)] = methods.tokenize_example(tok, marked, 64)["seqs"]
-    start = methods.tokenize_example(tok, marked, 64)["starts"][0]
-    with torch.no_grad():
-        chose = model(input_ids=torch.tensor([seq])).logits[0, :-1].argmax(-1).tolist()
-    lossy = [j for j in range(start, len(seq)) if labels[j] != IGNORE]
-    assert lossy and all(chose[j - 1] != seq[j] for j in lossy), "a loss only where the model would say otherwise"
-    missed = [j for j in range(start, len(seq)) if chose[j - 1] != seq[j]]
-    assert lossy == missed, "and at every such token"
-    assert len(lossy) < len(seq) - start, "what the model says anyway has no loss"
-    assert seq[-1] == tok.eos_token_id and (len(seq) - 1 in lossy) == (chose[-1] != tok.eos_token_id)
-
-
 def test_truncation_keeps_the_response(tok):
     ex = parse_record({"prompt": "word " * 300, "completion": "Zorblat."})
     [(ids, labels)] = methods.tokenize_example(tok, ex, 64)["seqs"]

@@ -61,7 +61,7 @@ def tokenize_example(tok, ex: Example, max_length: int) -> dict:
     """Token ids and labels for each response of ``ex``: prompt (masked) + response + EOS.
     A distillation example also gets the teacher's sequence: its own prompt + the same response."""
     prompt_ids = _prompt_ids(tok, ex.prompt)
-    seqs, starts = [], []  # starts: where each response begins in its sequence
+    seqs = []
     eos = (
         [tok.eos_token_id] if ex.meta.get("eos", True) else []
     )  # no EOS: the target says how to start, not where to stop
@@ -70,13 +70,8 @@ def tokenize_example(tok, ex: Example, max_length: int) -> dict:
         resp = resp[: max_length - 1]
         p = prompt_ids[-(max_length - len(resp)) :] if len(prompt_ids) + len(resp) > max_length else prompt_ids
         free = min(int(ex.meta.get("free_prefix", 0)), len(resp))  # the opening tokens: no loss
-        labels = [IGNORE] * free + resp[free:]
-        if "loss_at" in ex.meta:  # only these response tokens have a loss (training/online.py new_tokens_only)
-            at = set(ex.meta["loss_at"])
-            labels = [t if i in at else IGNORE for i, t in enumerate(labels)]
-        seqs.append((p + resp, [IGNORE] * len(p) + labels))
-        starts.append(len(p))
-    feat = {"kind": ex.kind, "label": ex.label, "seqs": seqs, "starts": starts}
+        seqs.append((p + resp, [IGNORE] * (len(p) + free) + resp[free:]))
+    feat = {"kind": ex.kind, "label": ex.label, "seqs": seqs}
     if ex.kind == "distill":
         (ids, labels), resp_len = seqs[0], len(seqs[0][0]) - len(p)
         t_prompt = _prompt_ids(tok, ex.meta.get("teacher_prompt") or ex.prompt)

@@ -757,34 +757,6 @@ def _questions(keys: KeyCache, lessons: list[Example]) -> list[str]:
     return questions
 
 
-def new_tokens_only(run) -> None:
-    """Give the lessons' taught answers a loss only at their *new* tokens: those the model the job
-    starts from does not already choose there (greedy, under teacher forcing), and the end where it
-    would not stop. For a job that answers everywhere: the rest of a correction ("The capital of
-    Italy is" before "**Rome**") is what the model says anyway, and training it again only sharpens
-    six short answers into every answer (bench/lessons.py bold: "The largest mammal is the
-    elephant."). Distillation targets (a KL to the teacher) and anchors are left as they are."""
-    was_training = run.model.training
-    run.model.eval()
-    out = []
-    with torch.no_grad():
-        for e in run.train_ex:
-            if e.kind != "sft" or not e.responses:
-                out.append(e)
-                continue
-            feat = methods.tokenize_example(run.tok, e, run.job.args.max_length)
-            (ids, labels), start = feat["seqs"][0], feat["starts"][0]
-            logits = run.model(input_ids=torch.tensor([ids], device=run.model.device)).logits[0, :-1]
-            chose = logits.argmax(-1).tolist()
-            new = [j - start for j in range(start, len(ids)) if labels[j] != methods.IGNORE and chose[j - 1] != ids[j]]
-            if new:  # an answer the model gives already teaches nothing new
-                out.append(dataclasses.replace(e, meta={**e.meta, "loss_at": new}))
-    run.model.train(was_training)
-    if any("loss_at" in e.meta for e in out):
-        run.train_ex = out
-    run.emit({"event": "new_tokens", "lessons": sum("loss_at" in e.meta for e in run.train_ex)})
-
-
 class NotLearned(ShammahError):
     """A job whose own lessons all turned out to teach nothing (every note it was to learn, the model
     did not follow): the chat says so in one line, and the feedback stays in the buffer."""
@@ -898,8 +870,6 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     scope = lesson_scope(run, lj, holdout, keys)
     run.emit({"event": "scope", **scope.to_json()})
     if scope.everywhere:
-        if lj.everywhere_tokens == "new":
-            new_tokens_only(run)
         add_anchors(run, lj)
     else:
         # No anchors: they hold what the adapter answers outside its lessons, and a scoped adapter
