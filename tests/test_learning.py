@@ -202,14 +202,26 @@ def test_cancel_right_after_start_cancels_that_job(tiny_qwen2, shammah_home):
     s.store.close()
 
 
-def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
-    s, out = make_session(tiny_qwen2, shammah_home)
+def conclude(s, lines: list[str], result: dict) -> None:
+    """Rate a turn as ``lines`` say, then end a job on it whose worker reported ``result`` (its
+    "done", "gate" and "rule" events), as the job manager does when the worker exits."""
 
     async def scenario():
-        for line in ["Q", "/critical no"]:
+        for line in lines:
             await s.handle(line)
         job, d = s.jobs._snapshot("test", "job-test")
-        job.result = {
+        job.result = result
+        await s.jobs._conclude(job, 0, 1.0, d)
+
+    asyncio.run(scenario())
+
+
+def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
+    s, out = make_session(tiny_qwen2, shammah_home)
+    conclude(
+        s,
+        ["Q", "/critical no"],
+        {
             "done": {"adapter": "cand", "examples": 1, "anchors": 0, "final_train_loss": 0.1},
             "gate": {
                 "passed": False,
@@ -217,10 +229,8 @@ def test_gate_rejection_keeps_the_current_adapter(tiny_qwen2, shammah_home):
                 "controls_current": "5/6",
                 "controls_lost": ["What is the capital of Japan?"],
             },
-        }
-        await s.jobs._conclude(job, 0, 1.0, d)
-
-    asyncio.run(scenario())
+        },
+    )
     text = out.getvalue()
     assert "but kept the current adapter: controls 3/6 vs 5/6 (What is the capital of Japan?)" in text
     assert s.engine.adapter is None and buffer(s.store).examples == 1
@@ -232,13 +242,11 @@ def test_a_refusal_says_when_the_steps_that_kept_the_controls_had_learned_nothin
     """The gate's record (training/online.py gate_with_fallback): the final step lost a control, the
     earlier ones kept them all but had not learned the lessons. The chat says both."""
     s, out = make_session(tiny_qwen2, shammah_home)
-
-    async def scenario():
-        for line in ["Q", "/fix A."]:
-            await s.handle(line)
-        job, d = s.jobs._snapshot("test", "job-test")
-        lost = ["Who wrote the Odyssey?"]
-        job.result = {
+    lost = ["Who wrote the Odyssey?"]
+    conclude(
+        s,
+        ["Q", "/fix A."],
+        {
             "done": {"adapter": "cand", "examples": 6, "anchors": 20, "final_train_loss": 0.1},
             "gate": {
                 "passed": False,
@@ -251,10 +259,8 @@ def test_a_refusal_says_when_the_steps_that_kept_the_controls_had_learned_nothin
                     {"step": 15, "controls": "18/18", "lost": [], "passed": False, "learned": 0.12, "unlearned": True},
                 ],
             },
-        }
-        await s.jobs._conclude(job, 0, 1.0, d)
-
-    asyncio.run(scenario())
+        },
+    )
     text = out.getvalue()
     assert (
         "but kept the current adapter: controls 17/18 vs 18/18 (Who wrote the Odyssey?); the earlier steps that"
@@ -269,13 +275,11 @@ def test_a_refused_job_that_kept_only_its_rule_swaps_and_says_why(tiny_qwen2, sh
     the adapter is swapped in, and the chat says only the rule was kept, and why."""
     s, out = make_session(tiny_qwen2, shammah_home)
     register_adapter(tiny_qwen2, shammah_home, "cand")
-
-    async def scenario():
-        for line in ["Q", "/fix A."]:
-            await s.handle(line)
-        job, d = s.jobs._snapshot("test", "job-test")
-        refused = {"step": 21, "controls": "11/12", "lost": [], "passed": False}
-        job.result = {
+    refused = {"step": 21, "controls": "11/12", "lost": [], "passed": False}
+    conclude(
+        s,
+        ["Q", "/fix A."],
+        {
             "done": {"adapter": "cand", "examples": 6, "anchors": 20, "final_train_loss": 0.1},
             "rule": {"rule": ["", "", 1]},
             "gate": {
@@ -285,10 +289,8 @@ def test_a_refused_job_that_kept_only_its_rule_swaps_and_says_why(tiny_qwen2, sh
                 "controls_current": "12/12",
                 "tried": [refused],
             },
-        }
-        await s.jobs._conclude(job, 0, 1.0, d)
-
-    asyncio.run(scenario())
+        },
+    )
     text = out.getvalue()
     assert "Learned: now answering with cand" in text and "at most one sentence on every reply" in text
     assert "only the rule was kept, no trained step passed the gate: controls 11/12 vs 12/12 (held-out" in text

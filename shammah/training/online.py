@@ -9,8 +9,8 @@
   loses none of the controls the current one answers right and its held-out loss is not worse.
 - **Fallback**: a rejected final adapter is not the end. :class:`Snapshots` keeps the adapter
   weights at a few points of the run (in memory: a LoRA of the embedded model is ~20 MB), and
-  :func:`gate_with_fallback` tries them newest first, keeping the most-trained one that passes:
-  the most learning that does not leak.
+  :func:`gate_with_fallback` tries them newest first, keeping the most-trained one that passes
+  and has learned its lessons (:class:`Learned`): the most learning that does not leak.
 """
 
 from __future__ import annotations
@@ -609,8 +609,8 @@ def gate_with_fallback(
         unlearned = share is not None and share < MIN_LEARNED
         r["unlearned"] = unlearned
         r["passed"] = r["passed"] and not unlearned
-        try_ = {"step": step, "controls": r["controls"], "lost": r["controls_lost"], "passed": r["passed"]}
-        return r, try_ | ({"learned": round(share, 3), "unlearned": unlearned} if share is not None else {})
+        entry = {"step": step, "controls": r["controls"], "lost": r["controls_lost"], "passed": r["passed"]}
+        return r, entry | ({"learned": round(share, 3), "unlearned": unlearned} if share is not None else {})
 
     result, first = judge(final_step)
     tried = [first]
