@@ -194,11 +194,11 @@ def _why_refused(tried: dict) -> str:
     return "held-out feedback got worse"
 
 
-def _refusal(gate: dict, current: str) -> str:
+def _refusal(gate: dict) -> str:
     """Why no trained step was kept: the final one's reason, and the earlier ones' when they kept
     every control but had not learned their lessons (training/online.py MIN_LEARNED)."""
     first, *rest = gate.get("tried") or [{"controls": gate["controls"], "lost": gate["controls_lost"]}]
-    why = f"controls {first['controls']} vs {current} ({_why_refused(first)})"
+    why = f"controls {first['controls']} vs {gate['controls_current']} ({_why_refused(first)})"
     unlearned = [t["learned"] for t in rest if t.get("unlearned") and not t["lost"]]
     if unlearned:
         why += f"; the earlier steps that kept them had learned at most {max(unlearned):.0%} of what the lessons taught"
@@ -673,16 +673,14 @@ class JobManager:
                 "rejected",
                 name,
                 f"Trained {name} ({summary}) but kept the current adapter: "
-                f"{_refusal(gate, gate['controls_current'])}. Try it anyway with /adapters load {name}.",
+                f"{_refusal(gate)}. Try it anyway with /adapters load {name}.",
             )
             return
         swap_s = await self.activate(name)
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
         if gate and gate.get("rule_only"):
-            extra = (
-                f"; only the rule was kept, no trained step passed the gate: {_refusal(gate, gate['controls_current'])}"
-            )
+            extra = f"; only the rule was kept, no trained step passed the gate: {_refusal(gate)}"
         elif gate and gate.get("step") != gate.get("final_step"):
             first = gate["tried"][0]
             extra += (
