@@ -660,7 +660,78 @@ FRESH: tuple[Lesson, ...] = (
         lambda r: re.search(r"\*\*[^*\n]+\*\*", r) is not None,
     ),
 )
-SUITES = {"tuned": LESSONS, "fresh": FRESH, "all": LESSONS + FRESH}
+
+
+def _say(r: str) -> str:
+    return re.sub(r"[\s.!?]+$", "", r.strip()).lower()
+
+
+def _just(*answers: str) -> Callable[[str], bool]:
+    """A reply that is one of ``answers`` and nothing more."""
+    return lambda r: _say(r) in {a.lower() for a in answers}
+
+
+# A third set, written on 2026-12-07 after shammah learned to answer from a closed set
+# (adapters/choice.py, built on FRESH's yesno): other closed sets, asked otherwise, to say whether
+# that holds beyond the lesson it was built on. Run it with ``--suite later``. ``right``: the answer
+# each held-out question should get (the format is what is scored; this says how often the 135M
+# model's choice is also right).
+LATER: tuple[Lesson, ...] = (
+    Lesson(
+        "truefalse",
+        "format",
+        "critical+fix",
+        'just say "True" or "False"',
+        (
+            ("True or false: the Earth is round.", "True"),
+            ("True or false: cats can breathe underwater.", "False"),
+            ("True or false: a week has seven days.", "True"),
+            ("True or false: the Pacific is a desert.", "False"),
+            ("True or false: bread is made from flour.", "True"),
+            ("True or false: a spider has two legs.", "False"),
+        ),
+        (
+            "True or false: ice is frozen water.",
+            "True or false: the Moon is bigger than the Earth.",
+            "True or false: birds have feathers.",
+            "True or false: a triangle has five sides.",
+            "True or false: the sky is green.",
+            "True or false: lemons are sour.",
+        ),
+        _just("true", "false"),
+    ),
+    Lesson(
+        "sentiment",
+        "format",
+        "fix+critical",
+        'answer with just "Positive" or "Negative"',
+        (
+            ("What is the sentiment of: I love this song!", "Positive"),
+            ("What is the sentiment of: This food is awful.", "Negative"),
+            ("What is the sentiment of: What a wonderful day!", "Positive"),
+            ("What is the sentiment of: I hate waiting in line.", "Negative"),
+            ("What is the sentiment of: The movie was fantastic.", "Positive"),
+            ("What is the sentiment of: My phone broke again.", "Negative"),
+        ),
+        (
+            "What is the sentiment of: I enjoyed the party.",
+            "What is the sentiment of: The service was terrible.",
+            "What is the sentiment of: This book is great!",
+            "What is the sentiment of: I am so disappointed.",
+            "What is the sentiment of: Everything went perfectly.",
+            "What is the sentiment of: The weather is miserable.",
+        ),
+        _just("positive", "negative"),
+    ),
+)
+RIGHT = {  # the answer each held-out question of a closed set should get, in held-out order
+    "yesno": ("No", "Yes", "Yes", "No", "Yes", "No"),
+    "truefalse": ("True", "False", "True", "False", "False", "True"),
+    "sentiment": ("Positive", "Negative", "Positive", "Negative", "Positive", "Negative"),
+}
+
+
+SUITES = {"tuned": LESSONS, "fresh": FRESH, "later": LATER, "all": LESSONS + FRESH + LATER}
 
 # General knowledge the base model should keep. None of these prompts (or their subjects) is in
 # shammah's anchors or gate controls (shammah/training/online.py), nor in any lesson above.
@@ -861,9 +932,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((lesson, before, afters, lost_all, rej, secs))
         report["lessons"][lesson.name] = {"before": before, "runs": per}
         after_s = " ".join(f"{a:4.0%}" for a in afters)
+        right = ""
+        if lesson.name in RIGHT:  # a closed set: how often the answer given is also the right one
+            said = [_say(a) for run in per for a in run["held"][lesson.name]]
+            ok = sum(a == _say(r) for a, r in zip(said, RIGHT[lesson.name] * len(per), strict=True))
+            right = f"  right {ok}/{len(said)}"
+            report["lessons"][lesson.name]["right"] = ok / len(said)
         print(
             f"{lesson.name:<12} {lesson.kind:<7} {lesson.order:<13} {before:6.0%} {after_s:>22} "
-            f"{max(lost_all):5d} {rej:4d} {statistics.median(secs):6.0f}  {' '.join(steps)}",
+            f"{max(lost_all):5d} {rej:4d} {statistics.median(secs):6.0f}  {' '.join(steps)}{right}",
             flush=True,
         )
     print("\nper kind (mean over lessons and seeds):")

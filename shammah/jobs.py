@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shammah.adapters.active import ActiveAdapter
+from shammah.adapters.choice import describe_summary as _describe_choice
 from shammah.adapters.registry import Registry
 from shammah.adapters.rule import Rule
 from shammah.config import Config, LearningConfig
@@ -624,7 +625,7 @@ class JobManager:
         elif kind == "gate":
             job.status = "checking"
             job.result = {**(job.result or {}), "gate": ev}
-        elif kind in ("rule", "notes"):
+        elif kind in ("rule", "notes", "choice"):
             job.result = {**(job.result or {}), kind: ev}
         elif kind in ("done", "error"):
             job.result = {**(job.result or {}), kind: ev}
@@ -652,15 +653,20 @@ class JobManager:
         gate = res.get("gate")
         said = res.get("rule") or {}  # the job's "rule" event
         rule = Rule.recorded(said.get("rule"))
-        # the lessons only wrote a rule out (or one the user dropped): nothing was trained
-        if not done.get("steps") and (rule or said.get("dropped")):
-            shown = f"{rule.describe()} on every reply" if rule else "the lessons only showed a dropped style rule"
-            summary = f"{shown}; nothing else to train, {seconds:.0f} s"
+        choice = res.get("choice")  # a closed set of answers this job's lessons showed
+        chose = f"{_describe_choice(choice)}, without training" if choice else ""
+        # the lessons only wrote a rule out (or one the user dropped), or answered from a set: nothing was trained
+        if not done.get("steps") and (rule or said.get("dropped") or choice):
+            shown = [f"{rule.describe()} on every reply" if rule else "", chose]
+            if not rule and said.get("dropped"):
+                shown[0] = "the lessons only showed a dropped style rule"
+            summary = "; ".join(p for p in shown if p) + f"; nothing else to train, {seconds:.0f} s"
         else:
             summary = (
                 f"{done['examples']} examples + {done.get('anchors', 0)} anchors, final loss "
                 f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
                 + (f"; {rule.describe()} on every reply" if rule else "")
+                + (f"; {chose}" if chose else "")
             )
         if n := (res.get("notes") or {}).get("stated"):
             summary += f"; {n} note(s) learned as you wrote them (the model did not follow them)"
@@ -680,7 +686,14 @@ class JobManager:
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
         if gate and gate.get("rule_only"):
-            extra = f"; only the rule was kept, no trained step passed the gate: {_refusal(gate)}"
+            kept = (
+                "the rule was"
+                if rule and not choice
+                else "the choice was"
+                if not rule
+                else "the rule and the choice were"
+            )
+            extra = f"; only {kept} kept, no trained step passed the gate: {_refusal(gate)}"
         elif gate and gate.get("step") != gate.get("final_step"):
             first = gate["tried"][0]
             extra += (

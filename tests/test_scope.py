@@ -271,7 +271,7 @@ def test_an_adapter_without_a_recorded_scope_answers_everywhere(tmp_path):
     (tmp_path / "shammah.json").write_text(json.dumps({"scope": {"subjects": ["Quenland"]}}))
     assert Scope.of_adapter(tmp_path).subjects == {"quenland"}
     # the base model (no path: the server's request naming the base) has no metadata, scope or rule
-    assert Engine._recorded(None) == (Scope(), None)
+    assert Engine._recorded(None) == (Scope(), None, ())
 
 
 @pytest.fixture

@@ -284,11 +284,13 @@ class Scope:
         return cls.from_json(scope)
 
 
-def learn_form(questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: int) -> Form | None:
+def learn_form(
+    questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: int, max_share: float = MAX_POOL_SHARE
+) -> Form | None:
     """A form for ``questions`` (keys by ``key_of``, at ``layer``; over a question's first
     ``key_of.tokens`` tokens where it says, else all), or None when they are too few or too far
-    apart to be one: the radius would take in more than MAX_POOL_SHARE of the general questions
-    ``pool``."""
+    apart to be one: the radius would take in more than ``max_share`` of the general questions
+    ``pool`` (a choice, adapters/choice.py, narrows its form by what the model expects instead)."""
     tokens = getattr(key_of, "tokens", 0)
     if len(questions) < MIN_QUESTIONS or not pool:
         return None
@@ -300,7 +302,7 @@ def learn_form(questions: list[str], key_of: KeyOf, pool: Sequence[str], layer: 
     radius = radius * FORM_SLACK if radius > 0 else radius
     form = Form(layer, tuple(center), tuple(map(tuple, keys)), radius, tuple(questions), tokens=tokens)
     inside = [form.similarity(k) >= radius for k in pool_keys]
-    if sum(inside) > MAX_POOL_SHARE * len(pool_keys):
+    if sum(inside) > max_share * len(pool_keys):
         return None
     negatives = tuple(tuple(_unit(k, center)) for k, i in zip(pool_keys, inside, strict=True) if not i)
     return dataclasses.replace(form, negatives=negatives)

@@ -14,8 +14,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+from shammah.adapters.choice import Choice, choices_of
 from shammah.adapters.rule import Rule
 from shammah.adapters.scope import Scope, adapter_meta
 from shammah.config import ModelConfig
@@ -45,6 +46,14 @@ class AdapterRef:
     fingerprint: str | None = None
 
 
+class Recorded(NamedTuple):
+    """What an adapter's metadata says the engine does with it (the base model: nothing)."""
+
+    scope: Scope = Scope()
+    rule: Rule | None = None
+    choices: tuple[Choice, ...] = ()
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, cache_dir, spec: ModelSpec | None = None):
         self.cfg = cfg
@@ -67,6 +76,7 @@ class Engine:
         self._adapter_src: tuple | None = None  # (path, adapter_config) of the active adapter
         self.scope = Scope()  # where the active adapter answers (adapters/scope.py); the base elsewhere
         self.rule: Rule | None = None  # the active adapter's style rule, put on every reply (adapters/rule.py)
+        self.choices: tuple[Choice, ...] = ()  # the active adapter's closed sets of answers (adapters/choice.py)
         self._keys: dict[tuple[str, int, int], list[float]] = {}  # question keys for a form scope
 
     # loading ---------------------------------------------------------------
@@ -159,19 +169,20 @@ class Engine:
         model is never reloaded. A refused or failed load changes nothing: the adapter that was
         answering still answers. Returns the seconds the chat was blocked."""
         cfg = self._check(name, path, base_fingerprint)
-        scope, rule = self._recorded(path) if name is not None else (Scope(), None)  # read before the lock
+        rec = self._recorded(path) if name is not None else Recorded()  # read before the lock
         t0 = time.perf_counter()
         with self._gen_lock:
-            self._switch(name, path, cfg, scope, rule)
+            self._switch(name, path, cfg, rec)
         self.last_swap_seconds = time.perf_counter() - t0
         return self.last_swap_seconds
 
     @staticmethod
-    def _recorded(path) -> tuple[Scope, Rule | None]:
-        """What an adapter's metadata says the engine does with it: where it answers (its scope) and
-        the rule put on every reply. One read of its shammah.json, outside the generation lock."""
+    def _recorded(path) -> Recorded:
+        """What an adapter's metadata says the engine does with it: where it answers (its scope),
+        the rule put on every reply and the answers it chooses from. One read of its shammah.json
+        (and of the files it names), outside the generation lock."""
         meta = adapter_meta(path)
-        return Scope.of_adapter(path, meta), Rule.recorded(meta.get("rule"))
+        return Recorded(Scope.of_adapter(path, meta), Rule.recorded(meta.get("rule")), choices_of(path, meta))
 
     def _check(self, name: str | None, path, base_fingerprint: str | None) -> dict:
         """The adapter's config, once it is known to fit this base (ModelError / AdapterError if not)."""
@@ -185,7 +196,7 @@ class Engine:
 
         return check_lora(Path(path))
 
-    def _switch(self, name: str | None, path, cfg: dict, scope: Scope, rule: Rule | None = None) -> None:
+    def _switch(self, name: str | None, path, cfg: dict, rec: Recorded) -> None:
         """Make ``name`` answer (the generation lock is held)."""
         fast_ok = self._fast is not None and self._fast_load(name, path)
         if not fast_ok and name is not None and self._slot_name != name:
@@ -193,8 +204,9 @@ class Engine:
         # on the fast path, transformers' copy loads the adapter only if it is ever needed
         self._adapter_src = (Path(path), cfg) if name is not None else None
         self.adapter = name
-        self.scope = scope if name is not None else Scope()
-        self.rule = rule if name is not None else None
+        if name is None:
+            rec = Recorded()
+        self.scope, self.rule, self.choices = rec
 
     def covers(self, messages: list[dict]) -> bool:
         """Does the active adapter answer ``messages``? Its scope is checked against the newest user
@@ -207,10 +219,13 @@ class Engine:
     def _key_of(self, text: str) -> list[float]:
         """A question's key for a form scope (engine/keys.py), by the base model; the last few are
         kept (the same question is routed by stream, then by a retry or /feedback show)."""
+        form = self.scope.form
+        return self._key_at(text, *((form.layer, form.tokens) if form is not None else (0, 0)))
+
+    def _key_at(self, text: str, layer: int, tokens: int) -> list[float]:
+        """A question's key at ``layer`` over its first ``tokens`` tokens (for a scope or a choice)."""
         from shammah.engine.keys import question_key
 
-        form = self.scope.form
-        layer, tokens = (form.layer, form.tokens) if form is not None else (0, 0)
         k = (text, layer, tokens)
         if k not in self._keys:
             if len(self._keys) >= 64:
@@ -306,6 +321,8 @@ class Engine:
             out["scope"] = self.scope.describe()
             if self.rule:
                 out["rule"] = f"{self.rule.describe()} (every reply)"
+            if self.choices:
+                out["choices"] = "; ".join(c.describe() for c in self.choices)
         if self._loaded is not None:
             out.update(device=self._loaded.device, dtype=self._loaded.dtype, weights=self._loaded.path)
             where = {"config": "config", "model": "the model's generation_config", "default": "shammah default"}
@@ -401,14 +418,22 @@ class Engine:
         cfg = self._check(adapter.name, adapter.path, adapter.fingerprint) if adapter is not None else None
         # read outside the lock where a switch is likely (a form's vectors take ~20 ms to parse)
         switch = adapter is not None and adapter.name != self.adapter
-        scope, rule = self._recorded(adapter.path) if switch else (None, None)
+        rec = self._recorded(adapter.path) if switch else None
         with self._gen_lock:
             if switch:
-                self._switch(adapter.name, adapter.path, cfg, scope, rule)
+                self._switch(adapter.name, adapter.path, cfg, rec)
             covered = self.covers(messages)
             if info is not None:
                 info["adapter"], info["in_scope"] = self.adapter, covered
-            chunks = self._stream(ids, params, stop, covered)
+            t0 = time.perf_counter()
+            chosen = self._chosen([messages])[0]
+            if chosen is None:
+                chunks = self._stream(ids, params, stop, covered)
+            else:
+                from shammah.engine.generate import Chunk
+
+                said = tuple(self.tokenizer.encode(chosen, add_special_tokens=False))
+                chunks = iter([Chunk(chosen, said, "stop", len(said), time.perf_counter() - t0)])
             yield from self.rule.stream(chunks) if self.rule else chunks
 
     def _stream(self, ids: list[int], params: GenParams, stop, covered: bool) -> Iterator[Chunk]:
@@ -435,12 +460,42 @@ class Engine:
 
         with self._gen_lock:
             model = self._hf_model()
-            if self._peft is None:
-                out = generate_batch(model, self.tokenizer, chats, max_new_tokens)
+            chosen = self._chosen(chats)
+            todo = [c for c, said in zip(chats, chosen, strict=True) if said is None]
+            if not todo:
+                out = []
+            elif self._peft is None:
+                out = generate_batch(model, self.tokenizer, todo, max_new_tokens)
             else:
-                on = [self.adapter is not None and self.covers(c) for c in chats]
-                out = generate_routed(model, self.tokenizer, chats, max_new_tokens, on)
+                on = [self.adapter is not None and self.covers(c) for c in todo]
+                out = generate_routed(model, self.tokenizer, todo, max_new_tokens, on)
+            said = iter(out)
+            out = [c if c is not None else next(said) for c in chosen]
             return [self.rule.apply(a) for a in out] if self.rule else out
+
+    def _chosen(self, chats: list[list[dict]]) -> list[str | None]:
+        """Per chat, the answer of the active adapter's choices to its newest user message
+        (adapters/choice.py: the first that gives one), or None where the model answers: no choice,
+        a question not asked like the taught ones, or one to which the model does not expect one of
+        the answers (the generation lock is held)."""
+        out: list[str | None] = [None] * len(chats)
+        if self.adapter is None:
+            return out
+        lasts = [next((m.get("content") for m in reversed(c) if m.get("role") == "user"), "") for c in chats]
+        for choice in self.choices:
+            form = choice.form
+            asked = [
+                i
+                for i, q in enumerate(lasts)
+                if out[i] is None and isinstance(q, str) and form.covers(self._key_at(q, form.layer, form.tokens))
+            ]
+            if asked:
+                from shammah.engine.choices import first_token_logprobs
+
+                lps = first_token_logprobs(self.model, self.tokenizer, [lasts[i] for i in asked], choice.answers)
+                for i, lp in zip(asked, lps, strict=True):
+                    out[i] = choice.pick(lp)
+        return out
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:
         return "".join(c.text for c in self.stream(messages, params))

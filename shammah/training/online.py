@@ -27,6 +27,16 @@ from typing import NamedTuple
 import torch
 from transformers import TrainerCallback
 
+from shammah.adapters.choice import (
+    CHOICE_FILE,
+    Choice,
+    choices_of,
+    is_choice,
+    learn_choice,
+    record,
+    shared_choices,
+    with_choice,
+)
 from shammah.adapters.registry import Registry
 from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_length, shared_rule, without_rule
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
@@ -743,6 +753,64 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     return taken
 
 
+def take_choice(
+    run, lj: LoopJob, parent: tuple[Choice, ...], keys: KeyCache, taken: Taken
+) -> tuple[tuple[Choice, ...], Taken]:
+    """The closed sets of answers the new adapter answers questions of a kind from (adapters/choice.py:
+    its parent's, and one this job's own lessons show), and what is left to train: a lesson whose
+    answer a choice gives is not trained (the engine says it), nor held out (replayed ones too, so
+    the weights do not learn it back). Lessons whose questions some general question cannot be told
+    from are trained as before."""
+    from shammah.engine.choices import first_token_logprobs, first_tokens
+
+    def logprobs_of(questions, answers):
+        return first_token_logprobs(run.model, run.tok, questions, answers)
+
+    own = lj.job.train[: lj.lessons] if lj.lessons >= 0 else run.train_ex
+    inside = taken.rule.inside if taken.rule else str.strip
+    choices = parent
+    answers = shared_choices(own, inside)
+    # the engine tells the answers apart by their first tokens ("No" and "Not sure" cannot be)
+    if answers is not None and len(set(first_tokens(run.tok, answers))) == len(answers):
+        shown = [e.prompt[-1]["content"] for e in own if e.prompt and is_choice(e, answers, inside)]
+        keys.prime(list(ANCHOR_PROMPTS) + shown)
+        general = list(ANCHOR_PROMPTS) + [p for p, _ in CONTROLS]
+        new = learn_choice(answers, shown, logprobs_of, keys, ANCHOR_PROMPTS, general, keys.layer)
+        if new is not None:
+            choices = with_choice(parent, new)
+            run.emit({"event": "choice", **new.summary()})
+    if not choices:
+        return (), taken
+
+    def answered(examples: list[Example]) -> set[int]:
+        """Which of ``examples`` a choice answers as their targets do."""
+        out = set()
+        for choice in choices:
+            form = choice.form
+            same = (keys.layer, keys.tokens) == (form.layer, form.tokens)
+            ck = keys if same else KeyCache(run.model, run.tok, form.layer, form.tokens)
+            todo = [i for i, e in enumerate(examples) if e.prompt and is_choice(e, choice.answers)]
+            todo = [i for i in todo if form.covers(ck(examples[i].prompt[-1]["content"]))]
+            lps = logprobs_of([examples[i].prompt[-1]["content"] for i in todo], choice.answers) if todo else []
+            out |= {i for i, lp in zip(todo, lps, strict=True) if choice.pick(lp) is not None}
+        return out
+
+    said = answered(run.train_ex)
+    run.train_ex = [e for i, e in enumerate(run.train_ex) if i not in said]
+    held = answered(taken.holdout)
+    holdout = [e for i, e in enumerate(taken.holdout) if i not in held]
+    mine = {json.dumps(e.prompt, sort_keys=True) for e in own}
+    learns = taken.learns and any(json.dumps(e.prompt, sort_keys=True) in mine for e in run.train_ex)
+    return choices, taken._replace(holdout=holdout, learns=learns)
+
+
+def _files(scope: Scope, choices: tuple[Choice, ...]) -> dict[str, str]:
+    """The files saved beside a new adapter: a form scope's vectors, its choices'."""
+    files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
+    text = record(choices)[1]
+    return files | ({CHOICE_FILE: text} if text is not None else {})
+
+
 def _one_form(keys: KeyCache, lessons: list[Example]) -> bool:
     """Whether the questions of ``lessons`` are asked in one form (adapters/scope.py), as a format's
     are; a style rule is taught on questions with nothing in common."""
@@ -856,16 +924,21 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     parent_rule = Rule.recorded(parent.get("rule")) if parent else None
     parent_dropped = Rule.recorded(parent.get("rule_dropped")) if parent else None
     taken = take_rule(run, lj, parent_rule, keys, parent_dropped)
-    rules = {"rule": taken.rule and taken.rule.record(), "rule_dropped": taken.dropped and taken.dropped.record()}
+    parent_choices = choices_of(parent_path) if parent else ()
+    choices, taken = take_choice(run, lj, parent_choices, keys, taken)
+    rules = {
+        "rule": taken.rule and taken.rule.record(),
+        "rule_dropped": taken.dropped and taken.dropped.record(),
+        "choices": record(choices)[0],
+    }
     own = lj.job.train[: lj.lessons] if lj.lessons >= 0 else run.train_ex
     nothing_left = drop_unfollowed(run, own) if taken.learns else None
-    if nothing_left and (taken.rule, taken.dropped) == (parent_rule, parent_dropped):
+    if nothing_left and (taken.rule, taken.dropped, choices) == (parent_rule, parent_dropped, parent_choices):
         raise NotLearned(nothing_left)
     if not taken.learns or nothing_left or not run.train_ex:
-        # only a rule: the parent's weights (or a LoRA that changes nothing) and its scope
+        # only a rule or a choice: the parent's weights (or a LoRA that changes nothing) and its scope
         scope = Scope.of_adapter(parent_path)
-        files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
-        return trainer.save(run, {"gate": None, "scope": scope.summary(), **rules}, files)
+        return trainer.save(run, {"gate": None, "scope": scope.summary(), **rules}, _files(scope, choices))
     holdout = taken.holdout
     scope = lesson_scope(run, lj, holdout, keys)
     run.emit({"event": "scope", **scope.to_json()})
@@ -885,7 +958,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     # read back what the lessons taught: to stop once learned, and so the gate keeps no step that has not
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy or lj.gate else None
     # the weights the job starts from, while a new rule may have to be kept without what was trained
-    new_rule = taken.rule is not None and taken.rule != parent_rule
+    new_rule = taken.rule is not None and taken.rule != parent_rule or choices != parent_choices
     start = _adapter_weights(run.model) if lj.gate and new_rule else None
     trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
     if learned is not None and lj.stop_at_accuracy:
@@ -919,5 +992,4 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     meta: dict = {"gate": gate_result, "scope": scope.summary(), **rules}
     if learned is not None and lj.stop_at_accuracy:
         meta["stopped_at"] = learned.stopped_at
-    files = {SCOPE_FILE: json.dumps(scope.to_json())} if scope.form is not None else {}
-    return trainer.save(run, meta, files)
+    return trainer.save(run, meta, _files(scope, choices))

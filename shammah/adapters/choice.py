@@ -1,0 +1,210 @@
+"""Answers from a closed set: a user who fixes six replies to "Is the sun a star?", "Can fish fly?"
+... with "Yes" and "No" is teaching a format ("answer yes/no questions with just Yes or No"), and
+the answer to such a question is one of those few words. Found in a job's lessons, recorded with
+the adapter (``"choices"`` in its shammah.json, the vectors in CHOICE_FILE) and answered by the
+engine while that adapter is active: trained nothing. An adapter holds every set it was taught
+(yes/no, then true/false): a set taught again replaces the one with the same answers.
+
+Why not the weights: trained into a LoRA of the 135M embedded model, on bench/lessons.py --suite
+fresh yesno (seeds 0-2), the lesson held on 67%, 33% and 0% of the held-out questions and every step
+that learned more lost 1-13 of the gate's 18 controls ("What is the capital of France?" -> "No");
+its form (adapters/scope.py) takes in a quarter of the general questions, too many to route by. A
+reply of a few words from a known set is something the engine can say exactly, as it writes a style
+rule (adapters/rule.py), if it knows *when*:
+
+- where: the question is asked like the taught ones (a :class:`Form`, learned as a format's is but
+  without the cap on how many general questions it takes in) **and** the base model, before it
+  says anything, expects one of the answers: the probability of their first tokens is at least
+  ``threshold``, the geometric mean of the least it gives any taught question and the most it gives
+  any general question (the anchor pool and the gate's controls). A job where some general question
+  scores as high as a taught one makes no choice: its lessons are trained as before. Measured on the
+  embedded model (yesno's questions): held-out 6/6 and 10/12 other yes/no questions ("Are whales
+  fish?", "Was Einstein a physicist?"), none of the 90 anchor prompts, 18 gate controls or 15 unseen
+  controls, and 1 of 138 other lessons' questions ("How many legs does a chicken have?"). Either
+  test alone is not enough: the form takes in 13 anchor prompts, and the first-token probability is
+  as high for questions about a name the model never saw ("No, I am not aware of ...").
+- which: the answer whose first token's log-probability is highest relative to its mean over the
+  taught questions (contextual calibration, Zhao et al. 2021: the 135M model gives "No" ~5x the
+  probability of "Yes" on every question, so the raw argmax would answer "No" to all).
+
+Torch-free: the engine computes the keys and log-probabilities (engine/choices.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shammah.adapters.scope import Form, KeyOf, adapter_meta, learn_form
+
+CHOICE_FILE = "choice.json"
+MAX_CHOICES = 4  # more different answers than this is no closed set
+MAX_WORDS = 3  # an answer of the set: "Yes", "Not sure", "Very likely so"
+MIN_LESSONS = 3  # as a style rule: shown on at least three different questions
+
+# (questions, answers) -> per question, the log-probability of each answer's first token as the
+# opening of the reply (the base model, the chat's template): engine/choices.py
+LogProbsOf = Callable[[Sequence[str], Sequence[str]], list[list[float]]]
+
+
+def _said(text: str) -> str:
+    """An answer as the set compares it: trimmed of closing punctuation, case folded."""
+    return re.sub(r"[\s.!?]+$", "", text.strip()).casefold()
+
+
+def shared_choices(lessons: list, inside: Callable[[str], str] = str.strip) -> tuple[str, ...] | None:
+    """The answers of a closed set that the lessons' short targets come from: at least MIN_LESSONS
+    questions answered with at most MAX_WORDS words each, from 2..MAX_CHOICES different answers and at
+    most half as many answers as questions (six "Yes"/"No" fixes; not six paraphrases of one fact,
+    "1987." each time). Spelt as the user wrote each most often, in the order first shown; None when
+    there is no such set. ``inside``: a target without the style rule written on every reply."""
+    targets: dict[str, str] = {}
+    for e in lessons:
+        if e.kind in ("sft", "pair") and e.prompt and e.responses:
+            answer = re.sub(r"[\s.!?]+$", "", inside(e.responses[0]).strip())
+            if answer and len(answer.split()) <= MAX_WORDS:
+                targets[e.prompt[-1]["content"]] = answer
+    spelt = Counter(targets.values())
+    kinds: dict[str, str] = {}
+    for answer, _ in spelt.most_common():
+        kinds.setdefault(_said(answer), answer)
+    first = {}
+    for answer in targets.values():
+        first.setdefault(_said(answer), len(first))
+    ok = len(targets) >= MIN_LESSONS and 2 <= len(kinds) <= MAX_CHOICES and 2 * len(kinds) <= len(targets)
+    return tuple(kinds[k] for k in sorted(kinds, key=first.__getitem__)) if ok else None
+
+
+def is_choice(e, answers: Sequence[str], inside: Callable[[str], str] = str.strip) -> bool:
+    """Whether lesson ``e``'s target is one of ``answers``."""
+    said = {_said(a) for a in answers}
+    return bool(e.kind in ("sft", "pair") and e.responses and _said(inside(e.responses[0])) in said)
+
+
+def _mass(logprobs: Sequence[float]) -> float:
+    return sum(math.exp(x) for x in logprobs)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Questions asked in ``form`` whose first-token probability of ``answers`` is at least
+    ``threshold`` are answered with one of them: the one whose log-probability is highest above its
+    ``bias`` (its mean over the taught questions)."""
+
+    answers: tuple[str, ...]
+    bias: tuple[float, ...]
+    threshold: float
+    form: Form
+
+    def pick(self, logprobs: Sequence[float]) -> str | None:
+        """The answer to a question in the form, given its answers' first-token log-probabilities;
+        None when the model does not expect one of them (the question is not of this kind)."""
+        if _mass(logprobs) < self.threshold:
+            return None
+        score = [lp - b for lp, b in zip(logprobs, self.bias, strict=True)]
+        return self.answers[max(range(len(score)), key=score.__getitem__)]
+
+    def describe(self) -> str:
+        return describe_summary(self.summary())
+
+    def to_json(self) -> dict:
+        return {
+            "answers": list(self.answers),
+            "bias": [round(b, 5) for b in self.bias],
+            "threshold": self.threshold,
+            "form": self.form.to_json(),
+        }
+
+    def summary(self) -> dict:
+        """What shammah.json records of it (the form's vectors go to CHOICE_FILE)."""
+        return {"answers": list(self.answers), "questions": list(self.form.questions), "file": CHOICE_FILE}
+
+    def same_set(self, other: Choice) -> bool:
+        return {_said(a) for a in self.answers} == {_said(a) for a in other.answers}
+
+    @classmethod
+    def from_json(cls, d) -> Choice | None:
+        try:
+            answers = tuple(d["answers"])
+            bias = tuple(float(b) for b in d["bias"])
+            threshold = float(d["threshold"])
+            form = Form.from_json(d["form"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        ok = (
+            form is not None
+            and 2 <= len(answers) <= MAX_CHOICES
+            and all(isinstance(a, str) and a.strip() for a in answers)
+            and len(bias) == len(answers)
+            and all(map(math.isfinite, (*bias, threshold)))
+            and 0 < threshold <= 1
+        )
+        return cls(answers, bias, threshold, form) if ok else None
+
+
+def choices_of(path: Path | None, meta: dict | None = None) -> tuple[Choice, ...]:
+    """The choices recorded beside the adapter at ``path`` (none where shammah.json names none, or
+    where CHOICE_FILE is unreadable: the adapter then answers as its weights do; a broken entry is
+    left out)."""
+    if path is None:
+        return ()
+    meta = adapter_meta(path) if meta is None else meta
+    if not isinstance(meta.get("choices"), list) or not meta["choices"]:
+        return ()
+    try:
+        saved = json.loads((Path(path) / CHOICE_FILE).read_text()).get("choices")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return tuple(c for d in saved if (c := Choice.from_json(d)) is not None) if isinstance(saved, list) else ()
+
+
+def record(choices: Sequence[Choice]) -> tuple[list[dict] | None, str | None]:
+    """(what shammah.json records, CHOICE_FILE's text) for an adapter holding ``choices``."""
+    if not choices:
+        return None, None
+    return [c.summary() for c in choices], json.dumps({"choices": [c.to_json() for c in choices]})
+
+
+def with_choice(choices: Sequence[Choice], new: Choice) -> tuple[Choice, ...]:
+    """``choices`` with ``new`` in place of the one with the same answers, else added."""
+    return (*(c for c in choices if not c.same_set(new)), new)
+
+
+def describe_summary(summary: dict) -> str:
+    """A choice in words, from its summary (shammah.json, a job's "choice" event)."""
+    questions = summary.get("questions") or []
+    example = f" like {questions[0]!r}" if questions else ""
+    return f"answers questions{example} with just {' or '.join(map(str, summary.get('answers') or []))}"
+
+
+def learn_choice(
+    answers: Sequence[str],
+    questions: Sequence[str],
+    logprobs_of: LogProbsOf,
+    key_of: KeyOf,
+    pool: Sequence[str],
+    general: Sequence[str],
+    layer: int,
+) -> Choice | None:
+    """The choice for ``answers`` taught on ``questions`` (module docstring), or None where it cannot
+    be told from general questions: ``pool``, the general questions a form is learned against (the
+    anchor pool), and ``general``, every general question the model must go on answering (the pool
+    and the gate's controls)."""
+    questions = sorted(set(questions))
+    if len(questions) < MIN_LESSONS:
+        return None
+    taught = logprobs_of(questions, answers)
+    others = logprobs_of(list(general), answers)
+    low, high = min(map(_mass, taught)), max(map(_mass, others), default=0.0)
+    if low <= high:
+        return None
+    form = learn_form(questions, key_of, pool, layer, max_share=1.0)
+    if form is None:
+        return None
+    bias = tuple(sum(col) / len(taught) for col in zip(*taught, strict=True))
+    return Choice(tuple(answers), bias, math.sqrt(low * high) if high > 0 else low / 2, form)

@@ -1,0 +1,139 @@
+"""A closed set of answers (adapters/choice.py): which lessons show one, when it can be told from
+general questions, how it picks, and how it is recorded beside an adapter."""
+
+import json
+import math
+
+import pytest
+
+from shammah.adapters.choice import (
+    CHOICE_FILE,
+    Choice,
+    choices_of,
+    is_choice,
+    learn_choice,
+    record,
+    shared_choices,
+    with_choice,
+)
+from shammah.adapters.rule import Rule
+from shammah.adapters.scope import Form
+from shammah.training.data import Example
+
+
+def fix(question: str, answer: str, kind: str = "sft") -> Example:
+    responses = (answer,) if kind == "sft" else (answer, "A long ramble that answered something else.")
+    return Example(kind, ({"role": "user", "content": question},), responses, weight=3.0)
+
+
+YES_NO = [
+    fix("Is the sun a star?", "Yes"),
+    fix("Can fish fly?", "No."),
+    fix("Is water wet?", "yes"),
+    fix("Do snakes have legs?", "No"),
+    fix("Is ice cold?", "Yes", kind="pair"),
+    fix("Can a car swim?", "No"),
+]
+
+
+def test_yes_and_no_fixes_on_six_questions_are_a_closed_set_spelt_as_the_user_wrote_them_most():
+    assert shared_choices(YES_NO) == ("Yes", "No")
+    assert all(is_choice(e, ("Yes", "No")) for e in YES_NO)
+    assert not is_choice(fix("Is it?", "Yes, it is."), ("Yes", "No"))
+
+
+@pytest.mark.parametrize(
+    "lessons, why",
+    [
+        ([fix(f"When was Orbisco founded, version {i}?", "1987.") for i in range(6)], "one answer: a fact"),
+        (YES_NO[:2], "too few questions"),
+        ([fix("Is A?", "Yes"), fix("Is B?", "No"), fix("Is C?", "Maybe")], "as many answers as half the questions"),
+        ([fix(f"Q{i}?", a) for i, a in enumerate("a b c d e a b c d e".split())], "more than four answers"),
+        ([fix(f"Q{i}?", "It is a very long answer " + x) for i, x in enumerate("xyxyxy")], "not a few words"),
+        (
+            [fix(f"Q{i}?", x) for i, x in enumerate("xyxyxy")]
+            + [Example("distill", ({"role": "user", "content": "Z?"},), ())],
+            "fine",
+        ),
+    ],
+)
+def test_what_is_no_closed_set(lessons, why):
+    got = shared_choices(lessons)
+    assert (got == ("x", "y")) if why == "fine" else got is None, why
+
+
+def test_a_choice_is_found_inside_a_style_rule():
+    rule = Rule("Ahoy! ")
+    lessons = [fix(e.prompt[-1]["content"], "Ahoy! " + e.responses[0]) for e in YES_NO]
+    assert shared_choices(lessons, rule.inside) == ("Yes", "No")  # the engine writes "Ahoy! " itself
+    assert shared_choices(lessons) == ("Ahoy! Yes", "Ahoy! No")
+
+
+def _form(questions=("Is the sun a star?",)) -> Form:
+    return Form(10, (0.0, 0.0), ((1.0, 0.0),), 0.5, questions)
+
+
+def test_pick_calibrates_by_the_taught_questions_and_declines_what_the_model_does_not_expect():
+    # a model that gives "No" ~5x the probability of "Yes" everywhere (the embedded one does)
+    c = Choice(("Yes", "No"), (math.log(0.02), math.log(0.10)), 0.06, _form())
+    assert c.pick([math.log(0.04), math.log(0.09)]) == "Yes"  # twice its usual "Yes", less than its usual "No"
+    assert c.pick([math.log(0.01), math.log(0.15)]) == "No"
+    assert c.pick([math.log(0.01), math.log(0.02)]) is None  # 0.03 < 0.06: not a question of this kind
+    assert c.describe() == "answers questions like 'Is the sun a star?' with just Yes or No"
+
+
+def test_learn_choice_needs_every_taught_question_above_every_general_one():
+    taught = [q.prompt[-1]["content"] for q in YES_NO]
+    general = ["What is the capital of Spain?", "Who painted the Mona Lisa?", "How many legs does a spider have?"]
+    mass = dict.fromkeys(taught, 0.12) | {"Can fish fly?": 0.09} | dict.fromkeys(general, 0.01)
+
+    def logprobs_of(questions, answers):
+        assert tuple(answers) == ("Yes", "No")
+        return [[math.log(mass[q] / 6), math.log(mass[q] * 5 / 6)] for q in questions]
+
+    keys = dict(
+        zip(
+            taught + general,
+            [(1.0, 0.1 * i) for i in range(len(taught))] + [(-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)],
+            strict=True,
+        )
+    )
+    c = learn_choice(("Yes", "No"), taught, logprobs_of, keys.__getitem__, general, general, 10)
+    assert c is not None and c.answers == ("Yes", "No")
+    assert c.threshold == pytest.approx(math.sqrt(0.09 * 0.01))
+    assert c.form.questions == tuple(sorted(taught)) and c.form.layer == 10
+    assert c.bias == pytest.approx(
+        (sum(math.log(mass[q] / 6) for q in taught) / 6, sum(math.log(mass[q] * 5 / 6) for q in taught) / 6)
+    )
+
+    mass["Who painted the Mona Lisa?"] = 0.09  # as likely to open with "No" as the least taught one
+    assert learn_choice(("Yes", "No"), taught, logprobs_of, keys.__getitem__, general, general, 10) is None
+
+
+def test_choices_are_read_back_from_beside_their_adapter_and_a_broken_file_is_none(tmp_path):
+    yes_no = Choice(("Yes", "No"), (-3.7, -2.2), 0.06, _form())
+    true_false = Choice(("True", "False"), (-1.0, -1.2), 0.2, _form(("True or false: ice is cold.",)))
+    held = with_choice(with_choice((), yes_no), true_false)
+    assert held == (yes_no, true_false)
+    again = Choice(("yes", "no"), (-3.0, -2.0), 0.05, _form())
+    assert with_choice(held, again) == (true_false, again), "a set taught again replaces the old one"
+
+    summary, text = record(held)
+    assert record(()) == (None, None)
+    (tmp_path / "shammah.json").write_text(json.dumps({"choices": summary}))
+    assert choices_of(tmp_path) == (), "the summary names a file that is not there"
+    (tmp_path / CHOICE_FILE).write_text(text)
+    assert choices_of(tmp_path) == held
+    for broken in (
+        {**yes_no.to_json(), "bias": [1.0]},
+        {**yes_no.to_json(), "threshold": 2},
+        {**yes_no.to_json(), "answers": ["Yes"]},
+    ):
+        (tmp_path / CHOICE_FILE).write_text(json.dumps({"choices": [broken, true_false.to_json()]}))
+        assert choices_of(tmp_path) == (true_false,), broken
+    for unreadable in ("{not json", "[]", '{"choices": 3}'):
+        (tmp_path / CHOICE_FILE).write_text(unreadable)
+        assert choices_of(tmp_path) == ()
+    (tmp_path / CHOICE_FILE).write_text(text)
+    (tmp_path / "shammah.json").write_text(json.dumps({"choices": None}))
+    assert choices_of(tmp_path) == () and choices_of(None) == ()
