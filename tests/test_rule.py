@@ -177,6 +177,30 @@ def test_the_rule_is_written_on_the_stream_once(pieces, reason, want):
     assert [c.token_ids for c in out] == [c.token_ids for c in _chunks(*pieces, reason=reason)], "same chunks"
 
 
+@pytest.mark.parametrize(
+    ("pieces", "want"),
+    [
+        (("The", " sky", " is blue."), "Well, the sky is blue."),
+        (("", " Th", "ere", " it is."), "Well, there it is."),
+        (("Paris", " is", " the capital."), "Well, Paris is the capital."),  # a name keeps its capital
+        (("A", " hand", " has five."), "Well, a hand has five."),
+        (("I", " think", " so."), "Well, I think so."),
+        (("NASA", " says", " so."), "Well, NASA says so."),
+        (("Well,", " the sky."), "Well, the sky."),  # its own opening
+        (("It",), "Well, it"),  # the reply ends on its first word
+    ],
+)
+def test_after_an_opening_that_runs_on_a_common_first_word_is_written_in_lower_case(pieces, want):
+    """'start every answer with "Well,"' wrote "Well, The sky is blue." until 2026-12-07."""
+    rule = Rule("Well, ")
+    out = list(rule.stream(_chunks(*pieces)))
+    assert "".join(c.text for c in out) == want
+    assert [c.token_ids for c in out] == [c.token_ids for c in _chunks(*pieces)], "same chunks"
+    assert rule.apply("".join(pieces)) == want
+    text = "".join(pieces).strip()
+    assert Rule("Ahoy! ").apply(text) == "Ahoy! " + text, "an opening that ends a sentence: as the model wrote it"
+
+
 def test_the_active_adapters_rule_is_on_every_reply_and_goes_with_it(tiny_qwen2, shammah_home, tmp_path):
     """A real engine on the tiny Qwen2: an adapter whose shammah.json records a rule answers with
     it, through the stream and in batches (evaluation), the fast path or transformers; another

@@ -37,6 +37,15 @@ from shammah.feedback.revise import is_template, names_and_numbers
 _END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n[ \t]*\n")
 _ABBREVIATIONS = frozenset("mr mrs ms dr st vs etc e.g i.e jr sr prof inc ltd u.s approx fig".split())
 MAX_SENTENCES = 2  # the longest length rule: beyond that, cutting replies is no register
+# Words a reply opens with in capitals only because they open it: after an opening that does not end
+# a sentence ("Well, ", "Captain, ") they are written in lower case ("Well, the sky is blue."). A
+# name keeps its capital ("Well, Paris is ..."); so does a common noun ("Well, Bananas are ..."):
+# telling those apart takes a model, and a name in lower case is the worse slip.
+_OPENERS = frozenset(
+    "the a an it its this that these those there they we you he she my our your their in on at to for of "
+    "from with yes no sure some many most all each every what when where who how why if as after before "
+    "because while here".split()
+)
 
 
 def sentence_ends(text: str) -> list[int]:
@@ -124,11 +133,26 @@ class Rule(NamedTuple):
             t = t[: -len(self.closing)].rstrip()
         return t or text.strip()
 
+    @property
+    def _runs_on(self) -> bool:
+        """The opening does not end a sentence ("Well, "): the model's first word goes on it."""
+        return self.opening.rstrip()[-1:] not in (".", "!", "?", ":", "")
+
+    def _after_opening(self, text: str) -> str:
+        """The model's ``text`` as it reads after the opening: its first word in lower case where
+        the opening does not end a sentence and the word is a common opener (_OPENERS)."""
+        if not self._runs_on:
+            return text
+        m = re.match(r"\s*([A-Z][a-z]*)\b", text)
+        if m is None or m.group(1).lower() not in _OPENERS:
+            return text
+        return text[: m.start(1)] + text[m.start(1)].lower() + text[m.start(1) + 1 :]
+
     def apply(self, text: str) -> str:
         """``text`` with the rule (a part the model already wrote is not written twice)."""
         t = first_sentences(text.strip(), self.sentences) if self.sentences else text.strip()
         if self.opening and not t.startswith(self.opening.strip()):
-            t = self.opening + t
+            t = self.opening + self._after_opening(t)
         if self.closing and not t.endswith(self.closing):
             t = f"{t} {self.closing}" if t else self.closing
         return t
@@ -150,11 +174,22 @@ class Rule(NamedTuple):
                 body = text.lstrip()
                 if len(body) < len(want) and want.startswith(body) and c.finish_reason is None:
                     continue  # could still be the model's own opening
+                if (
+                    self._runs_on
+                    and not re.match(r"\S+\s", body)
+                    and c.finish_reason is None
+                    and not body.startswith(want)
+                ):
+                    continue  # its first word is not whole yet: it may go after the opening in lower case
                 decided = True
-                first = held[0]
                 if not body.startswith(want):
-                    held[0] = dataclasses.replace(first, text=self.opening + first.text.lstrip())
-                    text = self.opening + text.lstrip()
+                    lowered = self._after_opening(body)
+                    if lowered != body:  # the one letter changed is the first of the model's text
+                        k = next(i for i, h in enumerate(held) if h.text.strip())
+                        lead = held[k].text.lstrip()
+                        held[k] = dataclasses.replace(held[k], text=lead[0].lower() + lead[1:])
+                    held[0] = dataclasses.replace(held[0], text=self.opening + held[0].text.lstrip())
+                    text = self.opening + lowered
                 c = held.pop()
                 yield from held
                 held = []
