@@ -838,7 +838,8 @@ def run_lesson(
         if row and row["adapter"]:  # the step the gate kept, of the steps trained
             meta = json.loads((paths.adapters / row["adapter"] / "shammah.json").read_text())
             g = meta.get("gate") or {}
-            steps.append(f"{g.get('step', '?')}/{g.get('final_step', meta['report']['steps'])}")
+            # nothing gated: a rule or a closed set, and nothing trained
+            steps.append(f"{g.get('step', '?')}/{g.get('final_step', meta['report']['steps'])}" if g else "-")
             tried.append(g.get("tried"))
     held = {x.name: ask(engine, list(x.held_out)) for x in lessons}
     ctrl = ask(engine, [q for q, _ in CONTROLS])

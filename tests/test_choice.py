@@ -50,6 +50,7 @@ def test_yes_and_no_fixes_on_six_questions_are_a_closed_set_spelt_as_the_user_wr
         ([fix("Is A?", "Yes"), fix("Is B?", "No"), fix("Is C?", "Maybe")], "as many answers as half the questions"),
         ([fix(f"Q{i}?", a) for i, a in enumerate("a b c d e a b c d e".split())], "more than four answers"),
         ([fix(f"Q{i}?", "It is a very long answer " + x) for i, x in enumerate("xyxyxy")], "not a few words"),
+        ([fix(f"Who runs Pellucid, take {i}?", a) for i, a in enumerate(["Mara Okafor.", "Okafor"] * 3)], "one name"),
         (
             [fix(f"Q{i}?", x) for i, x in enumerate("xyxyxy")]
             + [Example("distill", ({"role": "user", "content": "Z?"},), ())],
@@ -66,7 +67,7 @@ def test_a_choice_is_found_inside_a_style_rule():
     rule = Rule("Ahoy! ")
     lessons = [fix(e.prompt[-1]["content"], "Ahoy! " + e.responses[0]) for e in YES_NO]
     assert shared_choices(lessons, rule.inside) == ("Yes", "No")  # the engine writes "Ahoy! " itself
-    assert shared_choices(lessons) == ("Ahoy! Yes", "Ahoy! No")
+    assert shared_choices(lessons) is None, "with the rule on them the answers share a word"
 
 
 def _form(questions=("Is the sun a star?",)) -> Form:
@@ -137,3 +138,75 @@ def test_choices_are_read_back_from_beside_their_adapter_and_a_broken_file_is_no
     (tmp_path / CHOICE_FILE).write_text(text)
     (tmp_path / "shammah.json").write_text(json.dumps({"choices": None}))
     assert choices_of(tmp_path) == () and choices_of(None) == ()
+
+
+def test_the_engine_answers_from_the_active_adapters_sets_and_the_model_answers_the_rest(tiny_qwen2, shammah_home):
+    """A real engine and chat on the tiny Qwen2: an adapter that records a yes/no set answers a
+    question of its form with one of the answers, through the stream and in batches; a question
+    outside the form, or one the model does not expect an answer of the set to, is generated; the
+    base model and another adapter answer without it; /status and /adapters info show the set."""
+    import asyncio
+    import io
+
+    from conftest import register_adapter
+
+    from shammah.adapters.registry import Registry
+    from shammah.adapters.scope import _unit
+    from shammah.config import Config, ModelConfig
+    from shammah.engine import Engine
+    from shammah.engine.choices import first_token_logprobs
+    from shammah.engine.keys import question_keys
+    from shammah.feedback.store import Store
+    from shammah.paths import Paths
+    from shammah.repl import app
+    from shammah.repl.commands import ChatSession
+    from shammah.repl.io import Console
+
+    chosen = register_adapter(tiny_qwen2, shammah_home, "chosen")
+    plain = register_adapter(tiny_qwen2, shammah_home, "plain")
+    cfg = Config(model=ModelConfig(base=str(tiny_qwen2), temperature=0.0, max_new_tokens=6))
+    paths = Paths(shammah_home)
+    engine = Engine(cfg.model, paths.cache).load()
+    taught = ["Is the sun a star?", "Can fish fly?", "Is water wet?"]
+    pool = ["What is the capital of Spain?", "Name three oceans.", "Who painted the Mona Lisa?", "How does rain form?"]
+    keys = question_keys(engine.model, engine.tokenizer, taught + pool, 1, 3)
+    center = tuple(sum(col) / len(keys) for col in zip(*keys, strict=True))
+    units = [tuple(_unit(k, center)) for k in keys]
+    # the taught questions' own keys, and a radius that takes in nothing else
+    form = Form(1, center, tuple(units[: len(taught)]), 0.9999, tuple(taught), tokens=3)
+    assert not any(form.covers(k) for k in keys[len(taught) :])
+    lps = first_token_logprobs(engine.model, engine.tokenizer, taught, ("Yes", "No"))
+    least = min(sum(math.exp(x) for x in lp) for lp in lps)
+    bias = tuple(sum(col) / len(lps) for col in zip(*lps, strict=True))
+    sets = (Choice(("Yes", "No"), bias, least * 0.999, form),)
+    summary, text = record(sets)
+    Registry(paths.adapters).update("chosen", choices=summary)
+    (chosen.path / CHOICE_FILE).write_text(text)
+
+    def ask(q: str) -> str:
+        return engine.reply([{"role": "user", "content": q}])
+
+    free = {q: ask(q) for q in taught + pool}  # the base model's own replies
+    chats = [[{"role": "user", "content": q}] for q in taught + pool[:1]]
+    batch = engine.answers(chats, 6)
+    assert all(a not in ("Yes", "No") for a in free.values())
+    engine.activate("chosen", chosen.path)
+    assert engine.choices == choices_of(chosen.path) and [c.answers for c in engine.choices] == [("Yes", "No")]
+    said = [ask(q) for q in taught]
+    assert set(said) <= {"Yes", "No"}, said
+    assert [ask(p) for p in pool] == [free[p] for p in pool], "outside the form the model answers"
+    assert engine.answers(chats, 6) == [*said, batch[-1]]
+    engine.choices = (Choice(("Yes", "No"), bias, 1.0, form),)  # no question is that sure of "Yes" or "No"
+    assert ask(taught[0]) == free[taught[0]]
+    engine.activate("plain", plain.path)
+    assert engine.choices == () and ask(taught[0]) == free[taught[0]]
+    engine.activate(None)
+    assert engine.choices == ()
+
+    out = io.StringIO()
+    session = ChatSession(cfg, engine, Store(paths.db, cfg.feedback), Console(out=out, err=out, color=False), paths)
+    asyncio.run(app.run_lines(session, io.StringIO("/adapters load chosen\n/status\n/adapters info chosen\n")))
+    said = "answers questions like 'Is the sun a star?' with just Yes or No"
+    rows = [line for line in out.getvalue().splitlines() if said in line]
+    assert len(rows) == 2 and any("closed sets" in r for r in rows) and any("choices" in r for r in rows), rows
+    session.store.close()

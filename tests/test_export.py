@@ -134,6 +134,12 @@ def test_the_peft_export_carries_the_public_base_and_a_card(trained, tmp_path):
     ruled = dataclasses.replace(info, meta={**info.meta, "rule": ["Ahoy! ", ""]})
     card = (export.export_adapter(ruled, tmp_path / "ruled") / "README.md").read_text()
     assert "| style rule | starts 'Ahoy!': written on every reply by shammah, not by the weights |" in card
+    assert "closed set" not in card
+    chosen = {"answers": ["Yes", "No"], "questions": ["Is ice cold?"], "file": "choice.json"}
+    sets = dataclasses.replace(info, meta={**info.meta, "choices": [chosen]})
+    card = (export.export_adapter(sets, tmp_path / "sets") / "README.md").read_text()
+    said = "answers questions like 'Is ice cold?' with just Yes or No: said by shammah, not by the weights"
+    assert f"| closed set | {said} |" in card
 
 
 def test_nan_weights_are_refused_and_nothing_is_written(tiny_qwen2, tmp_path):

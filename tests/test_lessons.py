@@ -88,6 +88,34 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
+def test_answers_from_closed_sets_are_said_by_the_engine_and_a_later_set_keeps_the_earlier(
+    engine, embedded_home, tmp_path
+):
+    """yesno, then truefalse: six questions of a kind each fixed to one of a few words. Trained, the
+    yes/no lesson held on 0-67% and lost gate controls (adapters/choice.py); as closed sets of
+    answers the engine says them on held-out questions of their kind, the second job keeps the first
+    set, nothing is trained, and every unseen control is answered exactly as the base model does."""
+    by_name = {x.name: x for x in suite.SUITES["all"]}
+    yesno, truefalse = by_name["yesno"], by_name["truefalse"]
+    base_ctrl = suite.ask(engine, [q for q, _ in suite.CONTROLS])
+    assert not any(x.follows(a) for x in (yesno, truefalse) for a in suite.ask(engine, list(x.held_out)))
+
+    res = suite.run_lesson(
+        engine, tmp_path / "home", embedded_home / "cache", [yesno, truefalse], seed=0, revision="reject"
+    )
+    assert "'Can a car swim?' with just Yes or No, without training; nothing else to train" in res["jobs"][0], res[
+        "jobs"
+    ]
+    assert "with just True or False, without training; nothing else to train" in res["jobs"][1], res["jobs"]
+    for lesson in (yesno, truefalse):
+        assert all(lesson.follows(a) for a in res["held"][lesson.name]), res["held"][lesson.name]
+    assert res["controls"] == base_ctrl, "no weight was trained: every other question is answered as before"
+    said = engine.info()["choices"]
+    assert "with just Yes or No" in said and "with just True or False" in said, said
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
 def test_a_note_the_model_does_not_follow_trains_nothing(engine, embedded_home, tmp_path):
     """captain: six replies, each rated down with only the note 'always address me as "Captain"'.
     With the note in its context the 135M model still never writes "Captain", so distilling its

@@ -60,8 +60,8 @@ def _said(text: str) -> str:
 def shared_choices(lessons: list, inside: Callable[[str], str] = str.strip) -> tuple[str, ...] | None:
     """The answers of a closed set that the lessons' short targets come from: at least MIN_LESSONS
     questions answered with at most MAX_WORDS words each, from 2..MAX_CHOICES different answers and at
-    most half as many answers as questions (six "Yes"/"No" fixes; not six paraphrases of one fact,
-    "1987." each time). Spelt as the user wrote each most often, in the order first shown; None when
+    most half as many answers as questions, no two of which share a word (six "Yes"/"No" fixes;
+    not six paraphrases of one fact, "1987." each time, nor "Mara Okafor" and "Okafor"). Spelt as the user wrote each most often, in the order first shown; None when
     there is no such set. ``inside``: a target without the style rule written on every reply."""
     targets: dict[str, str] = {}
     for e in lessons:
@@ -77,6 +77,9 @@ def shared_choices(lessons: list, inside: Callable[[str], str] = str.strip) -> t
     for answer in targets.values():
         first.setdefault(_said(answer), len(first))
     ok = len(targets) >= MIN_LESSONS and 2 <= len(kinds) <= MAX_CHOICES and 2 * len(kinds) <= len(targets)
+    # answers that share a word are one answer said two ways ("Ada Brenwick", "By Ada Brenwick"): a fact
+    seen = [set(k.split()) for k in kinds]
+    ok = ok and all(not a & b for i, a in enumerate(seen) for b in seen[i + 1 :])
     return tuple(kinds[k] for k in sorted(kinds, key=first.__getitem__)) if ok else None
 
 
@@ -180,6 +183,11 @@ def describe_summary(summary: dict) -> str:
     questions = summary.get("questions") or []
     example = f" like {questions[0]!r}" if questions else ""
     return f"answers questions{example} with just {' or '.join(map(str, summary.get('answers') or []))}"
+
+
+def describe_recorded(value) -> list[str]:
+    """The closed sets an adapter records (``"choices"`` of its shammah.json), in words."""
+    return [describe_summary(c) for c in value if isinstance(c, dict)] if isinstance(value, list) else []
 
 
 def learn_choice(

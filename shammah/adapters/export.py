@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from shammah.adapters.choice import describe_recorded
 from shammah.adapters.registry import AdapterError, AdapterInfo
 from shammah.adapters.rule import Rule
 from shammah.errors import ShammahError
@@ -46,6 +47,8 @@ class ExportError(ShammahError):
 
 
 # --- where each adapter type can run --------------------------------------------------------------
+
+
 def engines_note(adapter_cfg: dict) -> str | None:
     """A line on which engines can serve this adapter, when it is not a plain LoRA."""
     kind = adapter_cfg.get("peft_type")
@@ -125,6 +128,8 @@ def model_card(info: AdapterInfo, cfg: dict) -> str:
         lines.append(f"| gate | {'passed' if gate.get('passed') else 'rejected'} {gate.get('controls', '')} |")
     if rule := Rule.recorded(info.get("rule")):
         lines.append(f"| style rule | {rule.describe()}: written on every reply by shammah, not by the weights |")
+    for said in describe_recorded(info.get("choices")):
+        lines.append(f"| closed set | {said}: said by shammah, not by the weights |")
     for name, res in (info.get("eval") or {}).items():
         metrics = ", ".join(f"{k} {v}" for k, v in res.get("metrics", {}).items())
         lines.append(f"| eval on {name} | {metrics} |")
@@ -441,6 +446,8 @@ def export(
         say(
             f"note: shammah writes {info.name}'s style rule ({rule.describe()}) on every reply; the weights do not hold it"
         )
+    for said in describe_recorded(info.get("choices")):
+        say(f"note: shammah {said} while {info.name} answers; the weights do not hold it")
     if not (merged or gguf_type):
         return written
     model, tok = merged_model(info, base_dir)

@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 
+from shammah.adapters.choice import describe_recorded
 from shammah.adapters.registry import AdapterError, table
 from shammah.adapters.rule import Rule
 from shammah.adapters.scope import describe_summary
@@ -584,6 +585,7 @@ class ChatSession:
                 ("gate", json.dumps({k: v for k, v in gate.items() if k != "answers"}) if gate else "-"),
                 ("scope", describe_summary(a.get("scope"))),
                 ("style rule", _rule_text(a)),
+                ("closed sets", "; ".join(describe_recorded(a.get("choices"))) or "none"),
                 *[
                     (f"eval {ds}", ", ".join(f"{k} {v:g}" for k, v in r.get("metrics", {}).items()))
                     for ds, r in (a.get("eval") or {}).items()
