@@ -341,3 +341,44 @@ def test_a_style_rule_travels_with_the_package(adapter, tiny_qwen2, tmp_path):
     with pytest.raises(PackageError, match="manifest.json: rule is not"):
         run2()
     assert nothing_written(reg2.root)
+
+
+def test_closed_sets_travel_with_the_package(adapter, tiny_qwen2, tmp_path):
+    """An adapter that answers questions of a kind from a closed set (adapters/choice.py) keeps its
+    sets once installed elsewhere (the manifest's summary, the vectors in choice.json, signed with
+    the rest); a set whose file is missing or does not hold it is refused, nothing written."""
+    from shammah.adapters.choice import CHOICE_FILE, Choice, choices_of, record
+
+    sets = (Choice(("Yes", "No"), (-3.7, -2.2), 0.06, FORM),)
+    summary, text = record(sets)
+    src = Registry(tmp_path / "src")
+    staging = src.stage("chosen")
+    for f in adapter.path.iterdir():
+        if f.name != "shammah.json":
+            shutil.copy(f, staging / f.name)
+    (staging / CHOICE_FILE).write_text(text)
+    info = src.commit(staging, "chosen", {**adapter.meta, "choices": summary})
+    path = tmp_path / "chosen.expert"
+    manifest = package.pack(info, path)
+    assert manifest["choices"] == summary and f"adapter/{CHOICE_FILE}" in members(path)
+    shown = dict(package.describe(package.open_package(path), ()))
+    assert shown["closed set"].endswith("with just Yes or No")
+    reg, run = install_into(tmp_path, path, tiny_qwen2, allow=True)
+    assert choices_of(run().path) == sets
+
+    files = members(path)
+    m = json.loads(files["manifest.json"])
+    del m["integrity"]["files"][f"adapter/{CHOICE_FILE}"]
+    gone = {k: v for k, v in files.items() if k != f"adapter/{CHOICE_FILE}"} | {"manifest.json": json.dumps(m).encode()}
+    reg2, run2 = install_into(tmp_path / "a", rebuild(tmp_path / "gone.expert", gone), tiny_qwen2, allow=True)
+    with pytest.raises(PackageError, match=f"closed sets but adapter/{CHOICE_FILE} is missing"):
+        run2()
+    assert nothing_written(reg2.root)
+
+    broken = json.dumps({"choices": [{**sets[0].to_json(), "threshold": float("nan")}]}).encode()
+    m["integrity"]["files"][f"adapter/{CHOICE_FILE}"] = hashlib.sha256(broken).hexdigest()
+    bad = {**files, f"adapter/{CHOICE_FILE}": broken, "manifest.json": json.dumps(m).encode()}
+    reg3, run3 = install_into(tmp_path / "b", rebuild(tmp_path / "bad.expert", bad), tiny_qwen2, allow=True)
+    with pytest.raises(PackageError, match=f"adapter/{CHOICE_FILE} does not hold the manifest's 1 closed set"):
+        run3()
+    assert not reg3.exists("chosen")

@@ -8,11 +8,13 @@ A package is a gzipped tar holding exactly::
     adapter/adapter_model.safetensors
     adapter/README.md                   PEFT's model card (when the adapter has one)
     adapter/scope.json                  a form scope's vectors (when the adapter has one)
+    adapter/choice.json                 its closed sets of answers (adapters/choice.py; when it has any)
 
 An adapter learned in the chat answers only inside its scope (adapters/scope.py): the manifest's
 ``scope`` carries it (subjects, and a form's summary whose vectors are scope.json), so an installed
-package answers where it answered on the machine that learned it, not everywhere. The scope is
-signed with the rest.
+package answers where it answered on the machine that learned it, not everywhere. Its style rule
+(``rule``) and closed sets of answers (``choices``, the vectors in choice.json) travel likewise. All
+are signed with the rest.
 
 ``integrity.files`` in the manifest lists the sha256 of every other file; a signed package
 carries the publisher's ed25519 public key and a signature over the canonical manifest (sorted
@@ -42,6 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shammah.adapters import keys
+from shammah.adapters.choice import CHOICE_FILE, Choice, describe_recorded
 from shammah.adapters.registry import ALLOWED_SUFFIXES, AdapterError, AdapterInfo, Registry, check_lora, verify_files
 from shammah.adapters.rule import Rule
 from shammah.adapters.scope import SCOPE_FILE, Form, describe_summary
@@ -104,6 +107,9 @@ def pack(
     names = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
     if isinstance(scope, dict) and isinstance(scope.get("form"), dict):
         names.append(SCOPE_FILE)
+    choices = info.get("choices") if isinstance(info.get("choices"), list) and info.get("choices") else None
+    if choices:
+        names.append(CHOICE_FILE)
     files = {f"adapter/{n}": info.path / n for n in names}
     files = {k: p for k, p in files.items() if p.is_file()}
     license_bytes = (license_text if license_text is not None else f"License: {license_name}\n").encode()
@@ -140,6 +146,7 @@ def pack(
         "capabilities": ["chat"],
         "scope": scope if isinstance(scope, dict) else None,
         "rule": rule.record() if (rule := Rule.recorded(info.get("rule"))) else None,
+        "choices": choices,
         "routing": {"keywords": list(keywords), "priority": priority},
         "training": {
             "dataset": info.get("dataset_hash"),
@@ -406,6 +413,7 @@ def install(
         meta = {
             "scope": scope,
             "rule": _rule(pkg),
+            "choices": _choices(pkg, staging),
             "base": {**base, "installed_on": base_name},
             "method": m.get("training", {}).get("method"),
             "adapter_type": (m["adapters"][0].get("type") if m["adapters"] else None),
@@ -468,6 +476,40 @@ def _rule(pkg: Package) -> list[str] | None:
     return rule.record()
 
 
+def _choices(pkg: Package, staging: Path | None) -> list[dict] | None:
+    """The manifest's closed sets of answers (adapters/choice.py), checked, with their vectors in
+    ``staging`` when given: the engine answers by them."""
+    value = pkg.manifest.get("choices")
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(c, dict)
+            and isinstance(c.get("answers"), list)
+            and all(isinstance(a, str) for a in c["answers"])
+            and c.get("file") == CHOICE_FILE
+            for c in value
+        )
+    )
+    if not ok:
+        raise PackageError(f"{pkg.path}: manifest.json: choices is not a list of shammah closed sets (answers, file)")
+    if f"adapter/{CHOICE_FILE}" not in pkg.hashes:
+        raise PackageError(f"{pkg.path}: the manifest has closed sets but adapter/{CHOICE_FILE} is missing")
+    if staging is not None:
+        try:
+            saved = json.loads((staging / CHOICE_FILE).read_text()).get("choices")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        sets = [Choice.from_json(d) for d in saved] if isinstance(saved, list) else []
+        if len(sets) != len(value) or None in sets:
+            raise PackageError(
+                f"{pkg.path}: adapter/{CHOICE_FILE} does not hold the manifest's {len(value)} closed set(s)"
+            )
+    return value
+
+
 def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
     m = pkg.manifest
     a = m["adapters"][0] if m["adapters"] else {}
@@ -484,6 +526,7 @@ def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
         ),
         ("scope", describe_summary(_scope(pkg, None))),
         *([("rule", Rule(*r).describe() + " (every reply)")] if (r := _rule(pkg)) else []),
+        *[("closed set", said) for said in describe_recorded(_choices(pkg, None))],
         ("license", str(m.get("license"))),
     ]
 
