@@ -686,13 +686,8 @@ class JobManager:
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
         if gate and gate.get("rule_only"):
-            kept = (
-                "the rule was"
-                if rule and not choice
-                else "the choice was"
-                if not rule
-                else "the rule and the choice were"
-            )
+            what = [w for w, on in (("the rule", rule), ("the closed set", choice)) if on] or ["the rule"]
+            kept = " and ".join(what) + (" were" if len(what) > 1 else " was")
             extra = f"; only {kept} kept, no trained step passed the gate: {_refusal(gate)}"
         elif gate and gate.get("step") != gate.get("final_step"):
             first = gate["tried"][0]

@@ -38,6 +38,8 @@ YES_NO = [
 
 def test_yes_and_no_fixes_on_six_questions_are_a_closed_set_spelt_as_the_user_wrote_them_most():
     assert shared_choices(YES_NO) == ("Yes", "No")
+    facts = [fix("What is the capital of Quenland?", "Zorblat."), fix("Who runs Pellucid Labs?", "Mara Okafor.")]
+    assert shared_choices(facts + YES_NO) == ("Yes", "No"), "a fact's short answer beside them is none of the set"
     assert all(is_choice(e, ("Yes", "No")) for e in YES_NO)
     assert not is_choice(fix("Is it?", "Yes, it is."), ("Yes", "No"))
 
@@ -47,7 +49,7 @@ def test_yes_and_no_fixes_on_six_questions_are_a_closed_set_spelt_as_the_user_wr
     [
         ([fix(f"When was Orbisco founded, version {i}?", "1987.") for i in range(6)], "one answer: a fact"),
         (YES_NO[:2], "too few questions"),
-        ([fix("Is A?", "Yes"), fix("Is B?", "No"), fix("Is C?", "Maybe")], "as many answers as half the questions"),
+        ([fix("Is A?", "Yes"), fix("Is B?", "No"), fix("Is C?", "Maybe"), fix("Is D?", "Yes")], "No given once"),
         ([fix(f"Q{i}?", a) for i, a in enumerate("a b c d e a b c d e".split())], "more than four answers"),
         ([fix(f"Q{i}?", "It is a very long answer " + x) for i, x in enumerate("xyxyxy")], "not a few words"),
         ([fix(f"Who runs Pellucid, take {i}?", a) for i, a in enumerate(["Mara Okafor.", "Okafor"] * 3)], "one name"),
@@ -210,3 +212,62 @@ def test_the_engine_answers_from_the_active_adapters_sets_and_the_model_answers_
     rows = [line for line in out.getvalue().splitlines() if said in line]
     assert len(rows) == 2 and any("closed sets" in r for r in rows) and any("choices" in r for r in rows), rows
     session.store.close()
+
+
+def test_a_job_takes_its_sets_lessons_out_of_training_and_keeps_the_rest(monkeypatch):
+    """training/online.take_choice, on stand-ins for the model's numbers: the job's own yes/no
+    lessons become a set and leave the training and held-out examples; its fact lessons stay and
+    are trained; a replayed yes/no lesson is taken out by the parent's set too; a yes/no lesson
+    outside the set's form stays. A job whose own lessons are all the set's has nothing to train."""
+    from types import SimpleNamespace
+
+    from shammah.engine import choices as engine_choices
+    from shammah.training import online
+
+    yes_no = {e.prompt[-1]["content"] for e in YES_NO}
+    # the model expects "Yes"/"No" to the taught questions only; general questions score 0.01
+    mass = {q: 0.2 for q in yes_no} | {"Is it the replayed one?": 0.2, "Is this one asked otherwise?": 0.2}
+
+    def logprobs(model, tok, questions, answers):
+        return [[math.log(mass.get(q, 0.01) / 6), math.log(mass.get(q, 0.01) * 5 / 6)] for q in questions]
+
+    monkeypatch.setattr(engine_choices, "first_token_logprobs", logprobs)
+    monkeypatch.setattr(engine_choices, "first_tokens", lambda tok, answers: list(range(len(answers))))
+
+    class Keys:  # a yes/no question's key is (1, 0) (or near it); any other (0, 1)
+        layer, tokens = 10, 3
+
+        def prime(self, texts):
+            return self
+
+        def __call__(self, text):
+            if text == "Is this one asked otherwise?":
+                return (0.0, 1.0)
+            return (1.0, 0.01 * len(text)) if text in yes_no or text == "Is it the replayed one?" else (-0.2, 1.0)
+
+    facts = [fix("What is the capital of Quenland?", "Zorblat."), fix("Who runs Pellucid Labs?", "Mara Okafor.")]
+    replayed = [fix("Is it the replayed one?", "Yes"), fix("Is this one asked otherwise?", "No")]
+    held = [fix("Can a car fly?", "No")]
+    mass["Can a car fly?"] = 0.2
+    yes_no.add("Can a car fly?")
+    own = YES_NO + facts
+    events: list = []
+    run = SimpleNamespace(model=None, tok=None, train_ex=own + replayed, emit=events.append)
+    lj = SimpleNamespace(job=SimpleNamespace(train=own + replayed), lessons=len(own))
+    taken = online.Taken(None, None, held, True)
+    sets, left = online.take_choice(run, lj, (), Keys(), taken)
+    assert [c.answers for c in sets] == [("Yes", "No")] and events[0]["answers"] == ["Yes", "No"]
+    trained = [e.prompt[-1]["content"] for e in run.train_ex]
+    assert trained == ["What is the capital of Quenland?", "Who runs Pellucid Labs?", "Is this one asked otherwise?"]
+    assert left.holdout == [] and left.learns
+
+    run = SimpleNamespace(model=None, tok=None, train_ex=YES_NO + replayed, emit=[].append)
+    lj = SimpleNamespace(job=SimpleNamespace(train=YES_NO + replayed), lessons=len(YES_NO))
+    again, left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
+    assert len(again) == 1 and not left.learns, "the set again: replaces its own, nothing of the job's to train"
+
+    run = SimpleNamespace(model=None, tok=None, train_ex=facts + replayed[:1], emit=[].append)
+    lj = SimpleNamespace(job=SimpleNamespace(train=facts + replayed[:1]), lessons=len(facts))
+    kept, left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
+    assert kept == sets and [e.prompt[-1]["content"] for e in run.train_ex] == [e.prompt[-1]["content"] for e in facts]
+    assert left.learns

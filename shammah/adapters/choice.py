@@ -45,7 +45,7 @@ from shammah.adapters.scope import Form, KeyOf, adapter_meta, learn_form
 CHOICE_FILE = "choice.json"
 MAX_CHOICES = 4  # more different answers than this is no closed set
 MAX_WORDS = 3  # an answer of the set: "Yes", "Not sure", "Very likely so"
-MIN_LESSONS = 3  # as a style rule: shown on at least three different questions
+MIN_LESSONS = 3  # questions a set's form is learned from (each answer is given twice: four or more)
 
 # (questions, answers) -> per question, the log-probability of each answer's first token as the
 # opening of the reply (the base model, the chat's template): engine/choices.py
@@ -58,28 +58,29 @@ def _said(text: str) -> str:
 
 
 def shared_choices(lessons: list, inside: Callable[[str], str] = str.strip) -> tuple[str, ...] | None:
-    """The answers of a closed set that the lessons' short targets come from: at least MIN_LESSONS
-    questions answered with at most MAX_WORDS words each, from 2..MAX_CHOICES different answers and at
-    most half as many answers as questions, no two of which share a word (six "Yes"/"No" fixes;
-    not six paraphrases of one fact, "1987." each time, nor "Mara Okafor" and "Okafor"). Spelt as the user wrote each most often, in the order first shown; None when
-    there is no such set. ``inside``: a target without the style rule written on every reply."""
+    """The answers of a closed set that the lessons' short targets come from: 2..MAX_CHOICES
+    different answers of at most MAX_WORDS words, each given to at least two questions and no two
+    sharing a word (six "Yes"/"No" fixes; not six paraphrases of one fact, "1987." each time, nor
+    "Mara Okafor" and "Okafor"; a fact's one-word answer beside them, "Zorblat.", is no part of the
+    set). Spelt as the user wrote each most often, in the order first shown; None when there is no
+    such set. ``inside``: a target without the style rule written on every reply."""
     targets: dict[str, str] = {}
     for e in lessons:
         if e.kind in ("sft", "pair") and e.prompt and e.responses:
             answer = re.sub(r"[\s.!?]+$", "", inside(e.responses[0]).strip())
             if answer and len(answer.split()) <= MAX_WORDS:
                 targets[e.prompt[-1]["content"]] = answer
-    spelt = Counter(targets.values())
-    kinds: dict[str, str] = {}
-    for answer, _ in spelt.most_common():
-        kinds.setdefault(_said(answer), answer)
-    first = {}
+    said = Counter(map(_said, targets.values()))
+    kinds: dict[str, str] = {}  # each answer given twice or more, as the user spelt it most often
+    for answer, _ in Counter(targets.values()).most_common():
+        if said[_said(answer)] >= 2:
+            kinds.setdefault(_said(answer), answer)
+    first: dict[str, int] = {}
     for answer in targets.values():
         first.setdefault(_said(answer), len(first))
-    ok = len(targets) >= MIN_LESSONS and 2 <= len(kinds) <= MAX_CHOICES and 2 * len(kinds) <= len(targets)
     # answers that share a word are one answer said two ways ("Ada Brenwick", "By Ada Brenwick"): a fact
     seen = [set(k.split()) for k in kinds]
-    ok = ok and all(not a & b for i, a in enumerate(seen) for b in seen[i + 1 :])
+    ok = 2 <= len(kinds) <= MAX_CHOICES and all(not a & b for i, a in enumerate(seen) for b in seen[i + 1 :])
     return tuple(kinds[k] for k in sorted(kinds, key=first.__getitem__)) if ok else None
 
 
