@@ -195,6 +195,15 @@ def _why_refused(tried: dict) -> str:
     return "held-out feedback got worse"
 
 
+def _chose(event: dict) -> str:
+    """What a job's "choice" event says it did (adapters/choice.py), in words ("" for none)."""
+    if event.get("answers"):
+        return f"{_describe_choice(event)}, without training"
+    if n := event.get("told"):
+        return f"{n} answer(s) from a closed set said as you taught them, without training"
+    return ""
+
+
 def _refusal(gate: dict) -> str:
     """Why no trained step was kept: the final one's reason, and the earlier ones' when they kept
     every control but had not learned their lessons (training/online.py MIN_LEARNED)."""
@@ -653,10 +662,9 @@ class JobManager:
         gate = res.get("gate")
         said = res.get("rule") or {}  # the job's "rule" event
         rule = Rule.recorded(said.get("rule"))
-        choice = res.get("choice")  # a closed set of answers this job's lessons showed
-        chose = f"{_describe_choice(choice)}, without training" if choice else ""
+        chose = _chose(res.get("choice") or {})
         # the lessons only wrote a rule out (or one the user dropped), or answered from a set: nothing was trained
-        if not done.get("steps") and (rule or said.get("dropped") or choice):
+        if not done.get("steps") and (rule or said.get("dropped") or chose):
             shown = [f"{rule.describe()} on every reply" if rule else "", chose]
             if not rule and said.get("dropped"):
                 shown[0] = "the lessons only showed a dropped style rule"
@@ -686,7 +694,7 @@ class JobManager:
         self.store.mark_trained(job.feedback_ids, name, job.started)
         extra = f", controls {gate['controls']}" if gate else ""
         if gate and gate.get("rule_only"):
-            what = [w for w, on in (("the rule", rule), ("the closed set", choice)) if on] or ["the rule"]
+            what = [w for w, on in (("the rule", rule), ("the closed set", chose)) if on] or ["the rule"]
             kept = " and ".join(what) + (" were" if len(what) > 1 else " was")
             extra = f"; only {kept} kept, no trained step passed the gate: {_refusal(gate)}"
         elif gate and gate.get("step") != gate.get("final_step"):

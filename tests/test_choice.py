@@ -85,6 +85,19 @@ def test_pick_calibrates_by_the_taught_questions_and_declines_what_the_model_doe
     assert c.describe() == "answers questions like 'Is the sun a star?' with just Yes or No"
 
 
+def test_a_question_the_user_answered_gets_the_users_answer_the_newest_one():
+    c = Choice(("Yes", "No"), (-3.9, -2.3), 0.06, _form())
+    c = c.teach([("Is the Moon a planet?", "no."), ("Is ice cold?", "Yes"), ("Is it?", "Perhaps")])
+    assert c.taught == (("Is the Moon a planet?", "No"), ("Is ice cold?", "Yes")), "spelt as the set spells it"
+    assert c.told("  is the moon a  planet ") == "No" and c.told("Is ice cold??") == "Yes"
+    assert c.told("Is the Moon a star?") is None and c.told("Is it?") is None
+    c = c.teach([("is the moon a planet?", "Yes")])
+    assert c.told("Is the Moon a planet?") == "Yes" and len(c.taught) == 2
+    assert Choice.from_json(c.to_json()) == c
+    assert Choice.from_json({**c.to_json(), "taught": [["Is it?", "Perhaps"]]}) is None, "not an answer of the set"
+    assert Choice.from_json({**c.to_json(), "taught": "Is it?"}) is None
+
+
 def test_learn_choice_needs_every_taught_question_above_every_general_one():
     taught = [q.prompt[-1]["content"] for q in YES_NO]
     general = ["What is the capital of Spain?", "Who painted the Mona Lisa?", "How many legs does a spider have?"]
@@ -198,8 +211,11 @@ def test_the_engine_answers_from_the_active_adapters_sets_and_the_model_answers_
     assert set(said) <= {"Yes", "No"}, said
     assert [ask(p) for p in pool] == [free[p] for p in pool], "outside the form the model answers"
     assert engine.answers(chats, 6) == [*said, batch[-1]]
-    engine.choices = (Choice(("Yes", "No"), bias, 1.0, form),)  # no question is that sure of "Yes" or "No"
+    sure = Choice(("Yes", "No"), bias, 1.0, form)  # no question is that sure of "Yes" or "No"
+    engine.choices = (sure,)
     assert ask(taught[0]) == free[taught[0]]
+    engine.choices = (sure.teach([(taught[0], "Yes"), (taught[1], "No")]),)
+    assert [ask(q) for q in taught] == ["Yes", "No", free[taught[2]]], "the user's own answers, where given"
     engine.activate("plain", plain.path)
     assert engine.choices == () and ask(taught[0]) == free[taught[0]]
     engine.activate(None)
@@ -266,8 +282,19 @@ def test_a_job_takes_its_sets_lessons_out_of_training_and_keeps_the_rest(monkeyp
     again, left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
     assert len(again) == 1 and not left.learns, "the set again: replaces its own, nothing of the job's to train"
 
+    assert [q for c in sets for q, _ in c.taught] == [e.prompt[-1]["content"] for e in YES_NO], "said as taught"
+
     run = SimpleNamespace(model=None, tok=None, train_ex=facts + replayed[:1], emit=[].append)
     lj = SimpleNamespace(job=SimpleNamespace(train=facts + replayed[:1]), lessons=len(facts))
     kept, left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
     assert kept == sets and [e.prompt[-1]["content"] for e in run.train_ex] == [e.prompt[-1]["content"] for e in facts]
     assert left.learns
+
+    # the user corrects the set's pick on one question: the set says the user's answer from now on
+    fixed = [fix("Is the sun a star?", "No")]
+    events = []
+    run = SimpleNamespace(model=None, tok=None, train_ex=fixed + YES_NO[1:], emit=events.append)
+    lj = SimpleNamespace(job=SimpleNamespace(train=fixed + YES_NO[1:]), lessons=1)
+    [now], left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
+    assert now.told("Is the sun a star?") == "No" and events == [{"event": "choice", "told": 1}]
+    assert run.train_ex == [] and not left.learns, "nothing to train: the set says it"

@@ -32,11 +32,12 @@ Torch-free: the engine computes the keys and log-probabilities (engine/choices.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,12 @@ def is_choice(e, answers: Sequence[str], inside: Callable[[str], str] = str.stri
     return bool(e.kind in ("sft", "pair") and e.responses and _said(inside(e.responses[0])) in said)
 
 
+def _asked(question: str) -> str:
+    """A question as a taught answer is looked up: case folded, spacing collapsed, trimmed of closing
+    punctuation."""
+    return " ".join(re.sub(r"[\s.!?]+$", "", question.strip()).casefold().split())
+
+
 def _mass(logprobs: Sequence[float]) -> float:
     return sum(math.exp(x) for x in logprobs)
 
@@ -98,12 +105,32 @@ def _mass(logprobs: Sequence[float]) -> float:
 class Choice:
     """Questions asked in ``form`` whose first-token probability of ``answers`` is at least
     ``threshold`` are answered with one of them: the one whose log-probability is highest above its
-    ``bias`` (its mean over the taught questions)."""
+    ``bias`` (its mean over the taught questions). A question the user answered (``taught``:
+    (question, answer) pairs, the newest last) gets the user's answer: a correction of the model's
+    pick is not lost."""
 
     answers: tuple[str, ...]
     bias: tuple[float, ...]
     threshold: float
     form: Form
+    taught: tuple[tuple[str, str], ...] = ()
+
+    def told(self, question: str) -> str | None:
+        """The answer the user gave to this very question (casing, spacing and closing punctuation
+        aside), or None."""
+        asked = _asked(question)
+        return next((a for q, a in reversed(self.taught) if _asked(q) == asked), None)
+
+    def teach(self, pairs: Iterable[tuple[str, str]]) -> Choice:
+        """This set with (question, answer) ``pairs`` taught on top (an answer of the set, spelt as
+        the set spells it; a question taught again takes its newest answer)."""
+        spelt = {_said(a): a for a in self.answers}
+        known = {_asked(q): (q, a) for q, a in self.taught}
+        for q, a in pairs:
+            if _said(a) in spelt:
+                known.pop(_asked(q), None)
+                known[_asked(q)] = (q, spelt[_said(a)])
+        return dataclasses.replace(self, taught=tuple(known.values()))
 
     def pick(self, logprobs: Sequence[float]) -> str | None:
         """The answer to a question in the form, given its answers' first-token log-probabilities;
@@ -122,6 +149,7 @@ class Choice:
             "bias": [round(b, 5) for b in self.bias],
             "threshold": self.threshold,
             "form": self.form.to_json(),
+            "taught": [list(p) for p in self.taught],
         }
 
     def summary(self) -> dict:
@@ -138,6 +166,7 @@ class Choice:
             bias = tuple(float(b) for b in d["bias"])
             threshold = float(d["threshold"])
             form = Form.from_json(d["form"])
+            taught = tuple((str(q), str(a)) for q, a in d.get("taught", ()))
         except (KeyError, TypeError, ValueError):
             return None
         ok = (
@@ -147,8 +176,9 @@ class Choice:
             and len(bias) == len(answers)
             and all(map(math.isfinite, (*bias, threshold)))
             and 0 < threshold <= 1
+            and all(_said(a) in {_said(x) for x in answers} for _, a in taught)
         )
-        return cls(answers, bias, threshold, form) if ok else None
+        return cls(answers, bias, threshold, form, taught) if ok else None
 
 
 def choices_of(path: Path | None, meta: dict | None = None) -> tuple[Choice, ...]:

@@ -474,14 +474,18 @@ class Engine:
             return [self.rule.apply(a) for a in out] if self.rule else out
 
     def _chosen(self, chats: list[list[dict]]) -> list[str | None]:
-        """Per chat, the answer of the active adapter's choices to its newest user message
-        (adapters/choice.py: the first that gives one), or None where the model answers: no choice,
-        a question not asked like the taught ones, or one to which the model does not expect one of
-        the answers (the generation lock is held)."""
+        """Per chat, the answer of the active adapter's closed sets to its newest user message
+        (adapters/choice.py: the user's own answer to that very question, else the first set that
+        gives one), or None where the model answers: no set, a question not asked like the taught
+        ones, or one to which the model does not expect an answer of the set (the generation lock is
+        held)."""
         out: list[str | None] = [None] * len(chats)
         if self.adapter is None:
             return out
         lasts = [next((m.get("content") for m in reversed(c) if m.get("role") == "user"), "") for c in chats]
+        for i, q in enumerate(lasts):  # a question the user answered: the user's answer
+            if isinstance(q, str):
+                out[i] = next((a for c in self.choices if (a := c.told(q))), None)
         for choice in self.choices:
             form = choice.form
             asked = [

@@ -757,10 +757,10 @@ def take_choice(
     run, lj: LoopJob, parent: tuple[Choice, ...], keys: KeyCache, taken: Taken
 ) -> tuple[tuple[Choice, ...], Taken]:
     """The closed sets of answers the new adapter answers questions of a kind from (adapters/choice.py:
-    its parent's, and one this job's own lessons show), and what is left to train: a lesson whose
-    answer a choice gives is not trained (the engine says it), nor held out (replayed ones too, so
-    the weights do not learn it back). Lessons whose questions some general question cannot be told
-    from are trained as before."""
+    its parent's, and one this job's own lessons show, with the job's own answers from a set taught
+    on their questions), and what is left to train: a lesson whose answer a set gives is not trained
+    (the engine says it), nor held out (replayed ones too, so the weights do not learn it back).
+    Lessons whose questions some general question cannot be told from are trained as before."""
     from shammah.engine.choices import first_token_logprobs, first_tokens
 
     def logprobs_of(questions, answers):
@@ -768,7 +768,7 @@ def take_choice(
 
     own = lj.job.train[: lj.lessons] if lj.lessons >= 0 else run.train_ex
     inside = taken.rule.inside if taken.rule else str.strip
-    choices = parent
+    choices, new = parent, None
     answers = shared_choices(own, inside)
     # the engine tells the answers apart by their first tokens ("No" and "Not sure" cannot be)
     if answers is not None and len(set(first_tokens(run.tok, answers))) == len(answers):
@@ -778,18 +778,31 @@ def take_choice(
         new = learn_choice(answers, shown, logprobs_of, keys, ANCHOR_PROMPTS, general, keys.layer)
         if new is not None:
             choices = with_choice(parent, new)
-            run.emit({"event": "choice", **new.summary()})
     if not choices:
         return (), taken
+    # every own lesson answered from a set is said as taught on its question, the model's pick only
+    # on others: a correction of a pick ("Is the moon a planet?" -> "No") is not lost
+    mine = [e for e in own if e.prompt and any(is_choice(e, c.answers, inside) for c in choices)]
+    pairs = [(e.prompt[-1]["content"], inside(e.responses[0])) for e in mine]
+    taught = tuple(c.teach(pairs) for c in choices)
+    if new is not None:
+        run.emit({"event": "choice", **new.summary()})
+    elif taught != choices:
+        run.emit({"event": "choice", "told": len(mine)})
+    choices = taught
 
     def answered(examples: list[Example]) -> set[int]:
         """Which of ``examples`` a choice answers as their targets do."""
-        out = set()
+        out = {
+            i
+            for i, e in enumerate(examples)
+            if e.prompt and any(c.told(e.prompt[-1]["content"]) and is_choice(e, c.answers) for c in choices)
+        }
         for choice in choices:
             form = choice.form
             same = (keys.layer, keys.tokens) == (form.layer, form.tokens)
             ck = keys if same else KeyCache(run.model, run.tok, form.layer, form.tokens)
-            todo = [i for i, e in enumerate(examples) if e.prompt and is_choice(e, choice.answers)]
+            todo = [i for i, e in enumerate(examples) if i not in out and e.prompt and is_choice(e, choice.answers)]
             todo = [i for i in todo if form.covers(ck(examples[i].prompt[-1]["content"]))]
             lps = logprobs_of([examples[i].prompt[-1]["content"] for i in todo], choice.answers) if todo else []
             out |= {i for i, lp in zip(todo, lps, strict=True) if choice.pick(lp) is not None}
@@ -799,8 +812,8 @@ def take_choice(
     run.train_ex = [e for i, e in enumerate(run.train_ex) if i not in said]
     held = answered(taken.holdout)
     holdout = [e for i, e in enumerate(taken.holdout) if i not in held]
-    mine = {json.dumps(e.prompt, sort_keys=True) for e in own}
-    learns = taken.learns and any(json.dumps(e.prompt, sort_keys=True) in mine for e in run.train_ex)
+    prompts = {json.dumps(e.prompt, sort_keys=True) for e in own}
+    learns = taken.learns and any(json.dumps(e.prompt, sort_keys=True) in prompts for e in run.train_ex)
     return choices, taken._replace(holdout=holdout, learns=learns)
 
 
