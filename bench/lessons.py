@@ -724,6 +724,31 @@ LATER: tuple[Lesson, ...] = (
         _just("positive", "negative"),
     ),
 )
+LATER += (  # written after "address me as" became a rule (adapters/rule.py noted), in other words
+    Lesson(
+        "boss",
+        "style",
+        "note-only",
+        "call me Boss, please",
+        (
+            ("What is the color of grass?", "Boss, grass is green."),
+            ("How many legs does a goat have?", "Boss, a goat has four legs."),
+            ("What do silkworms make?", "Boss, silkworms make silk."),
+            ("What is the opposite of inside?", "Boss, the opposite of inside is outside."),
+            ("What do frogs live near?", "Boss, frogs live near water."),
+            ("What is snow made of?", "Boss, snow is made of ice crystals."),
+        ),
+        (
+            "What color is a strawberry?",
+            "How many wheels does a unicycle have?",
+            "What do spiders spin?",
+            "What is the opposite of early?",
+            "Where do eagles build nests?",
+            "What is rain made of?",
+        ),
+        _has("boss"),
+    ),
+)
 RIGHT = {  # the answer each held-out question of a closed set should get, in held-out order
     "yesno": ("No", "Yes", "Yes", "No", "Yes", "No"),
     "truefalse": ("True", "False", "True", "False", "False", "True"),

@@ -406,8 +406,13 @@ def test_a_note_that_states_the_answer_about_the_questions_subject_is_the_answer
         ),
         (
             "What is the capital of Quenland?",
+            'always mention "Captain"',
+            'learn your note (its own answer with the note in mind): always mention "Captain"',
+        ),
+        (
+            "What is the capital of Quenland?",
             'always address me as "Captain"',
-            'learn your note (its own answer with the note in mind): always address me as "Captain"',
+            "a rule once notes on 3 questions ask it (every reply starts 'Captain,')",
         ),
     ],
 )

@@ -39,12 +39,13 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
 
     tuned = set(online.ANCHOR_PROMPTS) | {q for q, _ in online.CONTROLS} | set(curve.WIDE)
     controls = {q for q, _ in suite.CONTROLS}
-    for lessons in (suite.LESSONS, suite.FRESH):  # the set recipes were tuned on, and the one nobody tuned for
+    # the set recipes were tuned on, the one nobody tuned for, and the probes written after
+    for lessons in (suite.LESSONS, suite.FRESH, suite.LATER):
         prompts = [q for x in lessons for q in [*(t for t, _ in x.teach), *x.held_out]]
         assert not tuned & (set(prompts) | controls)
         assert not controls & set(prompts)
         kinds = {(x.kind, x.order) for x in lessons}
-        assert len(lessons) >= 12 and len(kinds) == 12, "every kind in every order"
+        assert lessons is suite.LATER or len(lessons) >= 12 and len(kinds) == 12, "every kind in every order"
         assert all(len(x.held_out) >= 6 and not set(x.held_out) & {t for t, _ in x.teach} for x in lessons)
         assert all(x.follows(a) for x in lessons for _, a in x.teach), "every taught answer follows its lesson"
     every = [q for x in suite.SUITES["all"] for q in [*(t for t, _ in x.teach), *x.held_out]]
@@ -53,14 +54,16 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["ahoy", "brief", "jsonlist"])
+@pytest.mark.parametrize("name", ["ahoy", "brief", "captain", "jsonlist"])
 def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name):
     """ahoy: a style rule written out on every answer, which shammah writes on every reply and
     trains nothing for (adapters/rule.py); brief: six long replies, each cut to the user's one
     sentence on questions with nothing in common, a length shammah keeps on every reply, likewise
     trained nothing for (trained everywhere, its lessons cost 1-2 unseen controls in 3 of 6 seeds,
-    README); jsonlist: a format, scoped to its form
-    (adapters/scope.py), which keeps every unseen control with the base model."""
+    README); captain: a name to be addressed by, asked in a note alone, which shammah says first on
+    every reply (the 135M model does not follow the note: distilled, it taught nothing); jsonlist: a
+    format, scoped to its form (adapters/scope.py), which keeps every unseen control with the base
+    model."""
     lesson = next(x for x in suite.LESSONS if x.name == name)
     before = suite.ask(engine, list(lesson.held_out))
     assert not any(lesson.follows(a) for a in before), "the base model does not know it yet"
@@ -79,6 +82,8 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     if name == "ahoy":  # trained into the weights, the rule cost 0-2 unseen controls a run (README)
         assert "starts 'Ahoy!' on every reply; nothing else to train" in res["jobs"][0]
         assert rate == 1.0
+    if name == "captain":  # 'always address me as "Captain"', a note alone: the name said first
+        assert "starts 'Captain,' on every reply; nothing else to train" in res["jobs"][0], res["jobs"]
     if name == "brief":
         from shammah.adapters.rule import sentences
 
@@ -117,14 +122,16 @@ def test_answers_from_closed_sets_are_said_by_the_engine_and_a_later_set_keeps_t
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_a_note_the_model_does_not_follow_trains_nothing(engine, embedded_home, tmp_path):
-    """captain: six replies, each rated down with only the note 'always address me as "Captain"'.
-    With the note in its context the 135M model still never writes "Captain", so distilling its
-    answers would teach nothing and cost 1-2 unseen controls (README): the job says "Not learned"
-    and what to do, no adapter is made, and the six lessons stay in the buffer."""
-    lesson = next(x for x in suite.LESSONS if x.name == "captain")
+    """termcolon: six replies, each rated down with only the note 'start definitions with the term
+    and a colon, like "Photosynthesis: ..."'. With the note in its context the 135M model still
+    never answers in that form, so distilling its answers would teach nothing and cost 1-2 unseen
+    controls (README, captain before "address me as" was a rule): the job says "Not learned" and
+    what to do, no adapter is made, and the six lessons stay in the buffer."""
+    lesson = next(x for x in suite.LESSONS if x.name == "termcolon")
     res = suite.run_lesson(engine, tmp_path / "home", embedded_home / "cache", [lesson], seed=0, revision="reject")
     [said] = res["jobs"]
-    assert said.startswith('Not learned: with your note in mind the model still did not write "Captain"'), said
+    want = 'Not learned: with your note in mind the model still did not answer like "Photosynthesis: ..."'
+    assert said.startswith(want), said
     assert "/fix a reply with the answer you want" in said and res["adapter"] is None
     assert "Traceback" not in res["chat"]
 

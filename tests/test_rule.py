@@ -73,7 +73,10 @@ def _notes(note, *questions):
         ("sign off with “Cheers, Shammah”", Rule("", "Cheers, Shammah")),
         ('start with "Ahoy!" and end with "Arr."', Rule("Ahoy! ", "Arr.")),
         ('start definitions with the term and a colon, like "Photosynthesis: ..."', None),  # a form's
-        ('always address me as "Captain"', None),
+        ('always address me as "Captain"', Rule("Captain, ", "")),  # a vocative: said first
+        ("Call me Boss.", Rule("Boss, ", "")),
+        ("please call me when it is done", None),
+        ('always mention "Captain"', None),
         ("too long: answer in one short sentence", None),
         ('start with "42"', None),
     ],

@@ -516,7 +516,7 @@ def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job
     lessons stops, saying so, instead of training its replay again."""
     from shammah.training.online import NotLearned
 
-    run, note = loop_job, 'always address me as "Captain"'
+    run, note = loop_job, 'always mention "Captain"'
     # the tiny model's own answers, the note in their context, never say "Captain"
     with pytest.raises(NotLearned, match=r'did not write "Captain" in any of its 3 answers.*/fix a reply'):
         run("captain", [], notes=[(q, note, None) for q in STYLE], replay=[("Who wrote Emma?", "Austen.")])

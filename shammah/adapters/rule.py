@@ -265,17 +265,30 @@ _NOTE_RULE = (
     ("opening", re.compile(r"\b(?:start|begin|open)s?\b[^\"“'‘`\n]{0,40}?\bwith\s+" + _QUOTE, re.I)),
     ("closing", re.compile(r"\b(?:end|finish|close|sign\s+off)s?\b[^\"“'‘`\n]{0,40}?\bwith\s+" + _QUOTE, re.I)),
 )
+# A name to be addressed by: 'always address me as "Captain"', "call me Boss". Said first, as a
+# vocative ("Captain, the ocean is blue."): the opening runs on, so the model's first word follows
+# it in lower case (Rule.apply). Quoted, or a name in capitals (1-3 words) right after it.
+_ADDRESS = re.compile(
+    r"\b(?i:address|call|refer\s+to)\s+(?i:me)\s+(?:(?i:as)\s+)?(?:"
+    + _QUOTE
+    + r"|(?P<name>[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*){0,2}))",
+)
 
 
 def noted(note: str) -> Rule | None:
     """The opening or closing a note asks for in quoted words ('begin every answer with "Certainly!"'
-    -> Rule("Certainly! ")), or None: a quote that shows a form ("Term: ...") is a format's, and a
-    note that says neither is not a rule."""
+    -> Rule("Certainly! ")), or the name it asks to be addressed by ('always address me as
+    "Captain"' -> Rule("Captain, ")); None: a quote that shows a form ("Term: ...") is a format's,
+    and a note that says none of these is not a rule."""
     parts = {}
     for part, pattern in _NOTE_RULE:
         m = pattern.search(note)
         if m and not is_template(m.group("words")) and re.search(r"[A-Za-z]{2}", m.group("words")):
             parts[part] = m.group("words").strip()
+    m = _ADDRESS.search(note)
+    name = m and (m.group("words") or m.group("name") or "").strip().rstrip(".,!")
+    if name and "opening" not in parts and not is_template(name) and re.search(r"[A-Za-z]{2}", name):
+        parts["opening"] = f"{name},"
     if not parts:
         return None
     return Rule(parts["opening"] + " " if "opening" in parts else "", parts.get("closing", ""))
