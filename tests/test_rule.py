@@ -94,6 +94,9 @@ def test_a_rule_three_notes_ask_for_alike_is_the_jobs_and_those_notes_only_show_
     rule = Rule("Certainly! ", "")
     assert all(demonstrates(e, rule, lambda w: False) for e in asked)
     assert not demonstrates(_notes("wrong: the capital of Quenland is Zorblat", "Q?")[0], rule, lambda w: False)
+    # a note that only asks for the rule says nothing else, whatever its question is about
+    [silk] = _notes("call me Boss, please", "What do silkworms make?")
+    assert demonstrates(silk, Rule("Boss, ", ""), lambda w: w == "silkworms")
     # a parent's closing stays beside a noted opening
     assert job_rule(asked, Rule("", "Cheers, Shammah"), asked) == Rule("Certainly! ", "Cheers, Shammah")
 

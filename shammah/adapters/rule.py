@@ -403,14 +403,16 @@ def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:
     it writes out, or a long reply cut to the rule's length), its question names no subject (no
     word the model has no token for, adapters/scope.py) and its answer no new name or number
     (:func:`says_new`). Six such answers on unrelated questions are how a user writes a rule out;
-    what they say inside it is what the model would say anyway, in the user's words."""
+    what they say inside it is what the model would say anyway, in the user's words. A note alone
+    that asks for part of the rule shows only it, whatever its question names: it has no answer to
+    tell a fact in (bench/lessons.py --suite later, boss: "What do silkworms make?" named a subject,
+    and its note was reported as not learned while the rule answered it)."""
     if e.kind == "distill" and e.prompt and isinstance(e.meta.get("note"), str):
         said = noted(e.meta["note"])  # a note-only lesson that asks for part of the rule, and nothing else
-        if said is None or not any(part and part == mine for part, mine in zip(said[:2], rule[:2], strict=True)):
-            return False
-    elif e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
+        return said is not None and any(part and part == mine for part, mine in zip(said[:2], rule[:2], strict=True))
+    if e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
         return False
-    elif says_new(e, rule):
+    if says_new(e, rule):
         return False
     question = e.prompt[-1].get("content")
     return isinstance(question, str) and not any(rare(w) for w in words(question))
