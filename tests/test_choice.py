@@ -133,6 +133,8 @@ def test_choices_are_read_back_from_beside_their_adapter_and_a_broken_file_is_no
     assert held == (yes_no, true_false)
     again = Choice(("yes", "no"), (-3.0, -2.0), 0.05, _form())
     assert with_choice(held, again) == (true_false, again), "a set taught again replaces the old one"
+    told = with_choice((yes_no.teach([("Is the Moon a planet?", "No")]), true_false), again)
+    assert told[-1].told("Is the Moon a planet?") == "no", "keeping the answers the user gave on it"
 
     summary, text = record(held)
     assert record(()) == (None, None)
@@ -144,6 +146,7 @@ def test_choices_are_read_back_from_beside_their_adapter_and_a_broken_file_is_no
         {**yes_no.to_json(), "bias": [1.0]},
         {**yes_no.to_json(), "threshold": 2},
         {**yes_no.to_json(), "answers": ["Yes"]},
+        {**yes_no.to_json(), "answers": "Yes"},
     ):
         (tmp_path / CHOICE_FILE).write_text(json.dumps({"choices": [broken, true_false.to_json()]}))
         assert choices_of(tmp_path) == (true_false,), broken

@@ -162,7 +162,7 @@ class Choice:
     @classmethod
     def from_json(cls, d) -> Choice | None:
         try:
-            answers = tuple(d["answers"])
+            answers = tuple(d["answers"]) if isinstance(d["answers"], list) else ()
             bias = tuple(float(b) for b in d["bias"])
             threshold = float(d["threshold"])
             form = Form.from_json(d["form"])
@@ -205,7 +205,11 @@ def record(choices: Sequence[Choice]) -> tuple[list[dict] | None, str | None]:
 
 
 def with_choice(choices: Sequence[Choice], new: Choice) -> tuple[Choice, ...]:
-    """``choices`` with ``new`` in place of the one with the same answers, else added."""
+    """``choices`` with ``new`` in place of the one with the same answers (keeping the answers the
+    user gave on that one's questions), else added."""
+    old = next((c for c in choices if c.same_set(new)), None)
+    if old is not None:
+        new = new.teach(old.taught)
     return (*(c for c in choices if not c.same_set(new)), new)
 
 
