@@ -8,10 +8,11 @@ adapter has learned since.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
+
+from shammah.engine.keys import base_batches
 
 
 def first_tokens(tok, answers: Sequence[str]) -> list[int]:
@@ -31,19 +32,10 @@ def first_token_logprobs(
 ) -> list[list[float]]:
     """Per question, the log-probability of each answer's first token opening the reply."""
     wanted = torch.tensor(first_tokens(tok, answers))
-    fill = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-    seqs = [_prompt_ids(tok, q) for q in questions]
-    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     out: list[list[float]] = []
-    with torch.no_grad(), off:
-        for i in range(0, len(seqs), batch):
-            chunk = seqs[i : i + batch]
-            n = max(map(len, chunk))
-            # right-padded: a causal model's real tokens never see the padding after them
-            ids = torch.tensor([s + [fill] * (n - len(s)) for s in chunk], device=model.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in chunk], device=model.device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            last = torch.tensor([len(s) - 1 for s in chunk], device=logits.device)
-            lp = logits[torch.arange(len(chunk), device=logits.device), last].float().log_softmax(-1)
-            out += lp[:, wanted.to(lp.device)].tolist()
+    for ids, mask in base_batches(model, tok, [_prompt_ids(tok, q) for q in questions], batch):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = mask.sum(1) - 1  # each prompt's own last token
+        lp = logits[torch.arange(len(ids), device=logits.device), last.to(logits.device)].float().log_softmax(-1)
+        out += lp[:, wanted.to(lp.device)].tolist()
     return out

@@ -23,6 +23,7 @@ and no unseen control is inside a form (1 over all tokens).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -52,25 +53,37 @@ def question_key(model, tok, text: str, layer: int, tokens: int = 0) -> list[flo
 
 
 def question_keys(model, tok, texts: list[str], layer: int, tokens: int = 0, batch: int = 32) -> list[list[float]]:
-    """The keys of ``texts`` (the mean over their first ``tokens`` tokens; 0: all of them): batched,
-    right-padded (a causal model's real tokens never see the padding after them), under one
-    adapter-disable (toggling every LoRA layer costs ~0.1 s)."""
-    fill = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-    seqs = [tok(t, add_special_tokens=False).input_ids or [fill] for t in texts]
-    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    """The keys of ``texts`` (the mean over their first ``tokens`` tokens; 0: all of them), by the
+    base model in batches (:func:`base_batches`)."""
+    seqs = [tok(t, add_special_tokens=False).input_ids or [pad_id(tok)] for t in texts]
     out: list[list[float]] = []
+    for ids, mask in base_batches(model, tok, seqs, batch):
+        h = _hidden(model, ids, mask, layer).float()
+        m = mask.unsqueeze(-1).to(h.dtype)
+        if tokens:
+            m[:, tokens:] = 0
+        out += ((h * m).sum(1) / m.sum(1)).tolist()
+    return out
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+
+
+def base_batches(model, tok, seqs: list[list[int]], batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``seqs`` as (ids, attention mask) batches for the base model: right-padded (a causal model's
+    real tokens never see the padding after them), under torch.no_grad and one adapter-disable for
+    all of them (toggling every LoRA layer costs ~0.1 s). Consume it whole: the adapter comes back
+    when it ends."""
+    fill = pad_id(tok)
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with torch.no_grad(), off:
         for i in range(0, len(seqs), batch):
             chunk = seqs[i : i + batch]
             n = max(map(len, chunk))
             ids = torch.tensor([s + [fill] * (n - len(s)) for s in chunk], device=model.device)
             mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in chunk], device=model.device)
-            h = _hidden(model, ids, mask, layer).float()
-            m = mask.unsqueeze(-1).to(h.dtype)
-            if tokens:
-                m[:, tokens:] = 0
-            out += ((h * m).sum(1) / m.sum(1)).tolist()
-    return out
+            yield ids, mask
 
 
 def _hidden(model, ids, mask, layer: int):
