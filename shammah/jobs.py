@@ -199,9 +199,15 @@ def _chose(event: dict) -> str:
     """What a job's "choice" event says it did (adapters/choice.py), in words ("" for none)."""
     if event.get("answers"):
         return f"{_describe_choice(event)}, without training"
-    if n := event.get("told"):
-        return f"{n} answer(s) from a closed set said as you taught them, without training"
-    return ""
+    said = [
+        f"{n} answer(s) from a closed set said as you taught them, without training"
+        if (n := event.get("told"))
+        else "",
+        f"{n} question(s) the set answered left to the model, which learns your answer"
+        if (n := event.get("outside"))
+        else "",
+    ]
+    return "; ".join(p for p in said if p)
 
 
 def _refusal(gate: dict) -> str:

@@ -96,6 +96,9 @@ def test_a_question_the_user_answered_gets_the_users_answer_the_newest_one():
     assert Choice.from_json(c.to_json()) == c
     assert Choice.from_json({**c.to_json(), "taught": [["Is it?", "Perhaps"]]}) is None, "not an answer of the set"
     assert Choice.from_json({**c.to_json(), "taught": "Is it?"}) is None
+    c = c.teach([], outside=["How many legs does a chicken have?"])  # the user's answer was "Two."
+    assert c.told("How many legs does a chicken have?") == "" and Choice.from_json(c.to_json()) == c
+    assert c.teach([("How many legs does a chicken have?", "Yes")]).told("How many legs does a chicken have?") == "Yes"
 
 
 def test_learn_choice_needs_every_taught_question_above_every_general_one():
@@ -219,6 +222,8 @@ def test_the_engine_answers_from_the_active_adapters_sets_and_the_model_answers_
     assert ask(taught[0]) == free[taught[0]]
     engine.choices = (sure.teach([(taught[0], "Yes"), (taught[1], "No")]),)
     assert [ask(q) for q in taught] == ["Yes", "No", free[taught[2]]], "the user's own answers, where given"
+    engine.choices = (Choice(("Yes", "No"), bias, least * 0.999, form).teach([], outside=[taught[0]]),)
+    assert ask(taught[0]) == free[taught[0]] and ask(taught[1]) in ("Yes", "No"), "one left to the model"
     engine.activate("plain", plain.path)
     assert engine.choices == () and ask(taught[0]) == free[taught[0]]
     engine.activate(None)
@@ -299,5 +304,14 @@ def test_a_job_takes_its_sets_lessons_out_of_training_and_keeps_the_rest(monkeyp
     run = SimpleNamespace(model=None, tok=None, train_ex=fixed + YES_NO[1:], emit=events.append)
     lj = SimpleNamespace(job=SimpleNamespace(train=fixed + YES_NO[1:]), lessons=1)
     [now], left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
-    assert now.told("Is the sun a star?") == "No" and events == [{"event": "choice", "told": 1}]
+    assert now.told("Is the sun a star?") == "No" and events == [{"event": "choice", "told": 1, "outside": 0}]
     assert run.train_ex == [] and not left.learns, "nothing to train: the set says it"
+
+    # the set answered a question it should not have; the user's fix is no answer of the set
+    wrong = [fix("Can a car fly?", "Cars cannot fly, but some prototypes can glide.")]
+    events = []
+    run = SimpleNamespace(model=None, tok=None, train_ex=list(wrong), emit=events.append)
+    lj = SimpleNamespace(job=SimpleNamespace(train=list(wrong)), lessons=1)
+    [now], left = online.take_choice(run, lj, sets, Keys(), online.Taken(None, None, [], True))
+    assert now.told("Can a car fly?") == "" and events == [{"event": "choice", "told": 0, "outside": 1}]
+    assert run.train_ex == wrong and left.learns, "left to the model, which learns the fix"

@@ -117,19 +117,22 @@ class Choice:
 
     def told(self, question: str) -> str | None:
         """The answer the user gave to this very question (casing, spacing and closing punctuation
-        aside), or None."""
+        aside); "" where the user answered it with something outside the set (the set does not
+        answer it); None where the user said nothing of it."""
         asked = _asked(question)
         return next((a for q, a in reversed(self.taught) if _asked(q) == asked), None)
 
-    def teach(self, pairs: Iterable[tuple[str, str]]) -> Choice:
+    def teach(self, pairs: Iterable[tuple[str, str]], outside: Iterable[str] = ()) -> Choice:
         """This set with (question, answer) ``pairs`` taught on top (an answer of the set, spelt as
-        the set spells it; a question taught again takes its newest answer)."""
+        the set spells it), and the questions ``outside`` it: ones the set answered and the user
+        corrected with something else ("How many legs does a chicken have?" -> "Two."), left to the
+        model from now on. A question taught again takes its newest answer."""
         spelt = {_said(a): a for a in self.answers}
         known = {_asked(q): (q, a) for q, a in self.taught}
-        for q, a in pairs:
-            if _said(a) in spelt:
-                known.pop(_asked(q), None)
-                known[_asked(q)] = (q, spelt[_said(a)])
+        said = [(q, spelt[_said(a)]) for q, a in pairs if _said(a) in spelt] + [(q, "") for q in outside]
+        for q, a in said:
+            known.pop(_asked(q), None)
+            known[_asked(q)] = (q, a)
         return dataclasses.replace(self, taught=tuple(known.values()))
 
     def pick(self, logprobs: Sequence[float]) -> str | None:
@@ -176,7 +179,7 @@ class Choice:
             and len(bias) == len(answers)
             and all(map(math.isfinite, (*bias, threshold)))
             and 0 < threshold <= 1
-            and all(_said(a) in {_said(x) for x in answers} for _, a in taught)
+            and all(a == "" or _said(a) in {_said(x) for x in answers} for _, a in taught)
         )
         return cls(answers, bias, threshold, form, taught) if ok else None
 

@@ -477,21 +477,22 @@ class Engine:
         """Per chat, the answer of the active adapter's closed sets to its newest user message
         (adapters/choice.py: the user's own answer to that very question, else the first set that
         gives one), or None where the model answers: no set, a question not asked like the taught
-        ones, or one to which the model does not expect an answer of the set (the generation lock is
-        held)."""
+        ones, one to which the model does not expect an answer of the set, or one the user answered
+        with something else (the generation lock is held)."""
         out: list[str | None] = [None] * len(chats)
         if self.adapter is None:
             return out
         lasts = [next((m.get("content") for m in reversed(c) if m.get("role") == "user"), "") for c in chats]
-        for i, q in enumerate(lasts):  # a question the user answered: the user's answer
-            if isinstance(q, str):
-                out[i] = next((a for c in self.choices if (a := c.told(q))), None)
-        for choice in self.choices:
+        lasts = [q if isinstance(q, str) else "" for q in lasts]
+        # per chat and set: the user's own answer to that very question ("": not this set's to answer)
+        told = [[c.told(q) for c in self.choices] for q in lasts]
+        out = [next((t for t in said if t), None) for said in told]
+        for j, choice in enumerate(self.choices):
             form = choice.form
             asked = [
                 i
                 for i, q in enumerate(lasts)
-                if out[i] is None and isinstance(q, str) and form.covers(self._key_at(q, form.layer, form.tokens))
+                if out[i] is None and told[i][j] is None and form.covers(self._key_at(q, form.layer, form.tokens))
             ]
             if asked:
                 from shammah.engine.choices import first_token_logprobs

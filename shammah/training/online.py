@@ -780,32 +780,40 @@ def take_choice(
             choices = with_choice(parent, new)
     if not choices:
         return (), taken
-    # every own lesson answered from a set is said as taught on its question, the model's pick only
-    # on others: a correction of a pick ("Is the moon a planet?" -> "No") is not lost
+
+    def answers_of(choice: Choice, questions: list[str]) -> list[bool]:
+        """Which of ``questions`` the set answers (the user's own answer, or its pick)."""
+        form = choice.form
+        same = (keys.layer, keys.tokens) == (form.layer, form.tokens)
+        ck = keys if same else KeyCache(run.model, run.tok, form.layer, form.tokens)
+        told = [choice.told(q) for q in questions]
+        todo = [i for i, q in enumerate(questions) if told[i] is None and form.covers(ck(q))]
+        lps = logprobs_of([questions[i] for i in todo], choice.answers) if todo else []
+        picked = {i for i, lp in zip(todo, lps, strict=True) if choice.pick(lp) is not None}
+        return [bool(t) or i in picked for i, t in enumerate(told)]
+
+    # Every own lesson answered from a set is said as taught on its question, the model's pick only
+    # on others: a correction of a pick ("Is the moon a planet?" -> "No") is not lost. A question
+    # the set answered and the user corrected with something else ("How many legs does a chicken
+    # have?" -> "Two.") is left to the model from now on, which learns the correction.
     mine = [e for e in own if e.prompt and any(is_choice(e, c.answers, inside) for c in choices)]
     pairs = [(e.prompt[-1]["content"], inside(e.responses[0])) for e in mine]
-    taught = tuple(c.teach(pairs) for c in choices)
+    other = [e.prompt[-1]["content"] for e in own if e.prompt and e.kind in ("sft", "pair") and e not in mine]
+    outside = [[q for q, on in zip(other, answers_of(c, other), strict=True) if on] for c in choices]
+    taught = tuple(c.teach(pairs, out) for c, out in zip(choices, outside, strict=True))
     if new is not None:
         run.emit({"event": "choice", **new.summary()})
     elif taught != choices:
-        run.emit({"event": "choice", "told": len(mine)})
+        run.emit({"event": "choice", "told": len(mine), "outside": len({q for out in outside for q in out})})
     choices = taught
 
     def answered(examples: list[Example]) -> set[int]:
-        """Which of ``examples`` a choice answers as their targets do."""
-        out = {
-            i
-            for i, e in enumerate(examples)
-            if e.prompt and any(c.told(e.prompt[-1]["content"]) and is_choice(e, c.answers) for c in choices)
-        }
+        """Which of ``examples`` a set answers as their targets do."""
+        out: set[int] = set()
         for choice in choices:
-            form = choice.form
-            same = (keys.layer, keys.tokens) == (form.layer, form.tokens)
-            ck = keys if same else KeyCache(run.model, run.tok, form.layer, form.tokens)
-            todo = [i for i, e in enumerate(examples) if i not in out and e.prompt and is_choice(e, choice.answers)]
-            todo = [i for i in todo if form.covers(ck(examples[i].prompt[-1]["content"]))]
-            lps = logprobs_of([examples[i].prompt[-1]["content"] for i in todo], choice.answers) if todo else []
-            out |= {i for i, lp in zip(todo, lps, strict=True) if choice.pick(lp) is not None}
+            idx = [i for i, e in enumerate(examples) if e.prompt and is_choice(e, choice.answers)]
+            on = answers_of(choice, [examples[i].prompt[-1]["content"] for i in idx])
+            out |= {i for i, o in zip(idx, on, strict=True) if o}
         return out
 
     said = answered(run.train_ex)
