@@ -143,6 +143,18 @@ class Choice:
         score = [lp - b for lp, b in zip(logprobs, self.bias, strict=True)]
         return self.answers[max(range(len(score)), key=score.__getitem__)]
 
+    def say(self, questions: Sequence[str], key_of: KeyOf, logprobs_of: LogProbsOf) -> list[str | None]:
+        """Per question, what this set answers: the user's own answer to it, else the model's pick
+        where the question is asked in ``form`` (``key_of``: keys as the form takes them); None
+        where the set leaves it to the model (the engine, and a job deciding what to train)."""
+        told = [self.told(q) for q in questions]
+        todo = [i for i, q in enumerate(questions) if told[i] is None and self.form.covers(key_of(q))]
+        out = [t or None for t in told]
+        if todo:
+            for i, lp in zip(todo, logprobs_of([questions[i] for i in todo], self.answers), strict=True):
+                out[i] = self.pick(lp)
+        return out
+
     def describe(self) -> str:
         return describe_summary(self.summary())
 

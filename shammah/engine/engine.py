@@ -8,6 +8,7 @@ imported by the loader thread, so the chat prompt is usable while they load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -479,27 +480,23 @@ class Engine:
         gives one), or None where the model answers: no set, a question not asked like the taught
         ones, one to which the model does not expect an answer of the set, or one the user answered
         with something else (the generation lock is held)."""
-        out: list[str | None] = [None] * len(chats)
-        if self.adapter is None:
-            return out
+        if self.adapter is None or not self.choices:
+            return [None] * len(chats)
         lasts = [next((m.get("content") for m in reversed(c) if m.get("role") == "user"), "") for c in chats]
         lasts = [q if isinstance(q, str) else "" for q in lasts]
         # per chat and set: the user's own answer to that very question ("": not this set's to answer)
         told = [[c.told(q) for c in self.choices] for q in lasts]
-        out = [next((t for t in said if t), None) for said in told]
-        for j, choice in enumerate(self.choices):
-            form = choice.form
-            asked = [
-                i
-                for i, q in enumerate(lasts)
-                if out[i] is None and told[i][j] is None and form.covers(self._key_at(q, form.layer, form.tokens))
-            ]
-            if asked:
-                from shammah.engine.choices import first_token_logprobs
+        out: list[str | None] = [next((t for t in said if t), None) for said in told]
+        from shammah.engine.choices import first_token_logprobs
 
-                lps = first_token_logprobs(self.model, self.tokenizer, [lasts[i] for i in asked], choice.answers)
-                for i, lp in zip(asked, lps, strict=True):
-                    out[i] = choice.pick(lp)
+        def logprobs_of(questions, answers):
+            return first_token_logprobs(self.model, self.tokenizer, questions, answers)
+
+        for j, choice in enumerate(self.choices):
+            asked = [i for i in range(len(chats)) if out[i] is None and told[i][j] is None]
+            key_of = functools.partial(self._key_at, layer=choice.form.layer, tokens=choice.form.tokens)
+            for i, a in zip(asked, choice.say([lasts[i] for i in asked], key_of, logprobs_of), strict=True):
+                out[i] = a
         return out
 
     def reply(self, messages: list[dict], params: GenParams | None = None) -> str:

@@ -786,11 +786,7 @@ def take_choice(
         form = choice.form
         same = (keys.layer, keys.tokens) == (form.layer, form.tokens)
         ck = keys if same else KeyCache(run.model, run.tok, form.layer, form.tokens)
-        told = [choice.told(q) for q in questions]
-        todo = [i for i, q in enumerate(questions) if told[i] is None and form.covers(ck(q))]
-        lps = logprobs_of([questions[i] for i in todo], choice.answers) if todo else []
-        picked = {i for i, lp in zip(todo, lps, strict=True) if choice.pick(lp) is not None}
-        return [bool(t) or i in picked for i, t in enumerate(told)]
+        return [a is not None for a in choice.say(questions, ck, logprobs_of)]
 
     # Every own lesson answered from a set is said as taught on its question, the model's pick only
     # on others: a correction of a pick ("Is the moon a planet?" -> "No") is not lost. A question
@@ -978,9 +974,9 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     snapshots = Snapshots() if lj.gate else None
     # read back what the lessons taught: to stop once learned, and so the gate keeps no step that has not
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy or lj.gate else None
-    # the weights the job starts from, while a new rule may have to be kept without what was trained
-    new_rule = taken.rule is not None and taken.rule != parent_rule or choices != parent_choices
-    start = _adapter_weights(run.model) if lj.gate and new_rule else None
+    # the weights the job starts from, while a new rule or set may have to be kept without what was trained
+    said_new = taken.rule is not None and taken.rule != parent_rule or choices != parent_choices
+    start = _adapter_weights(run.model) if lj.gate and said_new else None
     trainer.fit(run, stop, callbacks=tuple(cb for cb in (snapshots, learned) if cb))
     if learned is not None and lj.stop_at_accuracy:
         run.emit({"event": "learned", "stopped_at": learned.stopped_at, "accuracy": learned.history})
