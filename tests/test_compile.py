@@ -140,6 +140,26 @@ def test_a_distillation_lesson_survives_the_job_file(store, tmp_path):
     assert back.meta == ex.meta
 
 
+@pytest.mark.parametrize(
+    "steps", [["fix:Zorblat.", "critical:write numbers as numerals"], ["critical:x", "fix:Zorblat."]]
+)
+def test_a_correction_keeps_the_note_and_the_reply_it_replaces_through_the_job_file(store, tmp_path, steps):
+    """A /fix with a /critical note, either order: the job reads a mark the note asks for
+    (adapters/rule.py noted_marks) and a length off the reply it replaces."""
+    t = _turn(store)
+    for step in steps:
+        _apply(store, t, step)
+    [sft, pair] = _one(store).examples()
+    note = steps[0].partition(":")[2] if steps[0].startswith("critical") else steps[1].partition(":")[2]
+    assert sft.kind == "sft" and sft.meta == {"replaces": REPLY, "note": note}
+    write_jsonl([sft, pair], tmp_path / "d.jsonl")
+    back = load_jsonl(tmp_path / "d.jsonl")
+    assert [(e.kind, e.responses, e.meta) for e in back] == [
+        ("sft", ("Zorblat.",), sft.meta),
+        ("pair", pair.responses, {}),
+    ]
+
+
 @pytest.mark.parametrize("steps", [["good"], ["critical:it is Zorblat", "good"], ["fix:Zorblat.", "good"]])
 def test_the_latest_rating_decides_a_good_reply(store, steps):
     t = _turn(store)

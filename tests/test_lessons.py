@@ -4,6 +4,7 @@ on controls that appear nowhere in shammah's anchors or gate controls. (The fact
 the real CLI in test_learns_e2e.py.)"""
 
 import contextlib
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_suite_is_separate_from_what_the_loop_tunes_on():
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["ahoy", "brief", "captain", "jsonlist"])
+@pytest.mark.parametrize("name", ["ahoy", "brief", "captain", "jsonlist", "termcolon"])
 def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, embedded_home, tmp_path, name):
     """ahoy: a style rule written out on every answer, which shammah writes on every reply and
     trains nothing for (adapters/rule.py); brief: six long replies, each cut to the user's one
@@ -63,7 +64,9 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
     README); captain: a name to be addressed by, asked in a note alone, which shammah says first on
     every reply (the 135M model does not follow the note: distilled, it taught nothing); jsonlist: a
     format, scoped to its form (adapters/scope.py), which keeps every unseen control with the base
-    model."""
+    model; termcolon: 'start definitions with the term and a colon, like "Photosynthesis: ..."', a
+    note alone asking for a mark (adapters/marks.py) that shammah writes on every definition (the
+    model does not follow the note either: "Not learned" until marks)."""
     lesson = next(x for x in suite.LESSONS if x.name == name)
     before = suite.ask(engine, list(lesson.held_out))
     assert not any(lesson.follows(a) for a in before), "the base model does not know it yet"
@@ -84,6 +87,9 @@ def test_a_lesson_holds_on_paraphrases_without_losing_unseen_controls(engine, em
         assert rate == 1.0
     if name == "captain":  # 'always address me as "Captain"', a note alone: the name said first
         assert "starts 'Captain,' on every reply; nothing else to train" in res["jobs"][0], res["jobs"]
+    if name == "termcolon":
+        assert 'definitions as "Term: ..." on every reply; nothing else to train' in res["jobs"][0], res["jobs"]
+        assert res["controls"] == base_ctrl, "no weight trained, and no control asks for a definition"
     if name == "brief":
         from shammah.adapters.rule import sentences
 
@@ -122,15 +128,17 @@ def test_answers_from_closed_sets_are_said_by_the_engine_and_a_later_set_keeps_t
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_a_note_the_model_does_not_follow_trains_nothing(engine, embedded_home, tmp_path):
-    """termcolon: six replies, each rated down with only the note 'start definitions with the term
-    and a colon, like "Photosynthesis: ..."'. With the note in its context the 135M model still
-    never answers in that form, so distilling its answers would teach nothing and cost 1-2 unseen
-    controls (README, captain before "address me as" was a rule): the job says "Not learned" and
-    what to do, no adapter is made, and the six lessons stay in the buffer."""
-    lesson = next(x for x in suite.LESSONS if x.name == "termcolon")
+    """Six replies, each rated down with only the note 'reply in the form "Answer: ..."' (a form no
+    rule or mark writes). With the note in its context the 135M model still never answers in that
+    form, so distilling its answers would teach nothing and cost 1-2 unseen controls (README,
+    captain before "address me as" was a rule): the job says "Not learned" and what to do, no
+    adapter is made, and the six lessons stay in the buffer."""
+    lesson = dataclasses.replace(
+        next(x for x in suite.LESSONS if x.name == "termcolon"), note='reply in the form "Answer: ..."'
+    )
     res = suite.run_lesson(engine, tmp_path / "home", embedded_home / "cache", [lesson], seed=0, revision="reject")
     [said] = res["jobs"]
-    want = 'Not learned: with your note in mind the model still did not answer like "Photosynthesis: ..."'
+    want = 'Not learned: with your note in mind the model still did not answer like "Answer: ..."'
     assert said.startswith(want), said
     assert "/fix a reply with the answer you want" in said and res["adapter"] is None
     assert "Traceback" not in res["chat"]

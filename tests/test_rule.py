@@ -72,7 +72,9 @@ def _notes(note, *questions):
         ('end every answer with "Stay curious!"', Rule("", "Stay curious!")),
         ("sign off with “Cheers, Shammah”", Rule("", "Cheers, Shammah")),
         ('start with "Ahoy!" and end with "Arr."', Rule("Ahoy! ", "Arr.")),
-        ('start definitions with the term and a colon, like "Photosynthesis: ..."', None),  # a form's
+        # a form: the quote is no words to write, but a definition's term first is a mark (marks.py)
+        ('start definitions with the term and a colon, like "Photosynthesis: ..."', Rule(marks=("term",))),
+        ('give arithmetic answers as "Answer: <number>"', None),
         ('always address me as "Captain"', Rule("Captain, ", "")),  # a vocative: said first
         ("Call me Boss.", Rule("Boss, ", "")),
         ("please call me when it is done", None),

@@ -471,7 +471,7 @@ def _rule(pkg: Package) -> list[str] | None:
     rule = Rule.recorded(value)
     if rule is None:
         raise PackageError(
-            f"{pkg.path}: manifest.json: rule is not [opening, closing] or [opening, closing, sentences] (two strings and a length of 0-2, not all empty)"
+            f"{pkg.path}: manifest.json: rule is not [opening, closing], [opening, closing, sentences] or [opening, closing, sentences, marks] (two strings, a length of 0-2 and a list of digits/bold marks, not all empty)"
         )
     return rule.record()
 
@@ -525,7 +525,7 @@ def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
             f"{a.get('type')} r={a.get('r')} alpha={a.get('alpha')} on {', '.join(a.get('target_modules', []))}",
         ),
         ("scope", describe_summary(_scope(pkg, None))),
-        *([("rule", Rule(*r).describe() + " (every reply)")] if (r := _rule(pkg)) else []),
+        *([("rule", Rule.recorded(r).describe() + " (every reply)")] if (r := _rule(pkg)) else []),
         *[("closed set", said) for said in describe_recorded(_choices(pkg, None))],
         ("license", str(m.get("license"))),
     ]

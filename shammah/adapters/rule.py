@@ -1,7 +1,8 @@
 """A style rule the user wrote out on every answer — an opening ("Ahoy! "), a closing ("Cheers,
 Shammah"), or both — or showed by cutting every reply short (a **length**: at most one or two
-sentences), found in a job's lessons, recorded with the adapter (``"rule"`` in its shammah.json)
-and put on every reply by the engine while that adapter is active.
+sentences), or **marks** (adapters/marks.py: numbers in digits, a definition as "Term: ...", the
+answer in bold), found in a job's lessons, recorded with the adapter (``"rule"`` in its
+shammah.json) and put on every reply by the engine while that adapter is active.
 
 Why the engine applies it rather than the weights alone: a rule is exact text, and the user meant
 it on *every* answer. Trained into a LoRA of the 135M embedded model it was learned (100% of
@@ -28,8 +29,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from shammah.adapters import marks as _marks
 from shammah.adapters.scope import adapter_meta, words
-from shammah.feedback.revise import is_template, names_and_numbers
+from shammah.feedback.revise import is_template, names_and_numbers, stated_answer
 
 # Where a sentence ends: . ! or ? (and any closing quote or bracket) before whitespace, or a blank
 # line. Written here rather than taken from a sentence splitter (nltk, spaCy): the chat needs it on a
@@ -84,31 +86,41 @@ def first_sentences(text: str, n: int) -> str:
 
 
 class Rule(NamedTuple):
-    """(opening, closing, sentences); compares equal to the plain tuple. ``sentences``: the most a
-    reply may hold (0: any number)."""
+    """(opening, closing, sentences, marks); compares equal to the plain tuple. ``sentences``: the
+    most a reply may hold (0: any number); ``marks``: formats put on every reply (adapters/marks.py:
+    numbers in digits, the answer in bold)."""
 
     opening: str = ""
     closing: str = ""
     sentences: int = 0
+    marks: tuple[str, ...] = ()
 
     @classmethod
     def recorded(cls, value) -> Rule | None:
         """The rule in an adapter's metadata (``value``: ``"rule"`` of its shammah.json), if any:
-        ``[opening, closing]`` or ``[opening, closing, sentences]``."""
+        ``[opening, closing]``, ``[opening, closing, sentences]`` or ``[opening, closing, sentences,
+        [marks]]``."""
         ok = (
             isinstance(value, list | tuple)
-            and len(value) in (2, 3)
+            and len(value) in (2, 3, 4)
             and all(isinstance(x, str) for x in value[:2])
             and (len(value) == 2 or type(value[2]) is int and 0 <= value[2] <= MAX_SENTENCES)
         )
-        return cls(*value) if ok and any(value) else None
+        marks = _marks.recorded(value[3]) if ok and len(value) == 4 else ()
+        if not ok or marks is None:
+            return None
+        rule = cls(value[0], value[1], value[2] if len(value) > 2 else 0, marks)
+        return rule if rule else None
 
     def __bool__(self) -> bool:
-        return bool(self.opening or self.closing or self.sentences)
+        return bool(self.opening or self.closing or self.sentences or self.marks)
 
     def record(self) -> list:
         """As shammah.json and package manifests hold it: ``[opening, closing]``, with the length
-        third only when there is one (what shammah wrote before lengths, and still reads)."""
+        third and the marks fourth only when there are any (what shammah wrote before them, and
+        still reads)."""
+        if self.marks:
+            return [self.opening, self.closing, self.sentences, list(self.marks)]
         return [self.opening, self.closing, self.sentences] if self.sentences else [self.opening, self.closing]
 
     @classmethod
@@ -121,17 +133,19 @@ class Rule(NamedTuple):
             f"starts {self.opening.strip()!r}" if self.opening else "",
             f"ends {self.closing!r}" if self.closing else "",
             f"at most {('one sentence', 'two sentences')[self.sentences - 1]}" if self.sentences else "",
+            *_marks.describe(self.marks),
         ]
         return ", ".join(p for p in parts if p)
 
     def inside(self, text: str) -> str:
-        """``text`` without the rule: what the answer says inside it."""
-        t = text.strip()
+        """``text`` without the rule: what the answer says inside it (its numbers in whichever form the
+        answer wrote them)."""
+        t = _marks.take_off(self.marks, text.strip())
         if self.opening and t.startswith(self.opening.strip()):
             t = t[len(self.opening.strip()) :].lstrip()
         if self.closing and t.endswith(self.closing):
             t = t[: -len(self.closing)].rstrip()
-        return t or text.strip()
+        return t or _marks.take_off(self.marks, text.strip())
 
     @property
     def _runs_on(self) -> bool:
@@ -148,21 +162,26 @@ class Rule(NamedTuple):
             return text
         return text[: m.start(1)] + text[m.start(1)].lower() + text[m.start(1) + 1 :]
 
-    def apply(self, text: str) -> str:
-        """``text`` with the rule (a part the model already wrote is not written twice)."""
+    def apply(self, text: str, question: str = "") -> str:
+        """``text``, the reply to ``question``, with the rule (a part the model already wrote is not
+        written twice)."""
         t = first_sentences(text.strip(), self.sentences) if self.sentences else text.strip()
+        t = _marks.put(self.marks, t, question)
         if self.opening and not t.startswith(self.opening.strip()):
             t = self.opening + self._after_opening(t)
         if self.closing and not t.endswith(self.closing):
             t = f"{t} {self.closing}" if t else self.closing
         return t
 
-    def stream(self, chunks: Iterable) -> Iterator:
-        """The engine's stream of Chunks with the rule: the opening before the first text (held
-        back only until the model's own first characters show whether it wrote the opening
-        itself) and the closing on the last chunk, unless the reply was interrupted."""
+    def stream(self, chunks: Iterable, question: str = "") -> Iterator:
+        """The engine's stream of Chunks with the rule, for a reply to ``question``: the marks on
+        the text (held back until a word, or the first sentence, is whole), the opening before the
+        first text (held back only until the model's own first characters show whether it wrote
+        the opening itself) and the closing on the last chunk, unless the reply was interrupted."""
         if self.sentences:
             chunks = _cut(chunks, self.sentences)
+        if self.marks:
+            chunks = _marks.stream(chunks, self.marks, question)
         want = self.opening.strip()
         held: list = []
         text = ""
@@ -277,9 +296,10 @@ _ADDRESS = re.compile(
 
 def noted(note: str) -> Rule | None:
     """The opening or closing a note asks for in quoted words ('begin every answer with "Certainly!"'
-    -> Rule("Certainly! ")), or the name it asks to be addressed by ('always address me as
-    "Captain"' -> Rule("Captain, ")); None: a quote that shows a form ("Term: ...") is a format's,
-    and a note that says none of these is not a rule."""
+    -> Rule("Certainly! ")), the name it asks to be addressed by ('always address me as
+    "Captain"' -> Rule("Captain, ")), or the marks it asks for ("use digits for numbers" ->
+    Rule(marks=("digits",))); None: a quote that shows a form ("Term: ...") is a format's, and a
+    note that says none of these is not a rule."""
     parts = {}
     for part, pattern in _NOTE_RULE:
         m = pattern.search(note)
@@ -289,9 +309,10 @@ def noted(note: str) -> Rule | None:
     name = m and (m.group("words") or m.group("name") or "").strip().rstrip(".,!")
     if name and "opening" not in parts and not is_template(name) and re.search(r"[A-Za-z]{2}", name):
         parts["opening"] = f"{name},"
-    if not parts:
+    marks = _marks.noted(note)
+    if not parts and not marks:
         return None
-    return Rule(parts["opening"] + " " if "opening" in parts else "", parts.get("closing", ""))
+    return Rule(parts["opening"] + " " if "opening" in parts else "", parts.get("closing", ""), 0, marks)
 
 
 def noted_rule(lessons: list) -> Rule | None:
@@ -309,25 +330,84 @@ def noted_rule(lessons: list) -> Rule | None:
     return rules.pop() if len(asked) >= 3 and len(rules) == 1 else None
 
 
+def shared_marks(lessons: list) -> tuple[str, ...]:
+    """The marks (adapters/marks.py) that the corrections of ``lessons`` show on three or more
+    different questions, where no answer among them goes against it: every answer in bold ("The
+    capital of Italy is **Rome**.") on questions with nothing in common; numbers the corrected
+    replies said in words, in digits, and no answer with a number in words; every definition
+    asked for opening with its term and a colon ("Noun: a word for a thing.")."""
+    said = _said(lessons)
+    return tuple(
+        mark
+        for mark in _marks.MARKS
+        if len({q for q, target, replaced in said if _marks.shows(mark, q, target, replaced)}) >= 3
+        and not _against(mark, said)
+    )
+
+
+def noted_marks(lessons: list) -> tuple[str, ...]:
+    """The marks that the notes of three or more lessons, on different questions, ask for (a note
+    alone, or one given with a correction: "write numbers as numerals" beside "An ant has 6 legs."),
+    where no correction among them goes against it. Corrections that tell a number the reply got
+    wrong show no digits (the number is new, not the reply's in digits): the note says it."""
+    asked: dict[str, set] = {m: set() for m in _marks.MARKS}
+    for e in lessons:
+        note = e.meta.get("note")
+        if isinstance(note, str) and e.prompt and e.kind in ("distill", "sft"):
+            for m in _marks.noted(note):
+                asked[m].add(e.prompt[-1].get("content"))
+    said = _said(lessons)
+    return tuple(m for m in _marks.MARKS if len(asked[m]) >= 3 and not _against(m, said))
+
+
+def _said(lessons: list) -> list[tuple[str, str, str | None]]:
+    """(question, target, the reply it replaces) of each answer among ``lessons``."""
+    return [
+        (e.prompt[-1].get("content") or "", e.responses[0].strip(), _replaced(e))
+        for e in lessons
+        if e.kind in ("sft", "pair") and e.prompt and e.responses
+    ]
+
+
+def _against(mark: str, said: list) -> bool:
+    """Whether an answer goes against ``mark``: one not in bold; a definition asked for not opening
+    with its term; a number in words."""
+    if mark == _marks.BOLD:
+        return any("**" not in target for _, target, _ in said)
+    if mark == _marks.TERM:
+        return any(_marks.term_of(q) and _marks.term(target, q) != target for q, target, _ in said)
+    return any(_marks.has_number_words(target) for _, target, _ in said)
+
+
 def carries(e, rule: Rule) -> bool:
-    """Whether a lesson's target shows part of ``rule`` (its opening or its closing)."""
+    """Whether a lesson's target shows part of ``rule`` (its opening, its closing or a mark)."""
     opening, closing = rule[0], rule[1]
     target = e.responses[0].strip() if e.responses else ""
-    return bool(opening and target.startswith(opening) or closing and target.endswith(closing))
+    if opening and target.startswith(opening) or closing and target.endswith(closing):
+        return True
+    question = e.prompt[-1].get("content") if e.prompt else None
+    return isinstance(question, str) and any(_marks.shows(m, question, target, _replaced(e)) for m in rule.marks)
 
 
 def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rule | None:
     """The rule an adapter holds after this job: the one its parent adapter holds (``parent``,
     recorded in the parent's shammah.json), with what the job's ``own`` lessons share on top (a
-    new opening or closing replaces the parent's). The replayed lessons of an earlier job do not
+    new opening or closing replaces the parent's; marks shown or asked for are added to its own). The replayed lessons of an earlier job do not
     show a rule taught now ("... Cheers, Shammah" after "Ahoy! ...", or "Ahoy! ..." after a fact),
     so a rule shared by every lesson would be none. ``own`` unknown (a job written before jobs
     said): the lessons that do not show the parent's rule."""
     if own is None:
         own = [e for e in lessons if parent is None or not carries(e, parent)]
     new = shared_rule(own) or noted_rule(own) or Rule()
+    marks = {*shared_marks(own), *noted_marks(own)}
     parent = parent or Rule()
-    rule = Rule(new.opening or parent.opening, new.closing or parent.closing, parent.sentences)
+    marks.update(parent.marks)
+    rule = Rule(
+        new.opening or parent.opening,
+        new.closing or parent.closing,
+        parent.sentences,
+        tuple(m for m in _marks.MARKS if m in marks),
+    )
     return rule if rule else None
 
 
@@ -381,7 +461,7 @@ def says_new(e, rule: Rule) -> bool:
     replaced = _replaced(e)
     if replaced is None or not e.responses or not e.prompt:
         return False
-    known = f"{e.prompt[-1].get('content')} {replaced}".lower()
+    known = f"{e.prompt[-1].get('content')} {_marks.put(rule.marks, replaced)}".lower()
     return any(t.lower() not in known for t in names_and_numbers(rule.inside(e.responses[0])))
 
 
@@ -409,13 +489,25 @@ def demonstrates(e, rule: Rule, rare: Callable[[str], bool]) -> bool:
     and its note was reported as not learned while the rule answered it)."""
     if e.kind == "distill" and e.prompt and isinstance(e.meta.get("note"), str):
         said = noted(e.meta["note"])  # a note-only lesson that asks for part of the rule, and nothing else
-        return said is not None and any(part and part == mine for part, mine in zip(said[:2], rule[:2], strict=True))
+        question = e.prompt[-1].get("content")
+        if isinstance(question, str) and stated_answer(e.meta["note"], question) is not None:
+            return False  # it also states the answer ("wrong: it is 412 meters; use digits"): trained
+        return said is not None and (
+            any(part and part == mine for part, mine in zip(said[:2], rule[:2], strict=True))
+            or any(m in rule.marks for m in said.marks)
+        )
     if e.kind not in ("sft", "pair") or not e.prompt or not (carries(e, rule) or keeps_length(e, rule)):
         return False
-    if says_new(e, rule):
-        return False
     question = e.prompt[-1].get("content")
-    return isinstance(question, str) and not any(rare(w) for w in words(question))
+    if not isinstance(question, str) or any(rare(w) for w in words(question)):
+        return False
+    # A correction that shows a mark is about the mark, whatever else it puts right: with no subject
+    # in its question, what it says would be trained everywhere (bench/lessons.py bold, whose fixes
+    # also named "Rome" for "Il Coriobella": 1 unseen control lost alone, 2-4 in sequence before a fact)
+    target, replaced = (e.responses[0] if e.responses else ""), _replaced(e)
+    if any(_marks.shows(m, question, target, replaced) for m in rule.marks):
+        return True
+    return not says_new(e, rule)
 
 
 def without_rule(rule: Rule, examples: list) -> list:

@@ -435,7 +435,7 @@ class Engine:
 
                 said = tuple(self.tokenizer.encode(chosen, add_special_tokens=False))
                 chunks = iter([Chunk(chosen, said, "stop", len(said), time.perf_counter() - t0)])
-            yield from self.rule.stream(chunks) if self.rule else chunks
+            yield from self.rule.stream(chunks, _asked(messages)) if self.rule else chunks
 
     def _stream(self, ids: list[int], params: GenParams, stop, covered: bool) -> Iterator[Chunk]:
         """The model's own chunks (the generation lock is held)."""
@@ -472,7 +472,8 @@ class Engine:
                 out = generate_routed(model, self.tokenizer, todo, max_new_tokens, on)
             said = iter(out)
             out = [c if c is not None else next(said) for c in chosen]
-            return [self.rule.apply(a) for a in out] if self.rule else out
+            rule = self.rule
+            return [rule.apply(a, _asked(c)) for a, c in zip(out, chats, strict=True)] if rule else out
 
     def _chosen(self, chats: list[list[dict]]) -> list[str | None]:
         """Per chat, the answer of the active adapter's closed sets to its newest user message
@@ -482,8 +483,7 @@ class Engine:
         with something else (the generation lock is held)."""
         if self.adapter is None or not self.choices:
             return [None] * len(chats)
-        lasts = [next((m.get("content") for m in reversed(c) if m.get("role") == "user"), "") for c in chats]
-        lasts = [q if isinstance(q, str) else "" for q in lasts]
+        lasts = [_asked(c) for c in chats]
         # per chat and set: the user's own answer to that very question ("": not this set's to answer)
         told = [[c.told(q) for c in self.choices] for q in lasts]
         out: list[str | None] = [next((t for t in said if t), None) for said in told]
@@ -532,3 +532,9 @@ def _fast_decoder(model, setting: str, cache: Path | None = None):
     dec = fast.FastDecoder(model, quant, kernel, kernel_why)
     log.info("fast path ready (%s) in %.2f s", quant, time.perf_counter() - t0)
     return dec, ""
+
+
+def _asked(messages: list[dict]) -> str:
+    """The newest user message of a chat ("" where there is none, or it is not text)."""
+    q = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+    return q if isinstance(q, str) else ""

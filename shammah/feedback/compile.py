@@ -84,8 +84,9 @@ class Lesson:
         if self.good or not self.reply.strip() or self.reply.strip() == self.target.strip():
             return [Example("sft", self.prompt, (self.target,), weight=self.weight, source=src)]
         # the target over the reply it replaces: SFT (which keeps the reply it corrects: a job reads
-        # a length off the corrections, adapters/rule.py) and a preference pair
-        meta = {"replaces": self.reply}
+        # a length off the corrections, adapters/rule.py), with the note the turn was rated down with
+        # (a mark it asks for: "write numbers as numerals"), and a preference pair
+        meta = {"replaces": self.reply, **({"note": self.note} if self.note else {})}
         return [
             Example("sft", self.prompt, (self.target,), weight=self.weight, source=src, meta=meta),
             Example("pair", self.prompt, (self.target, self.reply), weight=self.weight, source=src),

@@ -144,10 +144,11 @@ def parse_record(rec: Any) -> Example:
         if not isinstance(rec["label"], bool):
             raise ValueError(f"'label' must be true or false, got {rec['label']!r}")
         return Example("unpaired", prompt_of(), (completion,), label=rec["label"], weight=w)
-    meta = rec.get("meta")
-    replaces = meta.get("replaces") if isinstance(meta, dict) else None
-    # the reply a correction replaces (the chat's lessons): kept for what the job reads off it (a length)
-    return Example("sft", prompt_of(), (completion,), weight=w, meta={"replaces": replaces} if replaces else {})
+    meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    # the reply a correction replaces and the note it was rated down with (the chat's lessons): kept
+    # for what the job reads off them (a length, a mark)
+    kept = {k: meta[k] for k in ("replaces", "note") if isinstance(meta.get(k), str) and meta[k]}
+    return Example("sft", prompt_of(), (completion,), weight=w, meta=kept)
 
 
 def _ranked(rec: dict, prompt: tuple[dict, ...], w: float) -> Example:
@@ -216,8 +217,9 @@ def write_jsonl(examples: list[Example], path: Path) -> None:
             rec: dict = {"prompt": list(e.prompt), "weight": e.weight, "meta": {"source": e.source}}
             if e.kind == "sft":
                 rec["completion"] = e.responses[0]
-                if isinstance(e.meta.get("replaces"), str):
-                    rec["meta"]["replaces"] = e.meta["replaces"]
+                for k in ("replaces", "note"):
+                    if isinstance(e.meta.get(k), str):
+                        rec["meta"][k] = e.meta[k]
             elif e.kind == "pair":
                 rec["chosen"], rec["rejected"] = e.responses
             elif e.kind == "unpaired":

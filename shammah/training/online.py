@@ -710,7 +710,7 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
         # legs." for a long reply): their brevity is not taken for a second rule.
         questions = _questions(keys, own)
         if learn(questions, rare, keys, ANCHOR_PROMPTS, keys.layer).everywhere:
-            rule = Rule(*(rule or Rule())[:2], n)
+            rule = (rule or Rule())._replace(sentences=n)
 
     def split(examples: list[Example], rules: list[Rule]) -> tuple[list[Example], list[Example]]:
         """(lessons that are more than ``rules``, lessons that only show one of them)"""
@@ -723,7 +723,9 @@ def take_rule(run, lj: LoopJob, parent_rule: Rule | None, keys: KeyCache, droppe
     # checked above: shown on questions with nothing in common)
     written = Rule(*rule[:2]) if rule is not None else None
     if written and rule != parent_rule and _one_form(keys, split(own, [written])[1]):
-        rule = parent_rule
+        # marks stay: digits and bold are meant for every answer, whatever the questions that showed them
+        kept = (parent_rule or Rule())._replace(marks=rule.marks)
+        rule = kept if kept else None
     if dropped is not None and rule is not None:  # a part taught again is in force again
         left = Rule(*(type(d)() if d == r else d for d, r in zip(dropped, rule, strict=True)))
         dropped = left if left else None
