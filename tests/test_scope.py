@@ -525,11 +525,12 @@ def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job
     meta, events = run("some", [], notes=[(STYLE[0], note, "Yellow, Captain.")] + [(q, note, None) for q in STYLE[1:]])
     assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(2, ["Captain"])]
     assert run.trained[-1] == ["Yellow, Captain."] and meta["report"]["examples"] == 1
-    # a quoted form is checked by its shape: an answer with no line like "Term: ..." did not follow it
-    form = 'start definitions with the term and a colon, like "Photosynthesis: ..."'
+    # a quoted form is checked by its shape: an answer with no line like "Answer: ..." did not follow
+    # it (a form no rule or mark writes: "Term: ..." for definitions is a mark, adapters/marks.py)
+    form = 'reply in the form "Answer: ..."'
     answers = ("Banana: a yellow fruit.", "The sky is blue because of the air.", "**Dogs**: pets with four legs.")
     meta, events = run("form", [], notes=[(q, form, a) for q, a in zip(STYLE, answers, strict=True)])
-    assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(1, ["Photosynthesis: ..."])]
+    assert [(e["unfollowed"], e["missing"]) for e in events if e["event"] == "notes"] == [(1, ["Answer: ..."])]
     assert sorted(run.trained[-1]) == sorted([answers[0], answers[2]])
     # a note that states the answer about the question's subject is learned in the user's words when
     # the model does not follow it (here: its answers never say "Tarn")
