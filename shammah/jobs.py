@@ -671,7 +671,7 @@ class JobManager:
         chose = _chose(res.get("choice") or {})
         # the lessons only wrote a rule out (or one the user dropped), or answered from a set: nothing was trained
         if not done.get("steps") and (rule or said.get("dropped") or chose):
-            shown = [f"{rule.describe()} on every reply" if rule else "", chose]
+            shown = [rule.on_replies() if rule else "", chose]
             if not rule and said.get("dropped"):
                 shown[0] = "the lessons only showed a dropped style rule"
             summary = "; ".join(p for p in shown if p) + f"; nothing else to train, {seconds:.0f} s"
@@ -679,7 +679,7 @@ class JobManager:
             summary = (
                 f"{done['examples']} examples + {done.get('anchors', 0)} anchors, final loss "
                 f"{done['final_train_loss']:.3f}, {seconds:.0f} s"
-                + (f"; {rule.describe()} on every reply" if rule else "")
+                + (f"; {rule.on_replies()}" if rule else "")
                 + (f"; {chose}" if chose else "")
             )
         if n := (res.get("notes") or {}).get("stated"):

@@ -133,7 +133,7 @@ def test_the_peft_export_carries_the_public_base_and_a_card(trained, tmp_path):
     assert "style rule" not in card
     ruled = dataclasses.replace(info, meta={**info.meta, "rule": ["Ahoy! ", ""]})
     card = (export.export_adapter(ruled, tmp_path / "ruled") / "README.md").read_text()
-    assert "| style rule | starts 'Ahoy!': written on every reply by shammah, not by the weights |" in card
+    assert "| style rule | starts 'Ahoy!' on every reply: written by shammah, not by the weights |" in card
     assert "closed set" not in card
     chosen = {"answers": ["Yes", "No"], "questions": ["Is ice cold?"], "file": "choice.json"}
     sets = dataclasses.replace(info, meta={**info.meta, "choices": [chosen]})

@@ -9,7 +9,9 @@ import pytest
 from conftest import register_adapter
 
 from shammah.adapters.rule import (
+    MAX_WORDS,
     Rule,
+    cap_words,
     demonstrates,
     first_sentences,
     job_rule,
@@ -18,6 +20,7 @@ from shammah.adapters.rule import (
     sentences,
     shared_length,
     shared_rule,
+    shared_words,
     without_rule,
 )
 from shammah.config import ModelConfig
@@ -363,3 +366,104 @@ def test_a_length_ends_the_reply_and_stops_the_model(rule, pieces, want, sent):
     assert model.closed and model.sent == sent, "the model is not asked for the rest"
     assert out[-1].new_tokens == sum(len(c.token_ids) for c in _chunks(*pieces)[:sent]) or sent == len(pieces)
     assert rule.apply("".join(pieces)) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "want"),
+    [
+        ("Clothes keep us warm.", 9, "Clothes keep us warm."),  # fits: as written
+        ("Clothes keep us warm. They also protect us from the sun and wind.", 9, "Clothes keep us warm."),
+        ("A telescope is a tool that helps us see in the dark.", 9, "A telescope is a tool."),
+        (
+            "Purring in a cat's sleep is a natural behavior that helps warm the air inside.",
+            9,
+            "Purring in a cat's sleep is a natural behavior.",
+        ),
+        (
+            "Honey, which bees make from nectar, is sweet and sticky and lasts forever.",
+            9,
+            "Honey, which bees make from nectar, is sweet.",
+        ),
+        ("Sunlight bends through spider silk and holds it in their bodies.", 9, "Sunlight bends through spider silk."),
+        # a cut that would keep less than half the cap is no answer: the first words, none dangling
+        (
+            "The answer to this question is rooted in the ancient art of fashion.",
+            9,
+            "The answer to this question is rooted.",
+        ),
+        (
+            "Photosynthesis converts sunlight carbon dioxide water glucose oxygen everywhere always.",
+            5,
+            "Photosynthesis converts sunlight carbon dioxide.",
+        ),
+    ],
+)
+def test_a_word_cap_keeps_whole_sentences_else_cuts_where_a_clause_ends(text, n, want):
+    assert cap_words(text, n) == want
+    assert len(cap_words(text, n).split()) <= n
+
+
+def _fixes(pairs, long="It is a very long question with a very long answer. Here is more of it, and more."):
+    return [Example("sft", ({"role": "user", "content": q},), (a,), meta={"replaces": long}) for q, a in pairs]
+
+
+TEN = (
+    ("Why do birds migrate?", "Birds migrate to find food and warmer weather."),
+    ("How does a rainbow form?", "Sunlight bends through raindrops and splits into colors."),
+    ("What is a battery?", "A battery stores energy and releases it as electricity."),
+    ("What is a map?", "A map is a drawing of a place."),
+)
+
+
+def test_short_plain_answers_that_cut_every_reply_they_correct_show_a_word_cap():
+    assert shared_words(_fixes(TEN)) == 9, "the longest answer shown"
+    assert shared_words(_fixes(TEN[:2])) == 0, "two questions are not a register"
+    good = Example(
+        "sft", ({"role": "user", "content": "Sun?"},), ("The sun is a star that lights and warms the Earth.",)
+    )
+    assert shared_words(_fixes(TEN) + [good]) == 11, "a reply rated good is within it"
+    assert shared_words(_fixes(TEN, long="A battery stores energy.")) == 0, "a correction that is no shorter"
+    assert shared_words(_fixes((*TEN, ("Is ice cold?", "Yes.")))) == 0, "one word is an answer, not a length"
+    assert shared_words(_fixes((*TEN, ("Tea?", "1. Boil water. 2. Pour it.")))) == 0, "a list is a format"
+    assert shared_words(_fixes((*TEN, ("Date?", "1945-09-02")))) == 0
+    assert shared_words([dataclasses.replace(e, meta={}) for e in _fixes(TEN)]) == 0, "no reply to compare with"
+    wordy = tuple((q, " ".join(["word"] * (MAX_WORDS + 1)) + ".") for q, _ in TEN)
+    assert shared_words(_fixes(wordy, long=" ".join(["w"] * 99))) == 0, "beyond MAX_WORDS: no register of brevity"
+
+
+def test_a_word_cap_is_recorded_described_and_put_only_where_the_adapter_answers():
+    rule = Rule(words=9)
+    assert rule and rule.record() == ["", "", 0, [], 9] and Rule.recorded(rule.record()) == rule
+    assert Rule.recorded(["Well, ", "", 0, ["digits"], 12]) == Rule("Well, ", "", 0, ("digits",), 12)
+    for bad in (["", "", 0, [], MAX_WORDS + 1], ["", "", 0, [], -1], ["", "", 0, [], "9"], ["", "", 0, [], True]):
+        assert Rule.recorded(bad) is None, bad
+    assert Rule.recorded(["", "", 0, [], 0]) is None, "a rule of nothing"
+    assert rule.describe() == "at most 9 words where it answers" == rule.on_replies()
+    assert Rule("Well, ", words=9).on_replies() == "starts 'Well,' on every reply; at most 9 words where it answers"
+    long = "A telescope is a tool that helps us see in the dark."
+    assert rule.apply(long) == "A telescope is a tool."
+    assert rule.apply(long, "What is a telescope?", covered=False) == long, "the base answered: not cut"
+    assert Rule("Well, ", words=9).apply(long) == "Well, a telescope is a tool.", "the opening is no word of the answer"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_word_cap_on_the_stream_says_what_apply_says_and_stops_the_model(seed):
+    import random
+
+    rnd = random.Random(seed)
+    for text in (
+        "A telescope is a tool that helps us see in the dark. It is old.",
+        "Birds fly south.",
+        "A b c d e f g h i",
+    ):
+        cuts = sorted(rnd.sample(range(1, len(text)), 5))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)] + [""]
+        model = _Model(*pieces)
+        out = list(Rule(words=8).stream(model))
+        assert "".join(c.text for c in out) == Rule(words=8).apply(text), (seed, pieces)
+        assert out[-1].finish_reason == "stop" and all(c.finish_reason is None for c in out[:-1])
+        assert model.closed
+        if len(text.split()) > 9:
+            assert model.sent < len(pieces), "the model is not asked for the rest once a word over is whole"
+        plain = list(Rule(words=8).stream(iter(_chunks(*pieces)), covered=False))
+        assert "".join(c.text for c in plain) == text, "not where the base answered"

@@ -237,6 +237,40 @@ def test_the_engine_answers_with_the_adapter_only_inside_its_scope(tiny_qwen2, s
     assert e.reply(inside) == base[0]
 
 
+def test_a_word_cap_is_put_on_what_the_adapter_answers_not_on_the_base_models_answers(
+    tiny_qwen2, shammah_home, tmp_path, monkeypatch
+):
+    """A real engine with an adapter scoped to rain whose rule holds a word cap (Rule.words): a
+    reply the adapter gives is cut, through the stream and in batches; one the base gives outside
+    the scope is not. (The tiny model's own text has no spaces: the model's text is a fixed
+    sentence here, the routing and the rule are the engine's.)"""
+    from shammah.engine import generate
+
+    long = "A telescope is a tool that helps us see in the dark."
+    recs = [{"prompt": "Say something about rain.", "completion": "Zorblat."}] * 2
+    local = _scoped(register_adapter(tiny_qwen2, shammah_home, "rain", recs), ["rain"])
+    meta = json.loads((local.path / "shammah.json").read_text())
+    (local.path / "shammah.json").write_text(json.dumps({**meta, "rule": ["", "", 0, [], 6]}))
+    cfg = ModelConfig(base=str(tiny_qwen2), temperature=0.0, max_new_tokens=12, fast_decode="off")
+    e = Engine(cfg, tmp_path / "cache").load()
+    e.activate("rain", local.path, local.get("base", "fingerprint"))
+    said = []
+    monkeypatch.setattr(e, "_stream", lambda ids, params, stop, covered: said.append(covered) or iter(_said(long)))
+    monkeypatch.setattr(generate, "generate_routed", lambda model, tok, chats, n, on: [long] * len(chats))
+    inside = [{"role": "user", "content": "Say something about rain."}]
+    outside = [{"role": "user", "content": "Say something about snow."}]
+    assert e.reply(inside) == "A telescope is a tool." and e.reply(outside) == long and said == [True, False]
+    assert e.answers([outside, inside], 12) == [long, "A telescope is a tool."]
+    assert e.info()["rule"] == "at most 6 words where it answers"
+
+
+def _said(text):
+    from shammah.engine.generate import Chunk
+
+    words = text.split(" ")
+    return [Chunk(w + " ", (i,)) for i, w in enumerate(words[:-1])] + [Chunk(words[-1], (), "stop", len(words), 0.1)]
+
+
 def test_the_gate_judges_a_scoped_candidate_by_what_the_chat_will_answer(tiny_qwen2, monkeypatch):
     """A candidate that breaks every control is refused when it answers everywhere, and passes when
     its scope keeps it off the controls; a scope that covers one control is judged on it."""
@@ -413,6 +447,36 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)
 
 
+def test_short_answers_on_questions_of_one_form_are_trained_with_a_word_cap(loop_job):
+    """Long replies corrected to short plain sentences on questions of one form (bench/lessons.py
+    tenwords): trained in the form's scope, with the longest answer's length as a word cap the engine
+    puts on what the adapter answers; the same on questions of a subject (a fact): no cap, and a
+    later job whose scope still has the form keeps its parent's."""
+    run, trained = loop_job, loop_job.trained
+    long = "That is a good question with a long answer. Here is a great deal more about it, and more."
+    short = dict(
+        zip(
+            FORMAT,
+            (
+                "Apples, pears and plums are three fruits.",
+                "Red, blue and green are colors.",
+                "Cats, dogs and cows are three animals.",
+                "Oak, ash and elm are trees.",
+            ),
+            strict=True,
+        )
+    )
+    meta, events = run("capped", FORMAT, short.get, replies=lambda q: long)
+    assert meta["rule"] == ["", "", 0, [], 7] and meta["scope"]["form"]
+    assert trained[-1] == [short[q] for q in FORMAT], "the answers are trained, not only written"
+    assert [e.get("words") for e in events if e["event"] == "rule"] == [None, 7]
+    meta, _ = run("fact", FACT, lambda q: "The capital of Quenland is Zorblat.", replies=lambda q: long)
+    assert meta["rule"] is None and meta["scope"] == {"subjects": ["quenland"]}, "a fact's sentence is no cap"
+    replay = [(q, short[q]) for q in FORMAT]
+    meta, _ = run("then", FACT, lambda q: "Zorblat.", "capped", replay)
+    assert meta["rule"] == ["", "", 0, [], 7] and meta["scope"]["subjects"] == ["quenland"], "kept beside a subject"
+
+
 def test_a_form_records_how_its_keys_were_taken_and_an_older_form_keeps_all_tokens():
     from shammah.training.online import KeyCache
 
@@ -473,10 +537,11 @@ def test_replies_cut_to_one_sentence_on_unrelated_questions_record_a_length(loop
     assert loop_job.trained[-1] == ["It is yellow."], "the replayed cuts only show the length"
     meta, _ = loop_job("fact", FACT, parent="brief", replay=replay)
     assert meta["rule"] == ["", "", 1] and loop_job.trained[-1] == ["Zorblat."] * len(FACT)
-    # the same cuts, on a subject's questions or on one form's, are a fact's or a format's length
-    for name, questions in (("fact2", FACT), ("format", FORMAT)):
+    # the same cuts, on a subject's questions or on one form's, are a fact's or a format's length: no
+    # length on every reply; on one form's, a word cap on what the adapter answers (Rule.words)
+    for name, questions, rule in (("fact2", FACT, None), ("format", FORMAT, ["", "", 0, [], 5])):
         meta, _ = loop_job(name, questions, told, replies=ramble)
-        assert meta["rule"] is None, questions
+        assert meta["rule"] == rule, questions
         assert loop_job.trained[-1] == [told(q) for q in questions], "trained as the fact or format it is"
     # corrections that write out an opening are about the opening, however short they are
     meta, _ = loop_job("ahoy", unrelated, lambda q: f"Ahoy! It has {len(q)} letters.", replies=ramble)

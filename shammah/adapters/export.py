@@ -127,7 +127,7 @@ def model_card(info: AdapterInfo, cfg: dict) -> str:
     if gate:
         lines.append(f"| gate | {'passed' if gate.get('passed') else 'rejected'} {gate.get('controls', '')} |")
     if rule := Rule.recorded(info.get("rule")):
-        lines.append(f"| style rule | {rule.describe()}: written on every reply by shammah, not by the weights |")
+        lines.append(f"| style rule | {rule.on_replies()}: written by shammah, not by the weights |")
     for said in describe_recorded(info.get("choices")):
         lines.append(f"| closed set | {said}: said by shammah, not by the weights |")
     for name, res in (info.get("eval") or {}).items():
@@ -443,9 +443,7 @@ def export(
     if note:
         say(f"note: {info.name} is {note}")
     if rule := Rule.recorded(info.get("rule")):
-        say(
-            f"note: shammah writes {info.name}'s style rule ({rule.describe()}) on every reply; the weights do not hold it"
-        )
+        say(f"note: shammah writes {info.name}'s style rule ({rule.on_replies()}); the weights do not hold it")
     for said in describe_recorded(info.get("choices")):
         say(f"note: shammah {said} while {info.name} answers; the weights do not hold it")
     if not (merged or gguf_type):

@@ -525,7 +525,7 @@ def describe(pkg: Package, trusted: tuple[str, ...]) -> list[tuple[str, str]]:
             f"{a.get('type')} r={a.get('r')} alpha={a.get('alpha')} on {', '.join(a.get('target_modules', []))}",
         ),
         ("scope", describe_summary(_scope(pkg, None))),
-        *([("rule", Rule.recorded(r).describe() + " (every reply)")] if (r := _rule(pkg)) else []),
+        *([("rule", Rule.recorded(r).on_replies("(every reply)"))] if (r := _rule(pkg)) else []),
         *[("closed set", said) for said in describe_recorded(_choices(pkg, None))],
         ("license", str(m.get("license"))),
     ]

@@ -1,7 +1,7 @@
 """A style rule the user wrote out on every answer — an opening ("Ahoy! "), a closing ("Cheers,
 Shammah"), or both — or showed by cutting every reply short (a **length**: at most one or two
 sentences), or **marks** (adapters/marks.py: numbers in digits, a definition as "Term: ...", the
-answer in bold), found in a job's lessons, recorded with the adapter (``"rule"`` in its
+answer in bold), or a **word cap** on the answers of a register it was trained on, found in a job's lessons, recorded with the adapter (``"rule"`` in its
 shammah.json) and put on every reply by the engine while that adapter is active.
 
 Why the engine applies it rather than the weights alone: a rule is exact text, and the user meant
@@ -39,6 +39,19 @@ from shammah.feedback.revise import is_template, names_and_numbers, stated_answe
 _END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n[ \t]*\n")
 _ABBREVIATIONS = frozenset("mr mrs ms dr st vs etc e.g i.e jr sr prof inc ltd u.s approx fig".split())
 MAX_SENTENCES = 2  # the longest length rule: beyond that, cutting replies is no register
+MAX_WORDS = 30  # the longest word cap: answers of more words are no register of brevity
+# Where a sentence too long for a word cap may be cut (:func:`cap_words`): after a comma, semicolon,
+# colon or dash, or before a word that starts a clause or a phrase the sentence stands without
+# ("A telescope is a tool | that helps us see in the dark."). A word left dangling at the end of a
+# last-resort cut (no such place fits) is dropped ("... on the | of" -> "... on the").
+_CLAUSE = frozenset(
+    "that which who whom whose where when while because although though since unless until so but and or "
+    "as if including like such to by with".split()
+)
+_DANGLING = frozenset(
+    "the a an of to in on at for and or but with by from that which who is are was were be its their his her "
+    "our your my this these those as into than".split()
+)
 # Words a reply opens with in capitals only because they open it: after an opening that does not end
 # a sentence ("Well, ", "Captain, ") they are written in lower case ("Well, the sky is blue."). A
 # name keeps its capital ("Well, Paris is ..."); so does a common noun ("Well, Bananas are ..."):
@@ -85,40 +98,71 @@ def first_sentences(text: str, n: int) -> str:
     return text[: ends[n - 1]] if len(ends) >= n else text
 
 
+def cap_words(text: str, n: int) -> str:
+    """``text`` in at most ``n`` words (as ``str.split`` counts them): its first sentences while
+    they fit; else its first sentence cut at the last place a clause may end that fits and keeps
+    half of them (_CLAUSE: "A telescope is a tool that helps us see in the dark." -> "A telescope is
+    a tool."; not "The answer | to this question is ..."), with a full stop; else its first ``n``
+    words, less a dangling last word. Written here rather than taken from a
+    sentence-compression model: the engine runs it on every capped reply, and it only ever cuts."""
+    t = text.strip()
+    if len(t.split()) <= n:
+        return t
+    fit = [e for e in sentence_ends(t) if len(t[:e].split()) <= n]
+    if fit:
+        return t[: fit[-1]].rstrip()
+    ws = t.split()
+    keep = 0
+    for i in range(max(3, n // 2), min(n, len(ws) - 1) + 1):  # keep ws[:i]: half the cap at least
+        if ws[i - 1][-1] in ",;:" or ws[i] in ("-", "–", "—") or ws[i].lower().strip("\"'(") in _CLAUSE:
+            keep = i
+    if not keep:
+        keep = n
+        while keep > 2 and ws[keep - 1].lower().strip(",;:") in _DANGLING:
+            keep -= 1
+    return " ".join(ws[:keep]).rstrip(",;:-–— ") + "."
+
+
 class Rule(NamedTuple):
-    """(opening, closing, sentences, marks); compares equal to the plain tuple. ``sentences``: the
-    most a reply may hold (0: any number); ``marks``: formats put on every reply (adapters/marks.py:
-    numbers in digits, the answer in bold)."""
+    """(opening, closing, sentences, marks, words); compares equal to the plain tuple.
+    ``sentences``: the most a reply may hold (0: any number); ``marks``: formats put on every reply
+    (adapters/marks.py: numbers in digits, a definition as "Term: ...", the answer in bold);
+    ``words``: the most words a reply *the adapter answers* may hold (0: any number; a question
+    outside its scope, which the base answers, is not cut: :func:`shared_words`)."""
 
     opening: str = ""
     closing: str = ""
     sentences: int = 0
     marks: tuple[str, ...] = ()
+    words: int = 0
 
     @classmethod
     def recorded(cls, value) -> Rule | None:
         """The rule in an adapter's metadata (``value``: ``"rule"`` of its shammah.json), if any:
-        ``[opening, closing]``, ``[opening, closing, sentences]`` or ``[opening, closing, sentences,
-        [marks]]``."""
+        ``[opening, closing]``, ``[opening, closing, sentences]``, ``[opening, closing, sentences,
+        [marks]]`` or ``[opening, closing, sentences, [marks], words]``."""
         ok = (
             isinstance(value, list | tuple)
-            and len(value) in (2, 3, 4)
+            and len(value) in (2, 3, 4, 5)
             and all(isinstance(x, str) for x in value[:2])
             and (len(value) == 2 or type(value[2]) is int and 0 <= value[2] <= MAX_SENTENCES)
+            and (len(value) < 5 or type(value[4]) is int and 0 <= value[4] <= MAX_WORDS)
         )
-        marks = _marks.recorded(value[3]) if ok and len(value) == 4 else ()
+        marks = _marks.recorded(value[3]) if ok and len(value) >= 4 else ()
         if not ok or marks is None:
             return None
-        rule = cls(value[0], value[1], value[2] if len(value) > 2 else 0, marks)
+        rule = cls(value[0], value[1], value[2] if len(value) > 2 else 0, marks, value[4] if len(value) > 4 else 0)
         return rule if rule else None
 
     def __bool__(self) -> bool:
-        return bool(self.opening or self.closing or self.sentences or self.marks)
+        return bool(self.opening or self.closing or self.sentences or self.marks or self.words)
 
     def record(self) -> list:
         """As shammah.json and package manifests hold it: ``[opening, closing]``, with the length
-        third and the marks fourth only when there are any (what shammah wrote before them, and
-        still reads)."""
+        third, the marks fourth and the word cap fifth only when there are any (what shammah wrote
+        before them, and still reads)."""
+        if self.words:
+            return [self.opening, self.closing, self.sentences, list(self.marks), self.words]
         if self.marks:
             return [self.opening, self.closing, self.sentences, list(self.marks)]
         return [self.opening, self.closing, self.sentences] if self.sentences else [self.opening, self.closing]
@@ -134,8 +178,19 @@ class Rule(NamedTuple):
             f"ends {self.closing!r}" if self.closing else "",
             f"at most {('one sentence', 'two sentences')[self.sentences - 1]}" if self.sentences else "",
             *_marks.describe(self.marks),
+            f"at most {self.words} words where it answers" if self.words else "",
         ]
         return ", ".join(p for p in parts if p)
+
+    def on_replies(self, every: str = "on every reply") -> str:
+        """The rule in words, saying where each part goes: ``every`` after the parts written on
+        every reply, and the word cap where the adapter answers."""
+        parts = Rule(*self[:4]).describe()
+        said = (
+            f"{parts} {every}" if parts else "",
+            f"at most {self.words} words where it answers" if self.words else "",
+        )
+        return "; ".join(p for p in said if p)
 
     def inside(self, text: str) -> str:
         """``text`` without the rule: what the answer says inside it (its numbers in whichever form the
@@ -162,10 +217,13 @@ class Rule(NamedTuple):
             return text
         return text[: m.start(1)] + text[m.start(1)].lower() + text[m.start(1) + 1 :]
 
-    def apply(self, text: str, question: str = "") -> str:
+    def apply(self, text: str, question: str = "", covered: bool = True) -> str:
         """``text``, the reply to ``question``, with the rule (a part the model already wrote is not
-        written twice)."""
+        written twice). ``covered``: the adapter answered it (False: the base did, out of its scope;
+        the word cap is not put on)."""
         t = first_sentences(text.strip(), self.sentences) if self.sentences else text.strip()
+        if self.words and covered:
+            t = cap_words(t, self.words)
         t = _marks.put(self.marks, t, question)
         if self.opening and not t.startswith(self.opening.strip()):
             t = self.opening + self._after_opening(t)
@@ -173,13 +231,17 @@ class Rule(NamedTuple):
             t = f"{t} {self.closing}" if t else self.closing
         return t
 
-    def stream(self, chunks: Iterable, question: str = "") -> Iterator:
-        """The engine's stream of Chunks with the rule, for a reply to ``question``: the marks on
-        the text (held back until a word, or the first sentence, is whole), the opening before the
-        first text (held back only until the model's own first characters show whether it wrote
-        the opening itself) and the closing on the last chunk, unless the reply was interrupted."""
+    def stream(self, chunks: Iterable, question: str = "", covered: bool = True) -> Iterator:
+        """The engine's stream of Chunks with the rule, for a reply to ``question``: the word cap
+        where the adapter answered it (``covered``: the reply held back until it is whole or a word
+        over), the marks on the text (held back until a word, or the first sentence, is whole), the
+        opening before the first text (held back only until the model's own first characters show
+        whether it wrote the opening itself) and the closing on the last chunk, unless the reply
+        was interrupted."""
         if self.sentences:
             chunks = _cut(chunks, self.sentences)
+        if self.words and covered:
+            chunks = _capped(chunks, self.words)
         if self.marks:
             chunks = _marks.stream(chunks, self.marks, question)
         want = self.opening.strip()
@@ -242,6 +304,36 @@ def _cut(chunks: Iterable, n: int) -> Iterator:
                 yield dataclasses.replace(c, text=piece)
             yield dataclasses.replace(
                 c, text="", token_ids=(), finish_reason="stop", new_tokens=tokens, seconds=time.perf_counter() - t0
+            )
+            return
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _capped(chunks: Iterable, n: int) -> Iterator:
+    """The stream of Chunks in at most ``n`` words (:func:`cap_words`): held back until the reply
+    ends or the word after the ``n``-th is whole (a cut may take back the last few words), then as
+    one chunk, and the model's generator closed as :func:`_cut` does."""
+    t0 = time.perf_counter()
+    text, ids = "", []
+    it = iter(chunks)
+    try:
+        for c in it:
+            text += c.text
+            ids.extend(c.token_ids)
+            if c.finish_reason is not None:
+                yield dataclasses.replace(
+                    c, text=cap_words(text, n) if len(text.split()) > n else text, token_ids=tuple(ids)
+                )
+                return
+            said = len(text.split())
+            if said <= n + 1 and not (said == n + 1 and text[-1].isspace()):
+                continue  # where to cut may turn on the word after the n-th ("... a tool | that"): whole
+            yield dataclasses.replace(c, text=cap_words(text, n), token_ids=tuple(ids))
+            yield dataclasses.replace(
+                c, text="", token_ids=(), finish_reason="stop", new_tokens=len(ids), seconds=time.perf_counter() - t0
             )
             return
     finally:
@@ -407,6 +499,7 @@ def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rul
         new.closing or parent.closing,
         parent.sentences,
         tuple(m for m in _marks.MARKS if m in marks),
+        parent.words,
     )
     return rule if rule else None
 
@@ -447,6 +540,32 @@ def shared_length(lessons: list, rule: Rule | None = None) -> int:
     if not 1 <= n <= MAX_SENTENCES:
         return 0
     return n if all(sentences(inside(reply)) > n for reply in cut.values()) else 0
+
+
+def shared_words(lessons: list, rule: Rule | None = None) -> int:
+    """The most words any answer of ``lessons`` holds (inside ``rule``), where each is one plain
+    sentence of at least three words and of at most MAX_WORDS, and every correction among them, on
+    three or more different questions, cut the reply it corrects to fewer words than that; else 0.
+    A register the user showed by correcting long replies to short ones on questions of one kind
+    (bench/lessons.py --suite fresh, tenwords: "Why do birds migrate?" -> "Birds migrate to find food
+    and warmer weather."): the lessons are trained, and their length is a cap on what the adapter
+    answers, for the few answers training leaves long (67-83% of held-out answers within ten words
+    trained alone). Whether the lessons rather tell of a subject, where a cut could take the fact
+    off, is for the caller to say (training/online.py: the scope)."""
+    inside = rule.inside if rule else str.strip
+    answers = [inside(e.responses[0]) for e in lessons if e.kind in ("sft", "pair") and e.responses]
+    cut = {
+        e.prompt[-1]["content"]: inside(r)
+        for e in lessons
+        if e.prompt and e.kind in ("sft", "pair") and (r := _replaced(e)) is not None
+    }
+    plain = all(
+        3 <= len(a.split()) <= MAX_WORDS and "\n" not in a and a[-1] in ".!?" and sentences(a) == 1 for a in answers
+    )
+    if len(cut) < 3 or not answers or not plain:
+        return 0
+    n = max(len(a.split()) for a in answers)
+    return n if all(len(r.split()) > n for r in cut.values()) else 0
 
 
 def _plain(text: str) -> str:

@@ -321,7 +321,7 @@ class Engine:
         if self.adapter is not None:
             out["scope"] = self.scope.describe()
             if self.rule:
-                out["rule"] = f"{self.rule.describe()} (every reply)"
+                out["rule"] = self.rule.on_replies("(every reply)")
             if self.choices:
                 out["choices"] = "; ".join(c.describe() for c in self.choices)
         if self._loaded is not None:
@@ -435,7 +435,7 @@ class Engine:
 
                 said = tuple(self.tokenizer.encode(chosen, add_special_tokens=False))
                 chunks = iter([Chunk(chosen, said, "stop", len(said), time.perf_counter() - t0)])
-            yield from self.rule.stream(chunks, _asked(messages)) if self.rule else chunks
+            yield from self.rule.stream(chunks, _asked(messages), covered) if self.rule else chunks
 
     def _stream(self, ids: list[int], params: GenParams, stop, covered: bool) -> Iterator[Chunk]:
         """The model's own chunks (the generation lock is held)."""
@@ -473,7 +473,10 @@ class Engine:
             said = iter(out)
             out = [c if c is not None else next(said) for c in chosen]
             rule = self.rule
-            return [rule.apply(a, _asked(c)) for a, c in zip(out, chats, strict=True)] if rule else out
+            if not rule:
+                return out
+            covered = [self.covers(c) for c in chats] if rule.words else [True] * len(chats)
+            return [rule.apply(a, _asked(c), on) for a, c, on in zip(out, chats, covered, strict=True)]
 
     def _chosen(self, chats: list[list[dict]]) -> list[str | None]:
         """Per chat, the answer of the active adapter's closed sets to its newest user message

@@ -42,7 +42,7 @@ def _rule_text(a) -> str:
     """An adapter's style rule in words (``a``: its registry entry), or the one turned off."""
     rule, dropped = Rule.recorded(a.get("rule")), Rule.recorded(a.get("rule_dropped"))
     if rule is not None:
-        return f"{rule.describe()} on every reply"
+        return rule.on_replies()
     return f"none ({dropped.describe()} was turned off)" if dropped is not None else "none"
 
 
@@ -506,7 +506,7 @@ class ChatSession:
         await self.ensure_loaded()
         rule, name = self.engine.rule, self.engine.adapter
         if rule is not None:
-            self.console.info(f"{name} {rule.describe()} on every reply (/rule off to stop).")
+            self.console.info(f"{name} {rule.on_replies()} (/rule off to stop).")
             return
         dropped = self.jobs.registry.get(name).get("rule_dropped") if name and self.jobs.registry.exists(name) else None
         was = Rule.recorded(dropped)
@@ -528,7 +528,7 @@ class ChatSession:
             raise AdapterError("a training job is running: /train wait (or /train cancel), then /rule off")
         self.jobs.registry.update(name, rule=None, rule_dropped=rule.record())
         await self.jobs.activate(name)
-        self.console.ok(f"{name} no longer {rule.describe()} on every reply.")
+        self.console.ok(f"{name} no longer {rule.on_replies()}.")
 
     async def cmd_adapters(self, arg: str) -> None:
         """/adapters list | load <name> | off | rollback | info <name> | delete <name>: what was learned."""

@@ -38,7 +38,16 @@ from shammah.adapters.choice import (
     with_choice,
 )
 from shammah.adapters.registry import Registry
-from shammah.adapters.rule import Rule, carries, demonstrates, job_rule, shared_length, shared_rule, without_rule
+from shammah.adapters.rule import (
+    Rule,
+    carries,
+    demonstrates,
+    job_rule,
+    shared_length,
+    shared_rule,
+    shared_words,
+    without_rule,
+)
 from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
@@ -927,6 +936,21 @@ def lesson_scope(run, lj: LoopJob, holdout: list[Example], keys: KeyCache) -> Sc
     return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, keys.layer)
 
 
+def word_cap(lessons: list[Example], rule: Rule | None, scope: Scope) -> Rule | None:
+    """``rule`` with the word cap the new adapter holds (adapters/rule.py, Rule.words): the length
+    of the trained ``lessons`` (:func:`shared_words`) where they are answers to questions of one
+    form and name no subject, the parent's where the scope still has a form, else none. A subject's
+    answers are a fact told in a sentence, and a cut could take the fact off; an adapter that
+    answers everywhere would cut the base's answers too."""
+    words = rule.words if rule else 0
+    if scope.form is None:
+        words = 0
+    elif not scope.subjects and (shown := shared_words(lessons)):
+        words = shown
+    out = (rule or Rule())._replace(words=words)
+    return out if out else None
+
+
 def train_loop(lj: LoopJob, progress=None, stop=None):
     """One job of the chat's learning loop: the trainer's setup → fit → save, with anchors added
     before fit and the gate (with its snapshot fallback) between fit and save."""
@@ -961,6 +985,10 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     holdout = taken.holdout
     scope = lesson_scope(run, lj, holdout, keys)
     run.emit({"event": "scope", **scope.to_json()})
+    if (rule := word_cap(run.train_ex, taken.rule, scope)) != taken.rule:
+        taken = taken._replace(rule=rule)
+        rules["rule"] = rule and rule.record()
+        run.emit({"event": "rule", "rule": rules["rule"], "words": rule.words if rule else 0})
     if scope.everywhere:
         add_anchors(run, lj)
     else:
