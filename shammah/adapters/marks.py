@@ -93,12 +93,17 @@ def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
 
 
+def _asked(question: str) -> set[str]:
+    """The words of ``question``, stemmed: what an answer's words are told apart from."""
+    return {_stem(w) for w in _TOKEN.findall(question)}
+
+
 def answer_span(sentence: str, question: str) -> tuple[int, int] | None:
     """Where ``sentence`` says what ``question`` asks: the first run of words (no punctuation
     between them) that are neither in the question nor function words — a name first, if there is
     one ("The capital of Italy is Rome." -> "Rome"; "The tallest animal is the giraffe." ->
     "giraffe"); None where every word was asked."""
-    asked = {_stem(w) for w in _TOKEN.findall(question)}
+    asked = _asked(question)
     spans: list[tuple[int, int, bool]] = []  # (start, end, a name)
     run: list[re.Match] = []
 
@@ -248,7 +253,7 @@ def shows(mark: str, question: str, target: str, replaced: str | None) -> bool:
     words, said in digits and no number in words left; the term its question asks to define,
     first, with a colon, where the replaced reply did not open so."""
     if mark == BOLD:
-        asked = {_stem(w) for w in _TOKEN.findall(question)}
+        asked = _asked(question)
         return any(
             any(_stem(w) not in asked and w.lower() not in _FUNCTION for w in _TOKEN.findall(b))
             for b in _BOLD.findall(target)

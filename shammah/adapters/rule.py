@@ -484,10 +484,12 @@ def carries(e, rule: Rule) -> bool:
 def job_rule(lessons: list, parent: Rule | None, own: list | None = None) -> Rule | None:
     """The rule an adapter holds after this job: the one its parent adapter holds (``parent``,
     recorded in the parent's shammah.json), with what the job's ``own`` lessons share on top (a
-    new opening or closing replaces the parent's; marks shown or asked for are added to its own). The replayed lessons of an earlier job do not
-    show a rule taught now ("... Cheers, Shammah" after "Ahoy! ...", or "Ahoy! ..." after a fact),
-    so a rule shared by every lesson would be none. ``own`` unknown (a job written before jobs
-    said): the lessons that do not show the parent's rule."""
+    new opening or closing replaces the parent's; marks shown or asked for are added to its own;
+    its length and word cap stay, the cap for online.py word_cap to settle once the scope is
+    known). The replayed lessons of an earlier job do not show a rule taught now ("... Cheers,
+    Shammah" after "Ahoy! ...", or "Ahoy! ..." after a fact), so a rule shared by every lesson
+    would be none. ``own`` unknown (a job written before jobs said): the lessons that do not show
+    the parent's rule."""
     if own is None:
         own = [e for e in lessons if parent is None or not carries(e, parent)]
     new = shared_rule(own) or noted_rule(own) or Rule()
