@@ -385,6 +385,17 @@ def test_a_length_ends_the_reply_and_stops_the_model(rule, pieces, want, sent):
             "Honey, which bees make from nectar, is sweet.",
         ),
         ("Sunlight bends through spider silk and holds it in their bodies.", 9, "Sunlight bends through spider silk."),
+        # not before "to": what follows completes the sentence ("a way for cats." was cut so once)
+        (
+            "Purring is a way for cats to communicate with their owners and friends.",
+            9,
+            "Purring is a way for cats to communicate.",
+        ),
+        (
+            "Bees make honey to feed their young ones during the long cold winter.",
+            9,
+            "Bees make honey to feed their young ones.",
+        ),
         # a cut that would keep less than half the cap is no answer: the first words, none dangling
         (
             "The answer to this question is rooted in the ancient art of fashion.",

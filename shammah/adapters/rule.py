@@ -41,16 +41,22 @@ _ABBREVIATIONS = frozenset("mr mrs ms dr st vs etc e.g i.e jr sr prof inc ltd u.
 MAX_SENTENCES = 2  # the longest length rule: beyond that, cutting replies is no register
 MAX_WORDS = 30  # the longest word cap: answers of more words are no register of brevity
 # Where a sentence too long for a word cap may be cut (:func:`cap_words`): after a comma, semicolon,
-# colon or dash, or before a word that starts a clause or a phrase the sentence stands without
-# ("A telescope is a tool | that helps us see in the dark."). A word left dangling at the end of a
-# last-resort cut (no such place fits) is dropped ("... on the | of" -> "... on the").
+# colon or dash, or before a word that starts a clause the sentence stands without ("A telescope is
+# a tool | that helps us see in the dark."). Not before "to", "by", "with", "as": what follows them
+# completes the sentence ("Purring is a way for cats | to communicate." left "Purring is a way for
+# cats.": bench/lessons.py tenwords, 2026-12-07); the last-resort cut keeps it better ("... cats to
+# communicate."). A word left dangling at the end of that cut is dropped ("... rooted in the" ->
+# "... rooted.").
 _CLAUSE = frozenset(
     "that which who whom whose where when while because although though since unless until so but and or "
-    "as if including like such to by with".split()
+    "if including such".split()
 )
 _DANGLING = frozenset(
-    "the a an of to in on at for and or but with by from that which who is are was were be its their his her "
-    "our your my this these those as into than".split()
+    "the a an of to in on at for and or but with by from that which who whom whose where when while because "
+    "if so as into onto than during about over under after before through between among without within "
+    "around across against toward towards upon like such not very also is are was were be been being has "
+    "have had do does did can could will would shall should may might must its their his her our your my "
+    "this these those".split()
 )
 # Words a reply opens with in capitals only because they open it: after an opening that does not end
 # a sentence ("Well, ", "Captain, ") they are written in lower case ("Well, the sky is blue."). A
