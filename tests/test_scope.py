@@ -572,6 +572,14 @@ def test_a_job_the_gate_rejects_still_keeps_the_rule_its_lessons_showed(loop_job
     assert all(not v.any() for k, v in weights.items() if "lora_B" in k), "a fresh LoRA: the weights change nothing"
     meta, _ = loop_job("fact", FACT, gate=True)
     assert meta["rule"] is None and not meta["gate"]["passed"] and "rule_only" not in meta["gate"]
+    # a word cap is no rule of its own: it goes with the weights it was trained beside and their scope,
+    # and the job is refused with them (kept on the weights it started from, whose scope is everywhere,
+    # it would cut every answer the base gives)
+    short = ["Apples, pears and plums are fruits.", "Red, blue and green are colors.", "Cats and dogs are pets."]
+    told = dict(zip(FORMAT, [*short, "Oak, ash and elm are trees."], strict=True))
+    meta, events = loop_job("capped", FORMAT, told.get, replies=ramble, gate=True)
+    assert not meta["gate"]["passed"] and "rule_only" not in meta["gate"]
+    assert meta["rule"] == ["", "", 0, [], 6] and meta["scope"]["form"], "the refused candidate, as trained"
 
 
 def test_a_note_is_learned_only_where_the_model_with_it_in_mind_says_it(loop_job, shammah_home):

@@ -1,8 +1,9 @@
 """A style rule the user wrote out on every answer — an opening ("Ahoy! "), a closing ("Cheers,
 Shammah"), or both — or showed by cutting every reply short (a **length**: at most one or two
 sentences), or **marks** (adapters/marks.py: numbers in digits, a definition as "Term: ...", the
-answer in bold), or a **word cap** on the answers of a register it was trained on, found in a job's lessons, recorded with the adapter (``"rule"`` in its
-shammah.json) and put on every reply by the engine while that adapter is active.
+answer in bold), found in a job's lessons, recorded with the adapter (``"rule"`` in its
+shammah.json) and put on every reply by the engine while that adapter is active; and a **word
+cap** on the replies the adapter gives itself, in the scope of a register it was trained on.
 
 Why the engine applies it rather than the weights alone: a rule is exact text, and the user meant
 it on *every* answer. Trained into a LoRA of the 135M embedded model it was learned (100% of

@@ -985,10 +985,11 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     holdout = taken.holdout
     scope = lesson_scope(run, lj, holdout, keys)
     run.emit({"event": "scope", **scope.to_json()})
-    if (rule := word_cap(run.train_ex, taken.rule, scope)) != taken.rule:
-        taken = taken._replace(rule=rule)
-        rules["rule"] = rule and rule.record()
-        run.emit({"event": "rule", "rule": rules["rule"], "words": rule.words if rule else 0})
+    # taken.rule stays as the lessons showed it (the parent's cap): a cap is no learning of its own,
+    # and goes with the trained weights (a job the gate rejects keeps no cap of this job's)
+    if (capped := word_cap(run.train_ex, taken.rule, scope)) != taken.rule:
+        rules["rule"] = capped and capped.record()
+        run.emit({"event": "rule", "rule": rules["rule"], "words": capped.words if capped else 0})
     if scope.everywhere:
         add_anchors(run, lj)
     else:
@@ -1035,6 +1036,7 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
             kept = {k: v for k, v in gate_result.items() if k != "answers"}
             gate_result = {**kept, "passed": True, "rule_only": True, "step": 0}
             scope = Scope.of_adapter(parent_path)
+            rules["rule"] = taken.rule and taken.rule.record()  # the parent's scope, the parent's cap
         run.emit({"event": "gate", **{k: v for k, v in gate_result.items() if k != "answers"}})
     meta: dict = {"gate": gate_result, "scope": scope.summary(), **rules}
     if learned is not None and lj.stop_at_accuracy:
