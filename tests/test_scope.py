@@ -355,7 +355,11 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
             rec = {"prompt": q, "teacher_prompt": [{"role": "system", "content": note}, {"role": "user", "content": q}]}
             train.append(parse_record(rec | {"meta": {"note": note}} | ({"completion": said} if said else {})))
         own = len(train)
-        train += [parse_record({"prompt": q, "completion": a, "weight": 0.25}) for q, a in replay]
+        # replayed: (question, answer) or (question, answer, the reply it corrected)
+        train += [
+            parse_record({"prompt": q, "completion": a, "weight": 0.25} | ({"meta": {"replaces": r[0]}} if r else {}))
+            for q, a, *r in replay
+        ]
         online.train_loop(
             LoopJob(
                 TrainJob(
@@ -447,11 +451,12 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)
 
 
-def test_short_answers_on_questions_of_one_form_are_trained_with_a_word_cap(loop_job):
+def test_short_answers_on_questions_of_one_form_are_trained_with_a_word_cap(loop_job, shammah_home):
     """Long replies corrected to short plain sentences on questions of one form (bench/lessons.py
     tenwords): trained in the form's scope, with the longest answer's length as a word cap the engine
-    puts on what the adapter answers; the same on questions of a subject (a fact): no cap, and a
-    later job whose scope still has the form keeps its parent's."""
+    puts on what the adapter answers; the same on questions of a subject (a fact): no cap; a later
+    job whose scope still has the form keeps its parent's; one turned off (/rule off) comes back
+    only from the user's own lessons, not from replayed ones."""
     run, trained = loop_job, loop_job.trained
     long = "That is a good question with a long answer. Here is a great deal more about it, and more."
     short = dict(
@@ -475,6 +480,16 @@ def test_short_answers_on_questions_of_one_form_are_trained_with_a_word_cap(loop
     replay = [(q, short[q]) for q in FORMAT]
     meta, _ = run("then", FACT, lambda q: "Zorblat.", "capped", replay)
     assert meta["rule"] == ["", "", 0, [], 7] and meta["scope"]["subjects"] == ["quenland"], "kept beside a subject"
+    # the user turns it off (/rule off): a later job does not take it back from the replayed cuts...
+    from shammah.adapters.registry import Registry
+
+    Registry(shammah_home / "adapters").update("capped", rule=None, rule_dropped=["", "", 0, [], 7])
+    cuts = [(q, short[q], long) for q in FORMAT]
+    meta, _ = run("off", FORMAT, lambda q: f"It is a list of {len(q)} letters.", "capped", cuts)
+    assert meta["rule"] is None and meta["rule_dropped"] == ["", "", 0, [], 7] and meta["scope"]["form"]
+    # ...but from the user's own, shown again
+    meta, _ = run("again", FORMAT, short.get, "off", cuts, replies=lambda q: long)
+    assert meta["rule"] == ["", "", 0, [], 7] and meta["rule_dropped"] is None
 
 
 def test_a_form_records_how_its_keys_were_taken_and_an_older_form_keeps_all_tokens():

@@ -941,11 +941,13 @@ def word_cap(lessons: list[Example], rule: Rule | None, scope: Scope) -> Rule | 
     of the trained ``lessons`` (:func:`shared_words`) where they are answers to questions of one
     form and name no subject, the parent's where the scope still has a form, else none. A subject's
     answers are a fact told in a sentence, and a cut could take the fact off; an adapter that
-    answers everywhere would cut the base's answers too."""
+    answers everywhere would cut the base's answers too. Where the user turned a cap off (/rule
+    off), the caller gives only this job's own lessons: it comes back if they show it again, not
+    from replayed ones."""
     words = rule.words if rule else 0
     if scope.form is None:
         words = 0
-    elif not scope.subjects and (shown := shared_words(lessons)):
+    elif not scope.subjects and (shown := shared_words(lessons, rule)):
         words = shown
     out = (rule or Rule())._replace(words=words)
     return out if out else None
@@ -987,9 +989,13 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
     run.emit({"event": "scope", **scope.to_json()})
     # taken.rule stays as the lessons showed it (the parent's cap): a cap is no learning of its own,
     # and goes with the trained weights (a job the gate rejects keeps no cap of this job's)
-    if (capped := word_cap(run.train_ex, taken.rule, scope)) != taken.rule:
+    gone = taken.dropped is not None and taken.dropped.words
+    if (capped := word_cap(own if gone else run.train_ex, taken.rule, scope)) != taken.rule:
         rules["rule"] = capped and capped.record()
         run.emit({"event": "rule", "rule": rules["rule"], "words": capped.words if capped else 0})
+        if gone and capped and capped.words:  # shown again: in force again
+            left = taken.dropped._replace(words=0)
+            rules["rule_dropped"] = left.record() if left else None
     if scope.everywhere:
         add_anchors(run, lj)
     else:
