@@ -193,11 +193,7 @@ class Rule(NamedTuple):
         """The rule in words, saying where each part goes: ``every`` after the parts written on
         every reply, and the word cap where the adapter answers."""
         parts = Rule(*self[:4]).describe()
-        said = (
-            f"{parts} {every}" if parts else "",
-            f"at most {self.words} words where it answers" if self.words else "",
-        )
-        return "; ".join(p for p in said if p)
+        return "; ".join(p for p in (f"{parts} {every}" if parts else "", Rule(words=self.words).describe()) if p)
 
     def inside(self, text: str) -> str:
         """``text`` without the rule: what the answer says inside it (its numbers in whichever form the
@@ -531,12 +527,7 @@ def shared_length(lessons: list, rule: Rule | None = None) -> int:
     Whether the lessons are rather a fact about a subject or a format, each of whose answers is one
     line, is for the caller to say (training/online.py: their questions)."""
     inside = rule.inside if rule else str.strip
-    answers = [inside(e.responses[0]) for e in lessons if e.kind in ("sft", "pair") and e.responses]
-    cut = {  # question -> the reply its correction replaced
-        e.prompt[-1]["content"]: r
-        for e in lessons
-        if e.prompt and e.kind in ("sft", "pair") and (r := _replaced(e)) is not None
-    }
+    answers, cut = _answers_and_cuts(lessons, inside)
     if len(cut) < 3:
         return 0
     # The same few answers to different questions ("Yes", "No", "Yes" ...: at most half as many
@@ -548,7 +539,18 @@ def shared_length(lessons: list, rule: Rule | None = None) -> int:
     n = max(sentences(a) for a in answers)
     if not 1 <= n <= MAX_SENTENCES:
         return 0
-    return n if all(sentences(inside(reply)) > n for reply in cut.values()) else 0
+    return n if all(sentences(reply) > n for reply in cut.values()) else 0
+
+
+def _answers_and_cuts(lessons: list, inside: Callable[[str], str]) -> tuple[list[str], dict[str, str]]:
+    """(every target of ``lessons``, question -> the reply its correction replaced), inside a rule."""
+    answers = [inside(e.responses[0]) for e in lessons if e.kind in ("sft", "pair") and e.responses]
+    cut = {
+        e.prompt[-1]["content"]: inside(r)
+        for e in lessons
+        if e.prompt and e.kind in ("sft", "pair") and (r := _replaced(e)) is not None
+    }
+    return answers, cut
 
 
 def shared_words(lessons: list, rule: Rule | None = None) -> int:
@@ -561,13 +563,7 @@ def shared_words(lessons: list, rule: Rule | None = None) -> int:
     answers, for the few answers training leaves long (67-83% of held-out answers within ten words
     trained alone). Whether the lessons rather tell of a subject, where a cut could take the fact
     off, is for the caller to say (training/online.py: the scope)."""
-    inside = rule.inside if rule else str.strip
-    answers = [inside(e.responses[0]) for e in lessons if e.kind in ("sft", "pair") and e.responses]
-    cut = {
-        e.prompt[-1]["content"]: inside(r)
-        for e in lessons
-        if e.prompt and e.kind in ("sft", "pair") and (r := _replaced(e)) is not None
-    }
+    answers, cut = _answers_and_cuts(lessons, rule.inside if rule else str.strip)
     plain = all(
         3 <= len(a.split()) <= MAX_WORDS and "\n" not in a and a[-1] in ".!?" and sentences(a) == 1 for a in answers
     )
