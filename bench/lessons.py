@@ -1066,13 +1066,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             r1, lost = score(res, first)
             r2, _ = score(res, second)
-            print(f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}")
+            # two facts: held-out answers that say the other fact's answer (the two crossed in one adapter)
+            facts = first.kind == second.kind == "fact"
+            crossed = facts and sum(map(second.follows, res["held"][first.name])) + sum(
+                map(first.follows, res["held"][second.name])
+            )
+            print(
+                f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}"
+                + (f"  crossed {crossed}" if facts else "")
+            )
             report.setdefault("sequence", []).append(
                 {
                     "seed": seed,
                     first.name: r1,
                     second.name: r2,
                     "lost": lost,
+                    "crossed": crossed,
                     "jobs": res["jobs"],
                     "steps": res["steps"],
                     "held": res["held"],

@@ -347,7 +347,17 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
         trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
     )
 
-    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None, notes=(), gate=False):
+    def run(
+        name,
+        questions,
+        answer=lambda q: "Zorblat.",
+        parent=None,
+        replay=(),
+        replies=None,
+        notes=(),
+        gate=False,
+        pairs=False,
+    ):
         events = []
         meta = (lambda q: {"replaces": replies(q)}) if replies else (lambda q: {})
         train = [parse_record({"prompt": q, "completion": answer(q), "meta": meta(q)}) for q in questions]
@@ -376,6 +386,7 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
                 anchor_cache=cache,
                 gate=gate,
                 scoped_epochs=2,
+                subject_pairs=pairs,
                 lessons=own,  # the replayed ones come after
             ),
             progress=events.append,
@@ -449,6 +460,52 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"
     assert (shammah_home / "adapters" / "format" / "scope.json").is_file()
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)
+
+
+def test_lessons_about_two_subjects_prefer_each_ones_answer_over_the_others():
+    """subject_pairs: each lesson's answer is preferred over an answer about the other subject, to
+    its own question; a lesson naming no subject, or both, has none; one subject has none."""
+    from shammah.training.data import parse_record
+    from shammah.training.online import subject_pairs
+
+    def ex(q, a, w=1.0):
+        return parse_record({"prompt": q, "completion": a, "weight": w})
+
+    quen = [ex(q, "Zorblat.", 3.0) for q in FACT]
+    salt = [ex(q, "Tessa Vorn wrote it.") for q in NAMED]
+    both = ex("Is Quenland in The Salt Clock?", "No.")
+    other = ex("What is the capital of Spain?", "Madrid.")
+    subjects = frozenset({"quenland", "salt clock"})
+    pairs = subject_pairs([*quen, *salt, both, other], subjects, seed=1)
+    assert {p.prompt[-1]["content"]: p.responses for p in pairs} == {
+        **{q: ("Zorblat.", "Tessa Vorn wrote it.") for q in FACT},
+        **{q: ("Tessa Vorn wrote it.", "Zorblat.") for q in NAMED},
+    }
+    assert all(p.kind == "pair" and p.source == "contrast" for p in pairs)
+    assert [p.weight for p in pairs] == [3.0] * 3 + [1.0] * 3, "each at its lesson's weight"
+    assert subject_pairs(quen + [other], subjects) == [], "one subject: nothing to tell apart"
+    assert subject_pairs(quen + salt, frozenset({"quenland"})) == []
+    assert subject_pairs(quen + salt, None) == [], "no subjects: a form or everywhere"
+    # an answer that names this subject too is no contrast
+    says = [ex(q, "Unlike Quenland, it was Tessa Vorn.") for q in NAMED]
+    assert {p.responses[0] for p in subject_pairs(quen + says, subjects)} == {"Unlike Quenland, it was Tessa Vorn."}
+
+
+def test_a_job_holding_two_subjects_trains_them_apart(loop_job, shammah_home):
+    """A real loop job on the tiny model: a fact taught after another (replayed) is trained beside
+    preference pairs between the two subjects' answers (kind "pair"), counted apart from anchors;
+    a job with one subject, or with learning.subject_pairs off, has none."""
+    run = loop_job
+    meta, events = run("one", FACT, pairs=True)
+    assert meta["report"]["kinds"]["pair"] == 0 and not [e for e in events if e["event"] == "pairs"]
+    replay = [(q, "Zorblat.") for q in FACT]
+    meta, events = run("two", NAMED, lambda q: "Tessa Vorn.", "one", replay, pairs=True)
+    assert meta["scope"] == {"subjects": ["quenland", "salt clock"]}
+    assert [(e["count"], e["subjects"]) for e in events if e["event"] == "pairs"] == [(6, ["quenland", "salt clock"])]
+    assert meta["report"]["kinds"]["pair"] == 6 and meta["report"]["anchors"] == 0
+    assert meta["report"]["examples"] == 6, "the pairs are no lessons of their own"
+    meta, events = run("off", NAMED, lambda q: "Tessa Vorn.", "one", replay)
+    assert meta["report"]["kinds"]["pair"] == 0
 
 
 def test_short_answers_on_questions_of_one_form_are_trained_with_a_word_cap(loop_job, shammah_home):

@@ -48,7 +48,7 @@ from shammah.adapters.rule import (
     shared_words,
     without_rule,
 )
-from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
+from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, mentions, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
 from shammah.feedback.revise import did_not, stated_answer, unsaid
@@ -936,6 +936,42 @@ def lesson_scope(run, lj: LoopJob, holdout: list[Example], keys: KeyCache) -> Sc
     return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, keys.layer)
 
 
+def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed: int = 0) -> list[Example]:
+    """Preference pairs between the subjects of one adapter: each lesson's answer over the answer
+    of a lesson about another subject, to the first one's question (DPO, kind "pair").
+
+    An adapter that holds two facts answers both subjects' questions, and a question asked in a
+    form none of its lessons used can take the other subject's answer: taught the capital of
+    Quenland and then the CEO of Pellucid Labs, "Do you know the capital of Quenland?" was answered
+    "Mara Okafor knows the capital of Quenland." (bench/lessons.py --sequence quenland,pellucid,
+    seed 1). SFT on each lesson says what to answer, never what not to; the pair says "this
+    subject's answer, not that one's". The two answers' shared opening gets the same log-probs in
+    both and cancels out of the DPO margin: the loss falls where they part ("The capital..." against
+    "Mara Okafor..."). A lesson naming no subject, or two, has no pair; fewer than two subjects
+    with lessons, none."""
+    if not subjects or len(subjects) < 2:
+        return []
+    by: dict[str, list[Example]] = {}
+    for e in lessons:
+        if e.kind not in ("sft", "distill") or not e.prompt or not e.responses or not e.responses[0].strip():
+            continue
+        named = [s for s in sorted(subjects) if mentions(e.prompt[-1]["content"], s)]
+        if len(named) == 1:
+            by.setdefault(named[0], []).append(e)
+    if len(by) < 2:
+        return []
+    rng = random.Random(seed)
+    out = []
+    for subject, mine in by.items():
+        others = [o.responses[0] for s, es in by.items() if s != subject for o in es]
+        for e in mine:
+            rejected = rng.choice(others)
+            if mentions(rejected, subject) or rejected.strip() == e.responses[0].strip():
+                continue  # the other answer says this subject too: no contrast to learn
+            out.append(Example("pair", e.prompt, (e.responses[0], rejected), weight=e.weight, source="contrast"))
+    return out
+
+
 def word_cap(lessons: list[Example], rule: Rule | None, scope: Scope) -> Rule | None:
     """``rule`` with the word cap the new adapter holds (adapters/rule.py, Rule.words): the length
     of the trained ``lessons`` (:func:`shared_words`) where they are answers to questions of one
@@ -1008,6 +1044,9 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         run.emit({"event": "anchors", "count": 0, "why": "scoped"})
         if lj.scoped_epochs:
             run.job = dataclasses.replace(run.job, args=dataclasses.replace(run.job.args, epochs=lj.scoped_epochs))
+        if lj.subject_pairs and (pairs := subject_pairs(run.train_ex, scope.subjects, lj.job.args.seed)):
+            run.extra = run.extra + pairs
+            run.emit({"event": "pairs", "count": len(pairs), "subjects": sorted(scope.subjects or ())})
     snapshots = Snapshots() if lj.gate else None
     # read back what the lessons taught: to stop once learned, and so the gate keeps no step that has not
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy or lj.gate else None
