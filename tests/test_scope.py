@@ -463,32 +463,48 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
 
 
 def test_lessons_about_two_subjects_prefer_each_ones_answer_over_the_others():
-    """subject_pairs: each lesson's answer is preferred over an answer about the other subject, to
-    its own question; a lesson naming no subject, or both, has none; one subject has none."""
+    """subject_pairs: each lesson's answer is preferred over the same answer saying what a lesson
+    about the other subject says, to its own question; a lesson naming no subject, or both, or
+    saying nothing its question does not, has none; one subject has none."""
     from shammah.training.data import parse_record
     from shammah.training.online import subject_pairs
 
     def ex(q, a, w=1.0):
         return parse_record({"prompt": q, "completion": a, "weight": w})
 
-    quen = [ex(q, "Zorblat.", 3.0) for q in FACT]
-    salt = [ex(q, "Tessa Vorn wrote it.") for q in NAMED]
-    both = ex("Is Quenland in The Salt Clock?", "No.")
+    quen = [ex(FACT[0], "The capital of Quenland is Zorblat.", 3.0), ex(FACT[1], "Zorblat.", 3.0)]
+    salt = [ex(NAMED[0], "Tessa Vorn wrote The Salt Clock."), ex(NAMED[1], "It is a novel by Tessa Vorn.")]
+    both = ex("Is Quenland in The Salt Clock?", "No, Quenland is in Atlas Nine.")
     other = ex("What is the capital of Spain?", "Madrid.")
+    echo = ex(FACT[2], "The capital of Quenland.")  # says nothing the question does not
     subjects = frozenset({"quenland", "salt clock"})
-    pairs = subject_pairs([*quen, *salt, both, other], subjects, seed=1)
+    pairs = subject_pairs([*quen, *salt, both, other, echo], subjects, seed=1)
     assert {p.prompt[-1]["content"]: p.responses for p in pairs} == {
-        **{q: ("Zorblat.", "Tessa Vorn wrote it.") for q in FACT},
-        **{q: ("Tessa Vorn wrote it.", "Zorblat.") for q in NAMED},
+        FACT[0]: ("The capital of Quenland is Zorblat.", "The capital of Quenland is Tessa Vorn."),
+        FACT[1]: ("Zorblat.", "Tessa Vorn."),
+        NAMED[0]: ("Tessa Vorn wrote The Salt Clock.", "Zorblat wrote The Salt Clock."),
+        NAMED[1]: ("It is a novel by Tessa Vorn.", "It is a novel by Zorblat."),
     }
     assert all(p.kind == "pair" and p.source == "contrast" for p in pairs)
-    assert [p.weight for p in pairs] == [3.0] * 3 + [1.0] * 3, "each at its lesson's weight"
+    assert [p.weight for p in pairs] == [3.0, 3.0, 1.0, 1.0], "each at its lesson's weight"
     assert subject_pairs(quen + [other], subjects) == [], "one subject: nothing to tell apart"
     assert subject_pairs(quen + salt, frozenset({"quenland"})) == []
     assert subject_pairs(quen + salt, None) == [], "no subjects: a form or everywhere"
-    # an answer that names this subject too is no contrast
-    says = [ex(q, "Unlike Quenland, it was Tessa Vorn.") for q in NAMED]
-    assert {p.responses[0] for p in subject_pairs(quen + says, subjects)} == {"Unlike Quenland, it was Tessa Vorn."}
+    # the same answer for both subjects is nothing to tell apart
+    same = [ex(q, "Zorblat.") for q in NAMED]
+    assert subject_pairs(quen + same, subjects) == []
+
+
+def test_what_a_subjects_lessons_tell_is_the_run_of_words_most_answers_say():
+    from shammah.training.online import told
+
+    qs = ["How long is the Marrowby Bridge?", "How many meters long is the Marrowby Bridge?", "Its length?"]
+    said = ["The Marrowby Bridge is 412 meters long.", "412 meters.", "It spans 412 meters."]
+    assert told(said, qs, "marrowby") == "412 meters", "the longest run all of them say; 'long' is asked"
+    sea = ["The Ombrel River flows into the Sea of Tarn.", "The Sea of Tarn.", "It ends in the sea of Tarn."]
+    assert told(sea, ["Where does the Ombrel River flow?"] * 3, "ombrel") == "Sea of Tarn", "as first written"
+    assert told(["Zorblat.", "Mara Okafor.", "Nova Haven."], FACT, "quenland") is None, "no two agree"
+    assert told(["The capital of Quenland is Zorblat."], FACT[:1], "quenland") is None, "one answer tells nothing"
 
 
 def test_a_job_holding_two_subjects_trains_them_apart(loop_job, shammah_home):
@@ -502,7 +518,9 @@ def test_a_job_holding_two_subjects_trains_them_apart(loop_job, shammah_home):
     meta, events = run("two", NAMED, lambda q: "Tessa Vorn.", "one", replay, pairs=True)
     assert meta["scope"] == {"subjects": ["quenland", "salt clock"]}
     assert [(e["count"], e["subjects"]) for e in events if e["event"] == "pairs"] == [(6, ["quenland", "salt clock"])]
-    assert meta["report"]["kinds"]["pair"] == 6 and meta["report"]["anchors"] == 0
+    assert meta["report"]["kinds"]["pair"] == 6, (
+        "one pair per lesson: Tessa Vorn against Zorblat" and meta["report"]["anchors"] == 0
+    )
     assert meta["report"]["examples"] == 6, "the pairs are no lessons of their own"
     meta, events = run("off", NAMED, lambda q: "Tessa Vorn.", "one", replay)
     assert meta["report"]["kinds"]["pair"] == 0

@@ -936,39 +936,84 @@ def lesson_scope(run, lj: LoopJob, holdout: list[Example], keys: KeyCache) -> Sc
     return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, keys.layer)
 
 
-def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed: int = 0) -> list[Example]:
-    """Preference pairs between the subjects of one adapter: each lesson's answer over the answer
-    of a lesson about another subject, to the first one's question (DPO, kind "pair").
+def told(answers: list[str], questions: list[str], subject: str) -> str | None:
+    """What a subject's lessons tell: the run of words most of their ``answers`` say that is none
+    of the subject's words, nor a word most of its ``questions`` ask, nor opens or closes on a
+    function word ("Zorblat", "Mara Okafor", "412 meters", "Sea of Tarn"); the most answers first,
+    then the longest. None where no run is in at least half of them (and two)."""
+    from shammah.adapters.marks import FUNCTION_WORDS, asked_words
 
-    An adapter that holds two facts answers both subjects' questions, and a question asked in a
-    form none of its lessons used can take the other subject's answer: taught the capital of
-    Quenland and then the CEO of Pellucid Labs, "Do you know the capital of Quenland?" was answered
-    "Mara Okafor knows the capital of Quenland." (bench/lessons.py --sequence quenland,pellucid,
-    seed 1). SFT on each lesson says what to answer, never what not to; the pair says "this
-    subject's answer, not that one's". The two answers' shared opening gets the same log-probs in
-    both and cancels out of the DPO margin: the loss falls where they part ("The capital..." against
-    "Mara Okafor..."). A lesson naming no subject, or two, has no pair; fewer than two subjects
-    with lessons, none."""
+    asked = Counter(w for q in questions for w in asked_words(q))
+    common = {w for w, n in asked.items() if n * 2 >= len(questions)} | asked_words(subject)
+    seen: Counter[tuple[str, ...]] = Counter()
+    for answer in answers:
+        ws = re.findall(r"[\w'’-]+", answer.lower())
+        runs = set()
+        for i in range(len(ws)):
+            for j in range(i + 1, min(i + 4, len(ws)) + 1):
+                run = tuple(ws[i:j])
+                if run[0] in FUNCTION_WORDS or run[-1] in FUNCTION_WORDS or common & asked_words(" ".join(run)):
+                    continue
+                runs.add(run)
+        seen.update(runs)
+    best = max(seen.items(), key=lambda kv: (kv[1], len(kv[0])), default=None)
+    if best is None or best[1] < max(2, (len(answers) + 1) // 2):
+        return None
+    return next(m.group() for a in answers if (m := _saying(a, " ".join(best[0]))))  # as first written
+
+
+def _saying(answer: str, words: str) -> re.Match | None:
+    """Where ``answer`` says ``words`` (whole words, any casing)."""
+    return re.search(r"(?<![\w'’-])" + r"\s+".join(map(re.escape, words.split())) + r"(?![\w'’-])", answer, re.I)
+
+
+def _say_instead(answer: str, fact: str, other: str) -> str | None:
+    """``answer`` with ``fact`` put in place by ``other``; None where it does not say it."""
+    m = _saying(answer, fact)
+    return None if m is None else answer[: m.start()] + other + answer[m.end() :]
+
+
+def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed: int = 0) -> list[Example]:
+    """Preference pairs between the subjects of one adapter: each lesson's answer over the same
+    answer telling what another subject's lessons tell (DPO, kind "pair").
+
+    An adapter that holds two facts answers both subjects' questions, and a question asked in a form
+    none of its lessons used can take the other subject's answer: taught the capital of Quenland and
+    then the CEO of Pellucid Labs, "Do you know the capital of Quenland?" was answered "Mara Okafor
+    knows the capital of Quenland." (bench/lessons.py --sequence quenland,pellucid, seed 1; the
+    glimmerphone then Vestoria: "Ada Brenwick is the national animal of Vestoria."). SFT on each
+    lesson says what to answer, never what not to. The rejected answer is the lesson's own with
+    what its subject's lessons tell (:func:`told`: "Zorblat") put in place by what the other
+    subject's tell: "The capital of Quenland is Mara Okafor." The shared words get the same
+    log-probs in both and cancel out of the DPO margin, so the loss falls on the told words alone.
+    (The other lesson's whole answer as the rejected one, measured first, pushed its own words down
+    too: bench/lessons.py --sequence marrowby,saltclock 83/100 and 100/67 where SFT alone was
+    100/100 ×3, "The length of the Marrowby Bridge is 41 meters.") A lesson naming no subject, or
+    two, or not saying what its subject's lessons tell, has no pair; fewer than two subjects, none."""
     if not subjects or len(subjects) < 2:
         return []
     by: dict[str, list[Example]] = {}
     for e in lessons:
-        if e.kind not in ("sft", "distill") or not e.prompt or not e.responses or not e.responses[0].strip():
-            continue
-        named = [s for s in sorted(subjects) if mentions(e.prompt[-1]["content"], s)]
-        if len(named) == 1:
-            by.setdefault(named[0], []).append(e)
-    if len(by) < 2:
+        if e.kind in ("sft", "distill") and e.prompt and e.responses:
+            named = [s for s in sorted(subjects) if mentions(e.prompt[-1]["content"], s)]
+            if len(named) == 1:
+                by.setdefault(named[0], []).append(e)
+    facts = {
+        s: fact
+        for s, es in by.items()
+        if (fact := told([e.responses[0] for e in es], [e.prompt[-1]["content"] for e in es], s))
+    }
+    if len(facts) < 2:
         return []
     rng = random.Random(seed)
     out = []
-    for subject, mine in by.items():
-        others = [o.responses[0] for s, es in by.items() if s != subject for o in es]
-        for e in mine:
-            rejected = rng.choice(others)
-            if mentions(rejected, subject) or rejected.strip() == e.responses[0].strip():
-                continue  # the other answer says this subject too: no contrast to learn
-            out.append(Example("pair", e.prompt, (e.responses[0], rejected), weight=e.weight, source="contrast"))
+    for subject, fact in facts.items():
+        others = sorted({f for s, f in facts.items() if s != subject and f != fact})
+        for e in by[subject]:
+            answer = e.responses[0]
+            instead = _say_instead(answer, fact, rng.choice(others)) if others else None
+            if instead is not None:
+                out.append(Example("pair", e.prompt, (answer, instead), weight=e.weight, source="contrast"))
     return out
 
 
