@@ -463,8 +463,8 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
 
 
 def test_lessons_about_two_subjects_prefer_each_ones_answer_over_the_others():
-    """subject_pairs: each lesson's answer is preferred over the same answer saying what a lesson
-    about the other subject says, to its own question; a lesson naming no subject, or both, or
+    """subject_pairs: each lesson's answer is preferred over the same answer turning, where it says
+    its fact, to the other subject's; a lesson naming no subject, or both, or
     saying nothing its question does not, has none; one subject has none."""
     from shammah.training.data import parse_record
     from shammah.training.online import subject_pairs
@@ -480,12 +480,13 @@ def test_lessons_about_two_subjects_prefer_each_ones_answer_over_the_others():
     subjects = frozenset({"quenland", "salt clock"})
     pairs = subject_pairs([*quen, *salt, both, other, echo], subjects, seed=1)
     assert {p.prompt[-1]["content"]: p.responses for p in pairs} == {
-        FACT[0]: ("The capital of Quenland is Zorblat.", "The capital of Quenland is Tessa Vorn."),
-        FACT[1]: ("Zorblat.", "Tessa Vorn."),
-        NAMED[0]: ("Tessa Vorn wrote The Salt Clock.", "Zorblat wrote The Salt Clock."),
-        NAMED[1]: ("It is a novel by Tessa Vorn.", "It is a novel by Zorblat."),
+        FACT[0]: ("The capital of Quenland is Zorblat.", "The capital of Quenland is Tessa"),
+        FACT[1]: ("Zorblat.", "Tessa"),
+        NAMED[0]: ("Tessa Vorn wrote The Salt Clock.", "Zorblat"),
+        NAMED[1]: ("It is a novel by Tessa Vorn.", "It is a novel by Zorblat"),
     }
-    assert all(p.kind == "pair" and p.source == "contrast" for p in pairs)
+    # the rejected answer stops at the other's first word: where the two part, not what follows
+    assert all(p.kind == "pair" and p.source == "contrast" and p.meta == {"eos": False} for p in pairs)
     assert [p.weight for p in pairs] == [3.0, 3.0, 1.0, 1.0], "each at its lesson's weight"
     assert subject_pairs(quen + [other], subjects) == [], "one subject: nothing to tell apart"
     assert subject_pairs(quen + salt, frozenset({"quenland"})) == []

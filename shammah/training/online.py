@@ -968,9 +968,10 @@ def _saying(answer: str, words: str) -> re.Match | None:
 
 
 def _say_instead(answer: str, fact: str, other: str) -> str | None:
-    """``answer`` with ``fact`` put in place by ``other``; None where it does not say it."""
+    """``answer`` up to where it says ``fact``, then the first word of ``other`` instead; None
+    where it does not say it."""
     m = _saying(answer, fact)
-    return None if m is None else answer[: m.start()] + other + answer[m.end() :]
+    return None if m is None else answer[: m.start()] + other.split()[0]
 
 
 def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed: int = 0) -> list[Example]:
@@ -1013,7 +1014,11 @@ def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed:
             answer = e.responses[0]
             instead = _say_instead(answer, fact, rng.choice(others)) if others else None
             if instead is not None:
-                out.append(Example("pair", e.prompt, (answer, instead), weight=e.weight, source="contrast"))
+                out.append(
+                    Example(
+                        "pair", e.prompt, (answer, instead), weight=e.weight, source="contrast", meta={"eos": False}
+                    )
+                )
     return out
 
 
