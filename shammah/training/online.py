@@ -968,10 +968,10 @@ def _saying(answer: str, words: str) -> re.Match | None:
 
 
 def _say_instead(answer: str, fact: str, other: str) -> str | None:
-    """``answer`` up to where it says ``fact``, then the first word of ``other`` instead; None
-    where it does not say it."""
-    m = _saying(answer, fact)
-    return None if m is None else answer[: m.start()] + other.split()[0]
+    """The first word of ``other``, where ``answer`` says ``fact`` and does not open with that word;
+    else None."""
+    first = other.split()[0]
+    return first if _saying(answer, fact) and not answer.lower().startswith(first.lower()) else None
 
 
 def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed: int = 0) -> list[Example]:
