@@ -143,12 +143,6 @@ class LearningConfig:
         lo=0.0,
         hi=1.0,
     )
-    subject_pairs: bool = _f(
-        False,
-        "when one adapter holds lessons about two or more subjects, also train each lesson's answer as preferred"
-        " over another subject's answer to its question (DPO), so one fact's answer does not go to the other's"
-        " questions",
-    )
     preference_pairs: bool = _f(
         False,
         "also train corrections as preference pairs (DPO, correction over the reply); off: measured no gain on"

@@ -536,7 +536,6 @@ class JobManager:
             holdout=examples_of(held, lc.note_only),
             stop_at_accuracy=lc.stop_at_accuracy,
             scoped_epochs=lc.scoped_epochs,
-            subject_pairs=lc.subject_pairs,
             scope=lc.scope,
         ).write(d)
         self.store.job_started(job_id, trigger, parent, job.feedback_ids)

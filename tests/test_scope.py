@@ -347,17 +347,7 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
         trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
     )
 
-    def run(
-        name,
-        questions,
-        answer=lambda q: "Zorblat.",
-        parent=None,
-        replay=(),
-        replies=None,
-        notes=(),
-        gate=False,
-        pairs=False,
-    ):
+    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None, notes=(), gate=False):
         events = []
         meta = (lambda q: {"replaces": replies(q)}) if replies else (lambda q: {})
         train = [parse_record({"prompt": q, "completion": answer(q), "meta": meta(q)}) for q in questions]
@@ -386,7 +376,6 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
                 anchor_cache=cache,
                 gate=gate,
                 scoped_epochs=2,
-                subject_pairs=pairs,
                 lessons=own,  # the replayed ones come after
             ),
             progress=events.append,
@@ -460,71 +449,6 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"
     assert (shammah_home / "adapters" / "format" / "scope.json").is_file()
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)
-
-
-def test_lessons_about_two_subjects_prefer_each_ones_answer_over_the_others():
-    """subject_pairs: each lesson's answer is preferred over the same answer turning, where it says
-    its fact, to the other subject's; a lesson naming no subject, or both, or
-    saying nothing its question does not, has none; one subject has none."""
-    from shammah.training.data import parse_record
-    from shammah.training.online import subject_pairs
-
-    def ex(q, a, w=1.0):
-        return parse_record({"prompt": q, "completion": a, "weight": w})
-
-    quen = [ex(FACT[0], "The capital of Quenland is Zorblat.", 3.0), ex(FACT[1], "Zorblat.", 3.0)]
-    salt = [ex(NAMED[0], "Tessa Vorn wrote The Salt Clock."), ex(NAMED[1], "It is a novel by Tessa Vorn.")]
-    both = ex("Is Quenland in The Salt Clock?", "No, Quenland is in Atlas Nine.")
-    other = ex("What is the capital of Spain?", "Madrid.")
-    echo = ex(FACT[2], "The capital of Quenland.")  # says nothing the question does not
-    subjects = frozenset({"quenland", "salt clock"})
-    pairs = subject_pairs([*quen, *salt, both, other, echo], subjects, seed=1)
-    assert {p.prompt[-1]["content"]: p.responses for p in pairs} == {
-        FACT[0]: ("The capital of Quenland is Zorblat.", "The capital of Quenland is Tessa"),
-        FACT[1]: ("Zorblat.", "Tessa"),
-        NAMED[0]: ("Tessa Vorn wrote The Salt Clock.", "Zorblat"),
-        NAMED[1]: ("It is a novel by Tessa Vorn.", "It is a novel by Zorblat"),
-    }
-    # the rejected answer stops at the other's first word: where the two part, not what follows
-    assert all(p.kind == "pair" and p.source == "contrast" and p.meta == {"eos": False} for p in pairs)
-    assert [p.weight for p in pairs] == [3.0, 3.0, 1.0, 1.0], "each at its lesson's weight"
-    assert subject_pairs(quen + [other], subjects) == [], "one subject: nothing to tell apart"
-    assert subject_pairs(quen + salt, frozenset({"quenland"})) == []
-    assert subject_pairs(quen + salt, None) == [], "no subjects: a form or everywhere"
-    # the same answer for both subjects is nothing to tell apart
-    same = [ex(q, "Zorblat.") for q in NAMED]
-    assert subject_pairs(quen + same, subjects) == []
-
-
-def test_what_a_subjects_lessons_tell_is_the_run_of_words_most_answers_say():
-    from shammah.training.online import told
-
-    qs = ["How long is the Marrowby Bridge?", "How many meters long is the Marrowby Bridge?", "Its length?"]
-    said = ["The Marrowby Bridge is 412 meters long.", "412 meters.", "It spans 412 meters."]
-    assert told(said, qs, "marrowby") == "412 meters", "the longest run all of them say; 'long' is asked"
-    sea = ["The Ombrel River flows into the Sea of Tarn.", "The Sea of Tarn.", "It ends in the sea of Tarn."]
-    assert told(sea, ["Where does the Ombrel River flow?"] * 3, "ombrel") == "Sea of Tarn", "as first written"
-    assert told(["Zorblat.", "Mara Okafor.", "Nova Haven."], FACT, "quenland") is None, "no two agree"
-    assert told(["The capital of Quenland is Zorblat."], FACT[:1], "quenland") is None, "one answer tells nothing"
-
-
-def test_a_job_holding_two_subjects_trains_them_apart(loop_job, shammah_home):
-    """A real loop job on the tiny model: a fact taught after another (replayed) is trained beside
-    preference pairs between the two subjects' answers (kind "pair"), counted apart from anchors;
-    a job with one subject, or with learning.subject_pairs off, has none."""
-    run = loop_job
-    meta, events = run("one", FACT, pairs=True)
-    assert meta["report"]["kinds"]["pair"] == 0 and not [e for e in events if e["event"] == "pairs"]
-    replay = [(q, "Zorblat.") for q in FACT]
-    meta, events = run("two", NAMED, lambda q: "Tessa Vorn.", "one", replay, pairs=True)
-    assert meta["scope"] == {"subjects": ["quenland", "salt clock"]}
-    assert [(e["count"], e["subjects"]) for e in events if e["event"] == "pairs"] == [(6, ["quenland", "salt clock"])]
-    assert meta["report"]["kinds"]["pair"] == 6, (
-        "one pair per lesson: Tessa Vorn against Zorblat" and meta["report"]["anchors"] == 0
-    )
-    assert meta["report"]["examples"] == 6, "the pairs are no lessons of their own"
-    meta, events = run("off", NAMED, lambda q: "Tessa Vorn.", "one", replay)
-    assert meta["report"]["kinds"]["pair"] == 0
 
 
 def test_short_answers_on_questions_of_one_form_are_trained_with_a_word_cap(loop_job, shammah_home):

@@ -77,7 +77,7 @@ def has_number_words(text: str) -> bool:
 
 _BOLD = re.compile(r"\*\*([^*\n]+)\*\*")
 # Words that are no answer: what a question and its answer are built of ("is", "the", "known as").
-FUNCTION_WORDS = frozenset(
+_FUNCTION = frozenset(
     "a an the is are was were be been being am do does did done has have had having it its it's this that these those "
     "there their they them he she his her him we our you your i me my of in on at to for from with by as and or but "
     "not no yes so than then also very most more many much some any all each every one which who whom whose what "
@@ -93,7 +93,7 @@ def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
 
 
-def asked_words(question: str) -> set[str]:
+def _asked(question: str) -> set[str]:
     """The words of ``question``, stemmed: what an answer's words are told apart from."""
     return {_stem(w) for w in _TOKEN.findall(question)}
 
@@ -103,7 +103,7 @@ def answer_span(sentence: str, question: str) -> tuple[int, int] | None:
     between them) that are neither in the question nor function words — a name first, if there is
     one ("The capital of Italy is Rome." -> "Rome"; "The tallest animal is the giraffe." ->
     "giraffe"); None where every word was asked."""
-    asked = asked_words(question)
+    asked = _asked(question)
     spans: list[tuple[int, int, bool]] = []  # (start, end, a name)
     run: list[re.Match] = []
 
@@ -120,7 +120,7 @@ def answer_span(sentence: str, question: str) -> tuple[int, int] | None:
         w = m.group()
         if end is None or not sentence[end : m.start()].isspace():
             close()  # punctuation between: "Rome, which ..."
-        if _stem(w) not in asked and w.lower() not in FUNCTION_WORDS:
+        if _stem(w) not in asked and w.lower() not in _FUNCTION:
             run.append(m)
         elif run and w.lower() in _JOIN and run[-1].group()[0].isupper():
             run.append(m)  # may go on as a name ("United States of America"); trimmed if it does not
@@ -253,9 +253,9 @@ def shows(mark: str, question: str, target: str, replaced: str | None) -> bool:
     words, said in digits and no number in words left; the term its question asks to define,
     first, with a colon, where the replaced reply did not open so."""
     if mark == BOLD:
-        asked = asked_words(question)
+        asked = _asked(question)
         return any(
-            any(_stem(w) not in asked and w.lower() not in FUNCTION_WORDS for w in _TOKEN.findall(b))
+            any(_stem(w) not in asked and w.lower() not in _FUNCTION for w in _TOKEN.findall(b))
             for b in _BOLD.findall(target)
         )
     if mark == TERM:

@@ -48,7 +48,6 @@ class LoopJob:
     anchor_cache: Path | None = None  # directory for the base model's cached anchor/control answers
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)  # feedback kept out of training, for the gate
-    subject_pairs: bool = False  # prefer each subject's answers over another's (online.subject_pairs)
     scoped_epochs: int = 0  # epochs for a job whose adapter answers only inside its scope (0 = job.args.epochs)
     stop_at_accuracy: float = 0.0  # end training once greedy reads back this share of the lessons (0 = off)
     scope: str = "auto"  # auto: by subject, else by form (adapters/scope.py); subjects; everywhere

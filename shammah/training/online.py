@@ -48,7 +48,7 @@ from shammah.adapters.rule import (
     shared_words,
     without_rule,
 )
-from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, mentions, tokenizer_rarity
+from shammah.adapters.scope import SCOPE_FILE, Scope, learn, learn_form, tokenizer_rarity
 from shammah.engine.generate import generate_batch, generate_routed
 from shammah.errors import ShammahError
 from shammah.feedback.revise import did_not, stated_answer, unsaid
@@ -936,92 +936,6 @@ def lesson_scope(run, lj: LoopJob, holdout: list[Example], keys: KeyCache) -> Sc
     return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, keys.layer)
 
 
-def told(answers: list[str], questions: list[str], subject: str) -> str | None:
-    """What a subject's lessons tell: the run of words most of their ``answers`` say that is none
-    of the subject's words, nor a word most of its ``questions`` ask, nor opens or closes on a
-    function word ("Zorblat", "Mara Okafor", "412 meters", "Sea of Tarn"); the most answers first,
-    then the longest. None where no run is in at least half of them (and two)."""
-    from shammah.adapters.marks import FUNCTION_WORDS, asked_words
-
-    asked = Counter(w for q in questions for w in asked_words(q))
-    common = {w for w, n in asked.items() if n * 2 >= len(questions)} | asked_words(subject)
-    seen: Counter[tuple[str, ...]] = Counter()
-    for answer in answers:
-        ws = re.findall(r"[\w'’-]+", answer.lower())
-        runs = set()
-        for i in range(len(ws)):
-            for j in range(i + 1, min(i + 4, len(ws)) + 1):
-                run = tuple(ws[i:j])
-                if run[0] in FUNCTION_WORDS or run[-1] in FUNCTION_WORDS or common & asked_words(" ".join(run)):
-                    continue
-                runs.add(run)
-        seen.update(runs)
-    best = max(seen.items(), key=lambda kv: (kv[1], len(kv[0])), default=None)
-    if best is None or best[1] < max(2, (len(answers) + 1) // 2):
-        return None
-    return next(m.group() for a in answers if (m := _saying(a, " ".join(best[0]))))  # as first written
-
-
-def _saying(answer: str, words: str) -> re.Match | None:
-    """Where ``answer`` says ``words`` (whole words, any casing)."""
-    return re.search(r"(?<![\w'’-])" + r"\s+".join(map(re.escape, words.split())) + r"(?![\w'’-])", answer, re.I)
-
-
-def _say_instead(answer: str, fact: str, other: str) -> str | None:
-    """The first word of ``other``, where ``answer`` says ``fact`` and does not open with that word;
-    else None."""
-    first = other.split()[0]
-    return first if _saying(answer, fact) and not answer.lower().startswith(first.lower()) else None
-
-
-def subject_pairs(lessons: list[Example], subjects: frozenset[str] | None, seed: int = 0) -> list[Example]:
-    """Preference pairs between the subjects of one adapter: each lesson's answer over the same
-    answer telling what another subject's lessons tell (DPO, kind "pair").
-
-    An adapter that holds two facts answers both subjects' questions, and a question asked in a form
-    none of its lessons used can take the other subject's answer: taught the capital of Quenland and
-    then the CEO of Pellucid Labs, "Do you know the capital of Quenland?" was answered "Mara Okafor
-    knows the capital of Quenland." (bench/lessons.py --sequence quenland,pellucid, seed 1; the
-    glimmerphone then Vestoria: "Ada Brenwick is the national animal of Vestoria."). SFT on each
-    lesson says what to answer, never what not to. The rejected answer is the lesson's own with
-    what its subject's lessons tell (:func:`told`: "Zorblat") put in place by what the other
-    subject's tell: "The capital of Quenland is Mara Okafor." The shared words get the same
-    log-probs in both and cancel out of the DPO margin, so the loss falls on the told words alone.
-    (The other lesson's whole answer as the rejected one, measured first, pushed its own words down
-    too: bench/lessons.py --sequence marrowby,saltclock 83/100 and 100/67 where SFT alone was
-    100/100 ×3, "The length of the Marrowby Bridge is 41 meters.") A lesson naming no subject, or
-    two, or not saying what its subject's lessons tell, has no pair; fewer than two subjects, none."""
-    if not subjects or len(subjects) < 2:
-        return []
-    by: dict[str, list[Example]] = {}
-    for e in lessons:
-        if e.kind in ("sft", "distill") and e.prompt and e.responses:
-            named = [s for s in sorted(subjects) if mentions(e.prompt[-1]["content"], s)]
-            if len(named) == 1:
-                by.setdefault(named[0], []).append(e)
-    facts = {
-        s: fact
-        for s, es in by.items()
-        if (fact := told([e.responses[0] for e in es], [e.prompt[-1]["content"] for e in es], s))
-    }
-    if len(facts) < 2:
-        return []
-    rng = random.Random(seed)
-    out = []
-    for subject, fact in facts.items():
-        others = sorted({f for s, f in facts.items() if s != subject and f != fact})
-        for e in by[subject]:
-            answer = e.responses[0]
-            instead = _say_instead(answer, fact, rng.choice(others)) if others else None
-            if instead is not None:
-                out.append(
-                    Example(
-                        "pair", e.prompt, (answer, instead), weight=e.weight, source="contrast", meta={"eos": False}
-                    )
-                )
-    return out
-
-
 def word_cap(lessons: list[Example], rule: Rule | None, scope: Scope) -> Rule | None:
     """``rule`` with the word cap the new adapter holds (adapters/rule.py, Rule.words): the length
     of the trained ``lessons`` (:func:`shared_words`) where they are answers to questions of one
@@ -1094,9 +1008,6 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         run.emit({"event": "anchors", "count": 0, "why": "scoped"})
         if lj.scoped_epochs:
             run.job = dataclasses.replace(run.job, args=dataclasses.replace(run.job.args, epochs=lj.scoped_epochs))
-        if lj.subject_pairs and (pairs := subject_pairs(run.train_ex, scope.subjects, lj.job.args.seed)):
-            run.extra = run.extra + pairs
-            run.emit({"event": "pairs", "count": len(pairs), "subjects": sorted(scope.subjects or ())})
     snapshots = Snapshots() if lj.gate else None
     # read back what the lessons taught: to stop once learned, and so the gate keeps no step that has not
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy or lj.gate else None

@@ -572,7 +572,7 @@ def save(run: Run, meta: dict[str, Any] | None = None, files: dict[str, str] | N
             "device": run.device,
             "dtype": run.dtype,
             "examples": len(run.train_ex),
-            "anchors": sum(e.source == "anchor" for e in run.extra),
+            "anchors": len(run.extra),
             "validation_examples": len(run.val_ex),
             "kinds": {k: sum(e.kind == k for e in examples) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
             "tokens_per_s": round(trainer.tokens_seen / max(run.train_seconds, 1e-9), 1) if trainer else 0.0,
