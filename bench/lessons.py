@@ -1068,8 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
             r2, _ = score(res, second)
             # two facts: held-out answers that say the other fact's answer (the two crossed in one adapter)
             facts = first.kind == second.kind == "fact"
-            crossed = facts and sum(map(second.follows, res["held"][first.name])) + sum(
-                map(first.follows, res["held"][second.name])
+            held = res["held"]
+            crossed = (
+                sum(map(second.follows, held[first.name])) + sum(map(first.follows, held[second.name]))
+                if facts
+                else None
             )
             print(
                 f"  seed {seed}: {first.name} {r1:4.0%}  {second.name} {r2:4.0%}  controls lost {len(lost)}"
