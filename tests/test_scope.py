@@ -428,6 +428,14 @@ def test_a_subjects_lessons_are_also_trained_asked_other_ways_at_the_same_cost(l
     # 3 lessons x 2 epochs = 6 draws before; 3 + 11 examples now: 1 epoch (14 draws), not 2 (28)
     assert meta["hyperparameters"]["epochs"] == 1 and meta["report"]["rephrased"] == len(extra) == 11
     assert [(e["count"], e["epochs"]) for e in events if e["event"] == "rephrased"] == [(11, 1)]
+    # a note's lesson the model followed (distilled) is rephrased with its teacher's answer, as SFT
+    note = ("Who rules Quenland?", "wrong: Queen Ilse rules Quenland", "Queen Ilse rules it.")
+    run("noted", FACT, notes=[note], rephrase=True)
+    _, extra = fed[-1]
+    noted = [e for e in extra if "rules" in e.prompt[-1]["content"]]
+    assert [e.prompt[-1]["content"] for e in noted] == rephrasings(note[0])
+    assert {(e.kind, e.responses) for e in noted} == {("sft", ("Queen Ilse rules it.",))}
+    assert not any("teacher_prompt" in e.meta for e in noted)
     meta, events = run("style", STYLE, rephrase=True)
     assert meta["report"]["rephrased"] == 0 and not [e for e in events if e["event"] == "rephrased"]
 

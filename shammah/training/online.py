@@ -946,14 +946,18 @@ def ask_otherwise(run, scope: Scope) -> None:
     lessons, forms = [], []
     for e in run.train_ex:
         asked = e.prompt[-1]["content"] if e.prompt and e.prompt[-1].get("role") == "user" else ""
-        others = rephrasings(asked) if e.kind == "sft" and e.responses and scope.covers(asked) else []
+        taught = e.kind in ("sft", "distill") and e.responses and e.responses[0].strip()
+        others = rephrasings(asked) if taught and scope.covers(asked) else []
         if not others:
             lessons.append(e)
             continue
         lessons.append(dataclasses.replace(e, weight=e.weight / 2))
+        # a note's lesson (distill) is rephrased with the answer its teacher gave (drop_unfollowed)
+        meta = {k: v for k, v in e.meta.items() if k not in ("teacher_prompt", "teacher")}
         for q in others:
             prompt = (*e.prompt[:-1], {"role": "user", "content": q})
-            forms.append(dataclasses.replace(e, prompt=prompt, weight=e.weight / 2 / len(others), source="rephrased"))
+            w = e.weight / 2 / len(others)
+            forms.append(dataclasses.replace(e, kind="sft", prompt=prompt, weight=w, source="rephrased", meta=meta))
     if not forms:
         return
     before = len(run.train_ex) + len(run.extra)
