@@ -143,11 +143,6 @@ class LearningConfig:
         lo=0.0,
         hi=1.0,
     )
-    rephrase: bool = _f(
-        False,
-        'also train a lesson about a subject asked the other common ways ("Do you know ...?", "Tell me ..."),'
-        " with the user's answer, at the same cost",
-    )
     preference_pairs: bool = _f(
         False,
         "also train corrections as preference pairs (DPO, correction over the reply); off: measured no gain on"

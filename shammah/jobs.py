@@ -537,7 +537,6 @@ class JobManager:
             stop_at_accuracy=lc.stop_at_accuracy,
             scoped_epochs=lc.scoped_epochs,
             scope=lc.scope,
-            rephrase=lc.rephrase,
         ).write(d)
         self.store.job_started(job_id, trigger, parent, job.feedback_ids)
         return job, d

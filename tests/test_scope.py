@@ -347,17 +347,7 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
         trainer, "fit", lambda r, *a, **k: trained.append([e.responses[0] for e in r.train_ex]) or fit(r, *a, **k)
     )
 
-    def run(
-        name,
-        questions,
-        answer=lambda q: "Zorblat.",
-        parent=None,
-        replay=(),
-        replies=None,
-        notes=(),
-        gate=False,
-        rephrase=False,
-    ):
+    def run(name, questions, answer=lambda q: "Zorblat.", parent=None, replay=(), replies=None, notes=(), gate=False):
         events = []
         meta = (lambda q: {"replaces": replies(q)}) if replies else (lambda q: {})
         train = [parse_record({"prompt": q, "completion": answer(q), "meta": meta(q)}) for q in questions]
@@ -387,7 +377,6 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
                 gate=gate,
                 scoped_epochs=2,
                 lessons=own,  # the replayed ones come after
-                rephrase=rephrase,
             ),
             progress=events.append,
         )
@@ -395,49 +384,6 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
 
     run.trained = trained
     return run
-
-
-def test_a_subjects_lessons_are_also_trained_asked_other_ways_at_the_same_cost(loop_job, monkeypatch):
-    """learning.rephrase: a lesson about a subject is also trained asked the other common ways
-    (training/rephrase.py), with the user's answer; the lesson keeps half its weight, its
-    rephrasings share the other half, and the epochs shrink so the job draws about as many
-    examples. A lesson with no subject (a style) gets none."""
-    from shammah.training import trainer
-    from shammah.training.rephrase import rephrasings
-
-    run, fed = loop_job, []
-    fit = trainer.fit
-    monkeypatch.setattr(trainer, "fit", lambda r, *a, **k: fed.append((r.train_ex, r.extra)) or fit(r, *a, **k))
-    meta, events = run("fact", FACT, rephrase=True)
-    lessons, extra = fed[-1]
-    forms = {q: rephrasings(q) for q in FACT}
-    assert forms["What is the capital of Quenland?"][1:] == [
-        "Do you know the capital of Quenland?",
-        "Can you tell me the capital of Quenland?",
-        "Tell me the capital of Quenland.",
-    ]
-    asked = [e.prompt[-1]["content"] for e in extra]
-    assert sorted(asked) == sorted(q for qs in forms.values() for q in qs)
-    assert {e.responses for e in extra} == {("Zorblat.",)} and {e.source for e in extra} == {"rephrased"}
-    at = 0
-    for e in lessons:  # half the lesson's weight on itself, half shared by its rephrasings (in order)
-        mine = extra[at : at + len(forms[e.prompt[-1]["content"]])]
-        at += len(mine)
-        assert [x.prompt[-1]["content"] for x in mine] == forms[e.prompt[-1]["content"]]
-        assert e.weight == pytest.approx(0.5) and sum(x.weight for x in mine) == pytest.approx(0.5)
-    # 3 lessons x 2 epochs = 6 draws before; 3 + 11 examples now: 1 epoch (14 draws), not 2 (28)
-    assert meta["hyperparameters"]["epochs"] == 1 and meta["report"]["rephrased"] == len(extra) == 11
-    assert [(e["count"], e["epochs"]) for e in events if e["event"] == "rephrased"] == [(11, 1)]
-    # a note's lesson the model followed (distilled) is rephrased with its teacher's answer, as SFT
-    note = ("Who rules Quenland?", "wrong: Queen Ilse rules Quenland", "Queen Ilse rules it.")
-    run("noted", FACT, notes=[note], rephrase=True)
-    _, extra = fed[-1]
-    noted = [e for e in extra if "rules" in e.prompt[-1]["content"]]
-    assert [e.prompt[-1]["content"] for e in noted] == rephrasings(note[0])
-    assert {(e.kind, e.responses) for e in noted} == {("sft", ("Queen Ilse rules it.",))}
-    assert not any("teacher_prompt" in e.meta for e in noted)
-    meta, events = run("style", STYLE, rephrase=True)
-    assert meta["report"]["rephrased"] == 0 and not [e for e in events if e["event"] == "rephrased"]
 
 
 def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_home):

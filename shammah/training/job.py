@@ -51,7 +51,6 @@ class LoopJob:
     scoped_epochs: int = 0  # epochs for a job whose adapter answers only inside its scope (0 = job.args.epochs)
     stop_at_accuracy: float = 0.0  # end training once greedy reads back this share of the lessons (0 = off)
     scope: str = "auto"  # auto: by subject, else by form (adapters/scope.py); subjects; everywhere
-    rephrase: bool = False  # also train a subject's lessons asked the other common ways (training/rephrase.py)
     lessons: int = -1  # how many of job.train come first as this job's own lessons (the rest are replayed); -1: unknown
 
     def write(self, d: Path) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import random
 import re
 from collections import Counter
@@ -57,7 +56,6 @@ from shammah.paths import atomic_write
 from shammah.training import methods
 from shammah.training.data import Example
 from shammah.training.job import LoopJob
-from shammah.training.rephrase import rephrasings
 
 # The anchor pool: general prompts of the kinds people teach about (places, people, things, numbers,
 # lists, definitions, dates, everyday facts). None is a gate control or a prompt of bench/lessons.py.
@@ -938,36 +936,6 @@ def lesson_scope(run, lj: LoopJob, holdout: list[Example], keys: KeyCache) -> Sc
     return learn(questions, tokenizer_rarity(run.tok), keys, ANCHOR_PROMPTS, keys.layer)
 
 
-def ask_otherwise(run, scope: Scope) -> None:
-    """Train each lesson about one of ``scope``'s subjects also asked the other common ways
-    (training/rephrase.py), with the user's answer. The lesson keeps half its weight and its
-    rephrasings share the other half, and the epochs shrink so that the job draws about as many
-    examples as before: a job costs the same, its lessons are drawn in more wordings."""
-    lessons, forms = [], []
-    for e in run.train_ex:
-        asked = e.prompt[-1]["content"] if e.prompt and e.prompt[-1].get("role") == "user" else ""
-        taught = e.kind in ("sft", "distill") and e.responses and e.responses[0].strip()
-        others = rephrasings(asked) if taught and scope.covers(asked) else []
-        if not others:
-            lessons.append(e)
-            continue
-        lessons.append(dataclasses.replace(e, weight=e.weight / 2))
-        # a note's lesson (distill) is rephrased with the answer its teacher gave (drop_unfollowed)
-        meta = {k: v for k, v in e.meta.items() if k not in ("teacher_prompt", "teacher")}
-        for q in others:
-            prompt = (*e.prompt[:-1], {"role": "user", "content": q})
-            w = e.weight / 2 / len(others)
-            forms.append(dataclasses.replace(e, kind="sft", prompt=prompt, weight=w, source="rephrased", meta=meta))
-    if not forms:
-        return
-    before = len(run.train_ex) + len(run.extra)
-    run.train_ex, run.extra = lessons, run.extra + forms
-    a = run.job.args
-    epochs = max(1, math.ceil(a.epochs * before / (before + len(forms))))
-    run.job = dataclasses.replace(run.job, args=dataclasses.replace(a, epochs=epochs))
-    run.emit({"event": "rephrased", "count": len(forms), "epochs": epochs})
-
-
 def word_cap(lessons: list[Example], rule: Rule | None, scope: Scope) -> Rule | None:
     """``rule`` with the word cap the new adapter holds (adapters/rule.py, Rule.words): the length
     of the trained ``lessons`` (:func:`shared_words`) where they are answers to questions of one
@@ -1040,8 +1008,6 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         run.emit({"event": "anchors", "count": 0, "why": "scoped"})
         if lj.scoped_epochs:
             run.job = dataclasses.replace(run.job, args=dataclasses.replace(run.job.args, epochs=lj.scoped_epochs))
-        if lj.rephrase and scope.subjects:
-            ask_otherwise(run, scope)
     snapshots = Snapshots() if lj.gate else None
     # read back what the lessons taught: to stop once learned, and so the gate keeps no step that has not
     learned = Learned(run, lj.stop_at_accuracy) if lj.stop_at_accuracy or lj.gate else None

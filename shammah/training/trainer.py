@@ -455,7 +455,7 @@ def fit(run: Run, stop: threading.Event | None = None, callbacks: tuple = ()) ->
             f"nothing to train on: the teacher gave an empty answer to all {n_before} distillation "
             "prompt(s); give them a 'completion', or use a model that answers the teacher prompts"
         )
-    examples = run.train_ex + run.extra  # extra examples (anchors, rephrasings) come with their targets
+    examples = run.train_ex + run.extra  # extra examples (anchors) come with their targets
     train_feats = [methods.tokenize_example(tok, e, a.max_length) for e in examples]
     val_feats = [methods.tokenize_example(tok, e, a.max_length) for e in run.val_ex]
     pad = tok.pad_token_id
@@ -572,8 +572,7 @@ def save(run: Run, meta: dict[str, Any] | None = None, files: dict[str, str] | N
             "device": run.device,
             "dtype": run.dtype,
             "examples": len(run.train_ex),
-            "anchors": sum(e.source == "anchor" for e in run.extra),
-            "rephrased": sum(e.source == "rephrased" for e in run.extra),
+            "anchors": len(run.extra),
             "validation_examples": len(run.val_ex),
             "kinds": {k: sum(e.kind == k for e in examples) for k in ("sft", "pair", "unpaired", "ranked", "distill")},
             "tokens_per_s": round(trainer.tokens_seen / max(run.train_seconds, 1e-9), 1) if trainer else 0.0,
