@@ -136,6 +136,14 @@ class LearningConfig:
         lo=0,
         hi=100,
     )
+    subject_epochs: int = _f(
+        13,
+        "passes per job when the new adapter answers only questions that name its lessons' subjects (facts"
+        " about a made-up name: longer holds two such lessons apart on questions worded as neither was;"
+        " 0 = learning.scoped_epochs)",
+        lo=0,
+        hi=100,
+    )
     stop_at_accuracy: float = _f(
         0.0,
         "end a job early once the model's greedy choice reproduces this share of the taught answers' tokens"

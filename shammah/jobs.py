@@ -536,6 +536,7 @@ class JobManager:
             holdout=examples_of(held, lc.note_only),
             stop_at_accuracy=lc.stop_at_accuracy,
             scoped_epochs=lc.scoped_epochs,
+            subject_epochs=lc.subject_epochs,
             scope=lc.scope,
         ).write(d)
         self.store.job_started(job_id, trigger, parent, job.feedback_ids)

@@ -376,6 +376,7 @@ def loop_job(tiny_qwen2, shammah_home, monkeypatch):
                 anchor_cache=cache,
                 gate=gate,
                 scoped_epochs=2,
+                subject_epochs=3,
                 lessons=own,  # the replayed ones come after
             ),
             progress=events.append,
@@ -397,8 +398,9 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     run, trained = loop_job, loop_job.trained
     meta, events = run("fact", FACT)
     assert meta["scope"] == {"subjects": ["quenland"]} and meta["report"]["anchors"] == 0
-    # no anchors to hold, so a scoped job trains longer (learning.scoped_epochs) and says so
-    assert meta["hyperparameters"]["epochs"] == 2 and meta["report"]["epochs"] == 2.0
+    # no anchors to hold, so a scoped job trains longer (learning.scoped_epochs), one scoped to subjects
+    # alone longer still (learning.subject_epochs), and says so
+    assert meta["hyperparameters"]["epochs"] == 3 and meta["report"]["epochs"] == 3.0
     assert [e["subjects"] for e in events if e["event"] == "scope"] == [["quenland"]]
     assert Scope.of_adapter(shammah_home / "adapters" / "fact").covers("Name the capital of Quenland.")
     meta, _ = run("named", NAMED, lambda q: "Tessa Vorn.")
@@ -446,6 +448,7 @@ def test_a_scoped_job_trains_no_anchors_and_records_its_scope(loop_job, shammah_
     assert trained[-1] == [f"Answer: {len(q)}" for q in FORMAT] and meta["scope"]["form"]
     meta, _ = run("format", FORMAT)
     assert meta["scope"]["form"]["questions"] == sorted(FORMAT) and meta["report"]["anchors"] == 0
+    assert meta["hyperparameters"]["epochs"] == 2, "a form's scope: learning.scoped_epochs, not subject_epochs"
     assert "keys" not in meta["scope"]["form"], "the vectors are in scope.json, not in every registry listing"
     assert (shammah_home / "adapters" / "format" / "scope.json").is_file()
     assert Scope.of_adapter(shammah_home / "adapters" / "format").covers("Name three birds.", bag)

@@ -49,6 +49,7 @@ class LoopJob:
     gate: bool = False  # compare with the current adapter before it may be swapped in
     holdout: list[Example] = field(default_factory=list)  # feedback kept out of training, for the gate
     scoped_epochs: int = 0  # epochs for a job whose adapter answers only inside its scope (0 = job.args.epochs)
+    subject_epochs: int = 0  # epochs when that scope is subjects only (0 = scoped_epochs)
     stop_at_accuracy: float = 0.0  # end training once greedy reads back this share of the lessons (0 = off)
     scope: str = "auto"  # auto: by subject, else by form (adapters/scope.py); subjects; everywhere
     lessons: int = -1  # how many of job.train come first as this job's own lessons (the rest are replayed); -1: unknown
