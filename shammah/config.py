@@ -132,7 +132,7 @@ class LearningConfig:
     scoped_epochs: int = _f(
         5,
         "passes per job when the new adapter answers only inside its lessons' subject or form (it trains"
-        " no anchors, so longer costs no answer outside it; 0 = learning.epochs)",
+        " no anchors; a form's questions include general ones: at 13 epochs one lost a control; 0 = learning.epochs)",
         lo=0,
         hi=100,
     )

@@ -1008,6 +1008,8 @@ def train_loop(lj: LoopJob, progress=None, stop=None):
         # still (learning.subject_epochs): two facts taught in sequence crossed or went unsaid on
         # questions worded as neither lesson was, both >= 90% in 10 of 18 runs (six pairs, 3 seeds) at
         # 5 epochs, 18 of 18 at 13 (docs/lessons-history.md: rephrasing the lessons did no better).
+        # Not a form's scope: its shape of question includes general ones ("How many ...?"), and at 13
+        # epochs the six forms gained nothing and numerals lost an unseen control (3 seeds).
         run.emit({"event": "anchors", "count": 0, "why": "scoped"})
         epochs = lj.subject_epochs if scope.form is None and lj.subject_epochs else lj.scoped_epochs
         if epochs:
